@@ -1,0 +1,254 @@
+"""Load GPT weights from wherever users keep them, with one table of key renames.
+
+Sources `load_model` takes:
+- a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin);
+- a folder this project wrote (config.json holding a GPTConfig + model.safetensors);
+- a nanoGPT `ckpt.pt` ({'model': state_dict, 'model_args': {...}}, as nanoGPT's train.py saves it);
+- a hub name (`gpt2`, `gpt2-medium`, `org/name`, ...) via huggingface_hub, when online;
+- `random:PRESET` or `random:PRESET@SEED` for an explicitly requested seeded random model.
+
+Nothing here can run code from a checkpoint: pickles load with `torch.load(weights_only=True)`.
+Random weights are never substituted for requested pretrained ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import GPT2_VOCAB_SIZE, PRESETS, GPTConfig
+from .gpt import GPT
+
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# HF GPT-2 stores these as Conv1D, (in, out): transposed relative to nn.Linear
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# buffers some writers save that are not weights (causal-mask caches)
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or does not match the model."""
+
+
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, gelu: str | None = None) -> GPT:
+    """Build a GPT from `source` (see the module docstring); returns it in eval mode.
+
+    Args:
+        source: folder, ckpt.pt path, hub name or `random:PRESET[@SEED]`.
+        dtype: parameter dtype of the returned model.
+        gelu: override the GELU form the loader picks ("tanh" for GPT-2 weights, "exact" for nanoGPT).
+    Returns:
+        the model, with `model.checkpoint_files` listing the files its weights came from.
+    """
+    source = os.fspath(source)
+    if source.startswith("random:"):
+        model, files = _load_random(source[len("random:"):]), []
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            config, state, files = _read_folder(path)
+        elif path.is_file():
+            config, state, files = _read_nanogpt_ckpt(path)
+        elif path.exists():
+            raise CheckpointError(f"{path} is neither a file nor a folder")
+        elif _looks_like_path(source):
+            raise CheckpointError(
+                f"checkpoint {source!r} does not exist; give a Hugging Face GPT-2 folder, a nanoGPT "
+                f"ckpt.pt, a hub name ({', '.join(HUB_NAMES)}) or random:PRESET")
+        else:
+            config, state, files = _read_folder(_download_from_hub(source))
+        if gelu:
+            config = dataclasses.replace(config, gelu=gelu)
+        model = GPT(config)
+        _load_state(model, state, files[0])
+    model.checkpoint_files = files
+    return model.to(dtype).eval()
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.endswith((".pt", ".pth", ".bin", ".safetensors")) or s.count("/") > 1
+
+
+def _load_random(spec: str) -> GPT:
+    name, _, seed = spec.partition("@")
+    if name not in PRESETS:
+        raise CheckpointError(f"unknown preset {name!r} in random:{spec}; choose one of {sorted(PRESETS)}")
+    try:
+        seed_value = int(seed or 0)
+    except ValueError:
+        raise CheckpointError(f"random:{spec}: seed {seed!r} is not an integer (e.g. random:{name}@0)") from None
+    return GPT(PRESETS[name]).init_weights(seed_value)
+
+
+# ---------------------------------------------------------------------------------- file readers
+
+def _read_folder(path: Path) -> tuple[GPTConfig, dict, list[Path]]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} has no config.json; expected a Hugging Face GPT-2 folder or one written by this project")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    config = _config_from_hf(raw, cfg_path) if "model_type" in raw else _config_native(raw, cfg_path)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        weights = path / name
+        if weights.is_file():
+            state = _read_safetensors(weights) if name.endswith(".safetensors") else _torch_load(weights)
+            if "model_type" in raw:  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
+                state = {k: v.t() if k.endswith(CONV1D_SUFFIXES) and v.dim() == 2 else v for k, v in state.items()}
+            return config, state, [weights, cfg_path]
+    if any(path.glob("*.index.json")):
+        raise CheckpointError(f"{path} holds a sharded checkpoint; sharded weights are not supported yet, merge them first")
+    raise CheckpointError(f"{path} has config.json but no model.safetensors or pytorch_model.bin")
+
+
+def _config_from_hf(raw: dict, where: Path) -> GPTConfig:
+    if raw.get("model_type") != "gpt2":
+        raise CheckpointError(f"{where}: model_type {raw.get('model_type')!r} is not supported; only GPT-2 ('gpt2') is")
+    act = raw.get("activation_function", "gelu_new")
+    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "exact"}.get(act)
+    if gelu is None:
+        raise CheckpointError(f"{where}: activation_function {act!r} is not supported (gelu_new or gelu)")
+    n_embd = raw.get("n_embd", 768)
+    if raw.get("n_inner") not in (None, 4 * n_embd):
+        raise CheckpointError(f"{where}: n_inner={raw['n_inner']} is not supported (must be 4*n_embd={4 * n_embd})")
+    vocab = raw.get("vocab_size", GPT2_VOCAB_SIZE)
+    return GPTConfig(
+        block_size=raw.get("n_positions", raw.get("n_ctx", 1024)), vocab_size=vocab, n_layer=raw.get("n_layer", 12),
+        n_head=raw.get("n_head", 12), n_embd=n_embd, bias=True, gelu=gelu,
+        layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5), real_vocab_size=_real_vocab(vocab))
+
+
+def _config_native(raw: dict, where: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: not a Hugging Face GPT-2 config (no model_type) nor a GPTConfig: {e}") from None
+
+
+def _real_vocab(vocab_size: int) -> int:
+    # nanoGPT pads 50257 to 50304 for speed; the rows past the tokenizer's are never sampled
+    return GPT2_VOCAB_SIZE if vocab_size > GPT2_VOCAB_SIZE else vocab_size
+
+
+def _read_nanogpt_ckpt(path: Path) -> tuple[GPTConfig, dict, list[Path]]:
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: a bare .safetensors has no config; put it in a folder with its config.json")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a nanoGPT checkpoint: expected keys 'model' and 'model_args', found {keys}")
+    args = dict(ckpt["model_args"])
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    vocab = int(args.get("vocab_size", GPT2_VOCAB_SIZE))
+    config = GPTConfig(**{k: v for k, v in args.items() if k in known and k != "dropout"},
+                       gelu=args.get("gelu", "exact"), real_vocab_size=args.get("real_vocab_size") or _real_vocab(vocab))
+    return config, ckpt["model"], [path]
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure here means "not a safe checkpoint"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain containers, "
+                                  f"which could run code on load (torch.load weights_only=True: {msg})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or another format?): {msg}") from None
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated?): {e}") from None
+
+
+def _download_from_hub(name: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{name!r} is not a local path; to fetch it from the Hugging Face hub install "
+                              f"the extra: pip install 'nanogpt-deploy[hub]'") from None
+    patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
+    try:  # the local hub cache first: works offline once downloaded
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"offline machines need a local folder or ckpt.pt; use random:{name if name in PRESETS else 'gpt2'} "
+            f"only if you want random weights") from None
+
+
+# ---------------------------------------------------------------------------------- state dicts
+
+def _normalize_keys(state: dict) -> dict:
+    out = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = key.removeprefix("_orig_mod.")  # torch.compile
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # GPT2Model (no LM head) saves without the prefix
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        out[key] = tensor
+    if "lm_head.weight" not in out and "transformer.wte.weight" in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]  # tied; safetensors stores it once
+    out.pop("transformer.wte.weight", None)  # same storage as lm_head in our module
+    return out
+
+
+def _load_state(model: GPT, state: dict, where: Path) -> None:
+    state = _normalize_keys(state)
+    expected = {k: v for k, v in model.state_dict().items() if k != "transformer.wte.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = []
+    for key in sorted(set(expected) & set(state)):
+        want, got = tuple(expected[key].shape), tuple(state[key].shape)
+        if got != want:
+            wrong.append(f"{key}: checkpoint {got}, model {want}")
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:6]) + (" ..." if len(wrong) > 6 else ""))
+    if problems:
+        raise CheckpointError(f"{where} does not match the model ({model.config.n_layer} layers, n_embd "
+                              f"{model.config.n_embd}, vocab {model.config.vocab_size}): " + "; ".join(problems))
+    with torch.no_grad():
+        for key, tensor in state.items():
+            expected[key].copy_(tensor.to(expected[key].dtype))
+
+
+def _short(keys: list[str]) -> str:
+    return str(keys[:6])[:-1] + (f", ... {len(keys) - 6} more]" if len(keys) > 6 else "]")
+
+
+def save_model(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `model` as a folder this project (and `load_model`) reads: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if k != "transformer.wte.weight"}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    tmp_cfg = out / "config.json.tmp"
+    tmp_cfg.write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_cfg, out / "config.json")
+    return out

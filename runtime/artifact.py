@@ -1,0 +1,162 @@
+"""What an exported artifact says about itself: the schema shared by export/ and runtime/.
+
+A `model.onnx` carries, in its `metadata_props`, everything the runtime needs: the GPTConfig, the I/O
+names and layout, the tokenizer name, the precision, where it came from and what built it. The same
+schema serialises to a JSON sidecar for TensorRT engines. Pure Python: no torch, no onnx required.
+
+    art = Artifact(config=cfg, precision="fp32"); props = art.to_metadata()
+    Artifact.from_metadata(props, where="model.onnx") == art
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.config import GPTConfig
+
+FORMAT = "nanogpt-deploy/1"
+PREFIX = "nanogpt_deploy."
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# KV cache layout of every past_key_values.{i}.* input and present.{i}.* output
+KV_LAYOUT = ("batch", "n_head", "past_sequence", "head_dim")
+
+
+class ArtifactError(ValueError):
+    """An artifact that is not ours, is damaged, or does not match what the runtime expects."""
+
+
+def input_names(n_layer: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    config: GPTConfig
+    precision: str = "fp32"
+    tokenizer: str = "gpt2"
+    source: str = ""
+    source_sha256: str = ""
+    versions: dict = field(default_factory=dict)  # exporter versions: torch, onnx, onnxruntime, this project
+    extra: dict = field(default_factory=dict)  # e.g. parity numbers measured at export
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ArtifactError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+
+    @property
+    def inputs(self) -> list[str]:
+        return input_names(self.config.n_layer)
+
+    @property
+    def outputs(self) -> list[str]:
+        return output_names(self.config.n_layer)
+
+    @property
+    def kv_dtype(self) -> str:
+        """numpy dtype name of the KV cache (and of logits): fp16 graphs keep fp16 activations."""
+        return "float16" if self.precision == "fp16" else "float32"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        d["format"] = FORMAT
+        d["inputs"], d["outputs"], d["kv_layout"] = self.inputs, self.outputs, list(KV_LAYOUT)
+        return d
+
+    def to_metadata(self) -> dict[str, str]:
+        """ONNX metadata_props: flat string -> string."""
+        return {PREFIX + k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+                for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "artifact") -> "Artifact":
+        if d.get("format") != FORMAT:
+            raise ArtifactError(f"{where} was not exported by nanogpt-deploy (format {d.get('format')!r}, expected "
+                                f"{FORMAT!r}); export it with `nanogpt-deploy export SOURCE --out DIR`")
+        try:
+            art = cls(config=GPTConfig.from_dict(d["config"]),
+                      **{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "config" and f.name in d})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: damaged nanogpt-deploy metadata: {e}") from None
+        if d.get("inputs", art.inputs) != art.inputs or d.get("outputs", art.outputs) != art.outputs:
+            raise ArtifactError(f"{where}: metadata I/O names do not match its config ({art.config.n_layer} layers)")
+        return art
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], where: str = "model.onnx") -> "Artifact":
+        d = {}
+        for k, v in props.items():
+            if not k.startswith(PREFIX):
+                continue
+            k = k[len(PREFIX):]
+            try:
+                d[k] = v if k in ("format", "precision", "tokenizer", "source", "source_sha256") else json.loads(v)
+            except json.JSONDecodeError:
+                raise ArtifactError(f"{where}: metadata field {k!r} is not valid JSON") from None
+        if not d:
+            raise ArtifactError(f"{where} has no nanogpt-deploy metadata; export it with "
+                                f"`nanogpt-deploy export SOURCE --out DIR` (graphs from other exporters are not supported)")
+        return cls.from_dict(d, where)
+
+    def write_json(self, path: str | Path) -> None:
+        from .files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> "Artifact":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"cannot read artifact metadata {path}: {e}") from None
+
+
+def check_io(expected: list[str], actual: list[str], what: str, where: str) -> None:
+    """Raise listing both differences when a graph's/engine's I/O names are not the expected ones."""
+    missing = [n for n in expected if n not in actual]
+    extra = [n for n in actual if n not in expected]
+    if missing or extra:
+        raise ArtifactError(f"{where}: {what} names differ from the artifact's layout; "
+                            f"missing {missing or 'none'}, unexpected {extra or 'none'}")
+
+
+def resolve_onnx(path: str | Path) -> Path:
+    """`DIR` or `DIR/model.onnx` -> the model.onnx path, with a clear error when it is not there."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "model.onnx"
+    if not p.is_file():
+        raise ArtifactError(f"{p} does not exist; give an exported folder or its model.onnx "
+                            f"(create one with `nanogpt-deploy export SOURCE --out DIR`)")
+    return p
+
+
+def read_onnx_artifact(path: str | Path) -> Artifact:
+    """The Artifact of a model.onnx, read without loading its weights (onnx if installed, else onnxruntime)."""
+    p = resolve_onnx(path)
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            m = onnx.load(str(p), load_external_data=False)
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{p} is not a readable ONNX file: {e}") from None
+        return Artifact.from_metadata({x.key: x.value for x in m.metadata_props}, str(p))
+    import onnxruntime as ort
+
+    try:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        meta = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).get_modelmeta()
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{p} could not be opened by onnxruntime: {str(e).splitlines()[0]}") from None
+    return Artifact.from_metadata(meta.custom_metadata_map, str(p))

@@ -1,0 +1,78 @@
+"""`nanogpt-deploy`: one command, subcommands.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; the
+module is imported to build the parser, so it must import heavy libraries (torch, onnx, onnxruntime)
+inside `run`, never at the top.
+
+    nanogpt-deploy export random:tiny --out out/tiny
+    nanogpt-deploy generate out/tiny --prompt "def main():"
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("runtime.cli_demo", "the main job: embedded checkpoint -> ONNX export -> parity -> generation"),
+    "export": ("export.cli_export", "export a checkpoint to ONNX (fp32/fp16/int8/int4), validated against torch"),
+    "generate": ("runtime.cli_generate", "generate text from an exported model (or a checkpoint, torch backend)"),
+    "bench": ("runtime.cli_bench", "time to first token, decode tok/s, latency percentiles per backend"),
+    "verify": ("runtime.cli_verify", "parity report across backends and variants"),
+    "build-engine": ("export.cli_engine", "compile model.onnx into a TensorRT engine"),
+    "serve": ("runtime.cli_serve", "OpenAI-compatible HTTP server"),
+    "fetch-tokenizer": ("runtime.cli", "fetch and verify the GPT-2 tokenizer ranks (needs the package registry)"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:  # fetch-tokenizer
+    p.add_argument("--out", default=None, help="where to write gpt2.tiktoken (default: the cache)")
+    p.add_argument("--sdist", default=None, help="a local openai-whisper sdist to take it from (offline)")
+
+
+def run(args) -> int:  # fetch-tokenizer
+    from .tokenizer import fetch_ranks
+
+    path = fetch_ranks(args.out, args.sdist)
+    print(f"GPT-2 tokenizer ranks verified at {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanogpt-deploy", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            if e.name and e.name.startswith(module):  # not written yet
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args._run(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        # the project's errors (CheckpointError, ArtifactError, ...) carry the fix in their message
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny random GPT (seconds to build/export/run) and its ONNX export, made once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from model import GPT
+
+    return GPT.from_pretrained("random:tiny@0")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tmp_path_factory, tiny_model):
+    """DIR holding model.onnx of the tiny model (fp32), exported once per test session."""
+    from export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny_onnx")
+    export_onnx(tiny_model, out)
+    return out
+
+
+def max_abs_diff(a, b) -> float:
+    import numpy as np
+
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))

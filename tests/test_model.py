@@ -1,0 +1,218 @@
+"""The torch model: parity with transformers' GPT2LMHeadModel, KV cache, left padding, checkpoint loading."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from model.checkpoints import CheckpointError, load_model, save_model
+
+
+def _hf_gpt2(tmp_path, **cfg):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**cfg)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def _assert_close(name, a, b, atol):
+    d = (a.double() - b.double()).abs().max().item()
+    assert d <= atol, f"{name}: max|Δ|={d:.2e} > {atol}"
+
+
+def test_config_json_round_trip_and_no_torch_import():
+    cfg = GPTConfig.preset("gpt2")
+    assert GPTConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.head_dim == 64 and cfg.real_vocab_size == 50257
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from model.config import GPTConfig; import model; print(model.GPTConfig.preset('tiny').n_layer)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=65, n_head=4)
+    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+        GPTConfig.from_dict({"n_layers": 3})
+
+
+def test_gpt2_param_count_and_tied_weights():
+    m = GPT(GPTConfig.preset("gpt2"))
+    assert m.num_params() == 124_439_808  # GPT-2 small, lm_head tied to wte
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("act,gelu", [("gelu_new", "tanh"), ("gelu", "exact")])
+def test_parity_with_transformers_tiny(tmp_path, act, gelu):
+    hf = _hf_gpt2(tmp_path, n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=128, activation_function=act)
+    m = GPT.from_pretrained(tmp_path)
+    assert m.config.gelu == gelu
+    ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _assert_close("logits vs GPT2LMHeadModel", m(ids)[0], hf(ids).logits, 1e-4)
+
+
+@pytest.mark.slow
+def test_parity_with_transformers_124m_shape(tmp_path):
+    hf = _hf_gpt2(tmp_path)  # GPT-2 small shape, random weights
+    m = GPT.from_pretrained(tmp_path)
+    assert m.num_params() == 124_439_808
+    ids = torch.randint(0, 50257, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _assert_close("124M logits vs GPT2LMHeadModel", m(ids)[0], hf(ids).logits, 1e-4)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [3, 3, 3, 3], [9, 1, 1, 1], [5, 7]])
+def test_kv_cache_equals_full_recompute(tiny_model, chunks):
+    ids = torch.randint(0, 512, (2, sum(chunks)), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, _ = tiny_model(ids)
+        past, outs, t = None, [], 0
+        for n in chunks:
+            logits, past = tiny_model(ids[:, t:t + n], past=past)
+            outs.append(logits)
+            t += n
+    assert past[0][0].shape == (2, 4, sum(chunks), 16)
+    _assert_close(f"incremental {chunks}", torch.cat(outs, 1), full, 1e-5)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(tiny_model):
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=g) for n in (9, 4, 1)]
+    L = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(L - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(L - len(p)), torch.ones(len(p))]).long() for p in prompts])
+    nxt = torch.randint(0, 512, (3, 1), generator=g)
+    with torch.no_grad():
+        batch_logits, past = tiny_model(ids, attention_mask=mask)
+        step_logits, _ = tiny_model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1).long()], 1), past=past)
+        assert not torch.isnan(batch_logits).any() and not torch.isnan(step_logits).any()
+        assert not any(torch.isnan(t).any() for kv in past for t in kv)
+        for i, p in enumerate(prompts):
+            alone, _ = tiny_model(torch.cat([p, nxt[i]])[None])
+            _assert_close(f"row {i} prefill", batch_logits[i, L - len(p):], alone[0, :-1], 1e-5)
+            _assert_close(f"row {i} decode", step_logits[i, 0], alone[0, -1], 1e-5)
+
+
+def test_fully_padded_row_has_no_nan(tiny_model):
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+    with torch.no_grad():
+        logits, past = tiny_model(ids, attention_mask=mask)
+    assert torch.isfinite(logits).all() and all(torch.isfinite(t).all() for kv in past for t in kv)
+
+
+def _nanogpt_ckpt(path, model: GPT, vocab_pad: int | None = None, compiled: bool = False):
+    """Write a checkpoint the way nanoGPT's train.py does (state dict with both tied keys, model_args, optimizer...)."""
+    c = model.config
+    state = model.state_dict()
+    if compiled:
+        state = {"_orig_mod." + k: v for k, v in state.items()}
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+                      bias=c.bias, vocab_size=c.vocab_size, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.save({"model": state, "optimizer": opt.state_dict(), "model_args": model_args, "iter_num": 100,
+                "best_val_loss": torch.tensor(2.5), "config": {"dataset": "shakespeare_char", "compile": compiled}}, path)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_nanogpt_ckpt_loads_and_matches(tmp_path, tiny_model, compiled):
+    path = tmp_path / "ckpt.pt"
+    _nanogpt_ckpt(path, tiny_model, compiled=compiled)
+    m = GPT.from_pretrained(path)
+    assert m.config.gelu == "exact" and m.config.n_layer == 2
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        _assert_close("ckpt.pt reload", m(ids)[0], tiny_model(ids)[0], 0)
+
+
+def test_nanogpt_padded_vocab_records_real_vocab(tmp_path):
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304, gelu="exact")
+    src = GPT(cfg).init_weights(0)
+    _nanogpt_ckpt(tmp_path / "ckpt.pt", src)
+    m = load_model(tmp_path / "ckpt.pt")
+    assert m.config.vocab_size == 50304 and m.config.real_vocab_size == 50257
+
+
+def test_native_folder_round_trip(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["n_layer"] == 2
+    m = GPT.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 512, (1, 5))
+    with torch.no_grad():
+        _assert_close("native folder reload", m(ids)[0], tiny_model(ids)[0], 0)
+
+
+def test_random_is_explicit_and_seeded():
+    a, b = load_model("random:tiny@7"), load_model("random:tiny@7")
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+    with pytest.raises(CheckpointError, match="unknown preset"):
+        load_model("random:nope")
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/nanogpt_deploy_pwned",))
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope" / "ckpt.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_model(junk)
+    # a pickle that would run code: refused, and nothing ran
+    import os
+    marker = "/tmp/nanogpt_deploy_pwned"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Evil(), "model_args": {}}, evil)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(evil)
+    assert not os.path.exists(marker)
+    raw = tmp_path / "raw.pt"
+    with open(raw, "wb") as f:
+        pickle.dump(_Evil(), f)
+    with pytest.raises(CheckpointError):
+        load_model(raw)
+    assert not os.path.exists(marker)
+    # wrong shape: names file and key
+    state = tiny_model.state_dict()
+    state["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)}, bad)
+    with pytest.raises(CheckpointError, match=r"bad\.pt.*transformer\.h\.0\.mlp\.c_fc\.weight: checkpoint \(3, 3\)"):
+        load_model(bad)
+    # missing keys
+    del state["transformer.h.1.attn.c_attn.weight"]
+    state["transformer.h.0.mlp.c_fc.weight"] = tiny_model.state_dict()["transformer.h.0.mlp.c_fc.weight"]
+    torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)}, bad)
+    with pytest.raises(CheckpointError, match="missing keys.*h.1.attn.c_attn.weight"):
+        load_model(bad)
+    # truncated safetensors in a folder
+    save_model(tiny_model, tmp_path / "trunc")
+    f = tmp_path / "trunc" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tmp_path / "trunc")
+    # a dict that is not a nanoGPT checkpoint
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match="not a nanoGPT checkpoint"):
+        load_model(other)
+
+
+def test_hub_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="random:gpt2|nanogpt-deploy\\[hub\\]"):
+        load_model("gpt2")
