@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as e:
-        # the project's errors (CheckpointError, ArtifactError, ...) carry the fix in their message
-        if getattr(args, "debug", False):
+        # the project's errors (CheckpointError, ArtifactError, ...) carry the fix in their message;
+        # NANOGPT_DEPLOY_DEBUG=1 shows the traceback instead
+        if os.environ.get("NANOGPT_DEPLOY_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
