@@ -30,10 +30,12 @@ class Backend(Protocol):
         """
 
 
-BACKENDS = {
-    "onnxruntime": "runtime.backends.onnxruntime:OnnxRuntimeBackend",
-    "torch": "runtime.backends.torch:TorchBackend",
-    "tensorrt": "runtime.backends.tensorrt:TensorRTBackend",
+# a backend's missing dependency -> how to install it
+MISSING_HINTS = {
+    "onnxruntime": "pip install 'nanogpt-deploy[cpu]' (or [gpu] for CUDA)",
+    "torch": "install torch (CPU build: pip install torch==2.13.0), then pip install 'nanogpt-deploy[export]'",
+    "tensorrt": "pip install 'nanogpt-deploy[tensorrt]' (needs a CUDA GPU)",
+    "cuda": "pip install 'nanogpt-deploy[tensorrt]' (cuda-python)",
 }
 
 
@@ -41,9 +43,41 @@ class BackendError(ValueError):
     """A backend that cannot be chosen or loaded, said plainly."""
 
 
+def check_step(config, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+               past_length: int) -> None:
+    """The shape / range checks every backend makes before a forward (cheap: O(B*T))."""
+    if input_ids.ndim != 2 or position_ids.shape != input_ids.shape:
+        raise BackendError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} must both be (batch, seq)")
+    B, T = input_ids.shape
+    if T == 0:
+        raise BackendError("input_ids has no positions (seq 0); give at least one token")
+    if attention_mask.shape != (B, past_length + T):
+        raise BackendError(f"attention_mask is {attention_mask.shape}, expected (batch {B}, past {past_length} + seq {T})")
+    if past_length + T > config.block_size:
+        raise BackendError(f"past ({past_length}) + seq ({T}) = {past_length + T} positions exceeds block_size "
+                           f"{config.block_size}; shorten the prompt or max_new_tokens, or reset()")
+    hi, lo = int(input_ids.max()), int(input_ids.min())
+    if hi >= config.vocab_size or lo < 0:
+        bad = hi if hi >= config.vocab_size else lo
+        raise BackendError(f"token id {bad} is outside this model's vocabulary 0..{config.vocab_size - 1}")
+
+
+BACKENDS = {
+    "onnxruntime": "runtime.backends.onnxruntime:OnnxRuntimeBackend",
+    "torch": "runtime.backends.torch:TorchBackend",
+    "tensorrt": "runtime.backends.tensorrt:TensorRTBackend",
+}
+
+
 def load_backend(name: str, model: str, **options) -> Backend:
     """Open `model` (an exported folder / model.onnx, an engine, or for torch any checkpoint source)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(model, **options)
+    try:
+        return getattr(importlib.import_module(module), cls)(model, **options)
+    except ModuleNotFoundError as e:
+        dep = (e.name or "").split(".")[0]
+        if dep in MISSING_HINTS:  # a dependency, not the backend module itself
+            raise BackendError(f"the {name} backend needs {dep}, which is not installed; {MISSING_HINTS[dep]}") from None
+        raise

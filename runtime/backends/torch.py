@@ -1,0 +1,91 @@
+"""The torch reference backend: model.gpt.GPT in eager mode, imported only when `--backend torch` is chosen.
+
+MODEL is any checkpoint source `GPT.from_pretrained` takes (a Hugging Face GPT-2 folder, a nanoGPT
+ckpt.pt, a hub name, `random:PRESET[@SEED]`). Given an exported folder / model.onnx instead, it loads
+the checkpoint that folder was exported from (the artifact's `source` field), so `generate DIR --backend
+torch` compares against the same weights; a folder whose source is not loadable here is an error.
+
+    backend = TorchBackend("random:tiny@0"); backend.reset(1); logits = backend.forward(ids, mask, pos)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifact import read_onnx_artifact
+from . import BackendError, check_step
+
+DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
+          "float16": (torch.float16, "fp16"), "fp16": (torch.float16, "fp16")}
+
+
+def checkpoint_source(model: str | os.PathLike) -> str:
+    """The checkpoint behind `model`: itself, or for an exported folder / model.onnx its recorded source."""
+    model = os.fspath(model)
+    p = Path(model).expanduser()
+    onnx_path = p / "model.onnx" if p.is_dir() else p
+    if not (onnx_path.suffix == ".onnx" and onnx_path.is_file()):
+        return model
+    source = read_onnx_artifact(onnx_path).source
+    loadable = source.startswith("random:") or (source and Path(source).expanduser().exists())
+    if not loadable:
+        raise BackendError(f"{onnx_path} was exported from {source or 'an unrecorded source'!r}, which is not a "
+                           f"checkpoint this machine can load; give the torch backend the checkpoint itself "
+                           f"(a folder, ckpt.pt or random:PRESET)")
+    return source
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
+                 threads: int | None = None, provider: str | None = None):
+        """Load `model` (a checkpoint source, or an exported folder: see the module docstring).
+
+        Args:
+            device: "cpu" or "cuda" (`provider` is accepted as an alias, as the CLI's --provider).
+            dtype: "float32" or "float16" parameters and KV cache; logits are returned as float32.
+            threads: torch intra-op threads (default: torch's choice).
+        """
+        from model import GPT
+
+        device = provider or device
+        if dtype not in DTYPES:
+            raise BackendError(f"unknown dtype {dtype!r} for the torch backend; choose one of {sorted(DTYPES)}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} requested but this torch ({torch.__version__}) sees no CUDA GPU; "
+                               f"use --provider cpu")
+        if threads:
+            torch.set_num_threads(int(threads))
+        torch_dtype, self.precision = DTYPES[dtype]
+        self.source = checkpoint_source(model)
+        self.model = GPT.from_pretrained(self.source, dtype=torch_dtype).to(device)
+        self.config = self.model.config
+        self.device = torch.device(device)
+        self.provider = str(self.device)
+        self._past = None
+        self._length = 0
+
+    @property
+    def past_length(self) -> int:
+        return self._length
+
+    def reset(self, batch_size: int) -> None:
+        self._past = self.model.empty_past(batch_size, device=self.device)
+        self._length = 0
+
+    @torch.inference_mode()
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        B = input_ids.shape[0]
+        if self._past is None or self._past[0][0].size(0) != B:
+            if self._length:
+                raise BackendError(f"batch size changed to {B} mid-sequence; call reset({B}) first")
+            self.reset(B)
+        check_step(self.config, input_ids, attention_mask, position_ids, self._length)
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
+        logits, self._past = self.model(to(input_ids), to(attention_mask), to(position_ids), self._past)
+        self._length += input_ids.shape[1]
+        return logits.float().cpu().numpy()  # (B, T, V)

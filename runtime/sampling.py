@@ -1,0 +1,124 @@
+"""Choosing the next token from numpy logits: greedy, temperature, top-k, top-p, repetition penalty, seed.
+
+Pure numpy, one row at a time, so every request in a batch can carry its own parameters and its own
+seeded generator (same seed, same backend -> same tokens, wherever the row sits in the batch). Rows
+past `real_vocab_size` (nanoGPT pads 50257 to 50304) are cut off before anything else: never sampled.
+
+    params = SamplingParams(temperature=0.8, top_k=200, seed=0)
+    sampler = Sampler(params, real_vocab_size=50257, prompt_ids=ids)
+    token = sampler(logits[b, -1])          # int; remembers it for the repetition penalty
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded (the OpenAI API's fields, and the CLI's flags).
+
+    temperature 0 means greedy (argmax). top_k 0 and top_p 1 switch those filters off. The repetition
+    penalty is CTRL's / Hugging Face's: every token seen in the prompt or output has its logit divided by
+    it when positive, multiplied when negative (1 = off). Generation stops at `max_new_tokens`, at any id
+    in `stop_token_ids` (not part of the output), or after any string in `stop` (trimmed from the text).
+    """
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = (EOT_TOKEN,)
+
+    def __post_init__(self):
+        # lists (JSON, argparse) become tuples so params stay hashable and immutable
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                      seen_ids: np.ndarray | None = None) -> int:
+    """One token id from one row of logits (V,) already cut to the real vocabulary.
+
+    Args:
+        logits: (V,) float logits of the next position.
+        params: the request's SamplingParams.
+        rng: the request's generator (drawn from only when not greedy).
+        seen_ids: unique ids seen so far, for the repetition penalty.
+    Returns:
+        the chosen id, in 0..V-1.
+    """
+    x = logits.astype(np.float64)  # a copy: the caller's logits are never modified
+    if params.repetition_penalty != 1.0 and seen_ids is not None and len(seen_ids):
+        s = x[seen_ids]
+        x[seen_ids] = np.where(s > 0, s / params.repetition_penalty, s * params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(x))
+    x /= params.temperature
+    ids = None  # candidate ids; None = the whole vocabulary
+    if 0 < params.top_k < x.size:
+        ids = np.argpartition(x, -params.top_k)[-params.top_k:]
+        x = x[ids]
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]
+        ids = keep if ids is None else ids[keep]
+        p = p[keep] / p[keep].sum()
+    choice = int(np.searchsorted(np.cumsum(p), rng.random() * 1.0, side="right"))
+    choice = min(choice, p.size - 1)  # rounding: cumsum may end a hair below 1
+    return int(choice if ids is None else ids[choice])
+
+
+@dataclass
+class Sampler:
+    """The sampling state of one row: its params, its seeded generator, the ids it has seen."""
+    params: SamplingParams
+    real_vocab_size: int
+    prompt_ids: list[int] | np.ndarray = ()
+    rng: np.random.Generator = field(init=False)
+    _seen: np.ndarray = field(init=False, repr=False)
+    _seen_ids: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.params.seed)
+        self._seen = np.zeros(self.real_vocab_size, dtype=bool)
+        self._seen_ids = []
+        for t in self.prompt_ids:
+            self._remember(int(t))
+
+    def _remember(self, token: int) -> None:
+        if 0 <= token < self.real_vocab_size and not self._seen[token]:
+            self._seen[token] = True
+            self._seen_ids.append(token)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """logits (V_padded,) of one row -> the next id (< real_vocab_size), remembered for the penalty."""
+        seen = np.asarray(self._seen_ids, dtype=np.int64) if self.params.repetition_penalty != 1.0 else None
+        token = sample_next_token(logits[: self.real_vocab_size], self.params, self.rng, seen)
+        self._remember(token)
+        return token
