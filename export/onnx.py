@@ -1,28 +1,45 @@
-"""Export a GPT to one self-describing ONNX graph with a KV cache (prefill and decode in one graph).
+"""Export a GPT to one self-describing ONNX graph with a KV cache (prefill and decode in one graph), proven right.
 
     from export.onnx import export_onnx
     path = export_onnx(GPT.from_pretrained("random:tiny"), "out/tiny")   # out/tiny/model.onnx
+    # CLI: nanogpt-deploy export SOURCE --out DIR [--dtype fp16] [--quantize int8|int4]
 
 Inputs `input_ids [batch, sequence]`, `attention_mask [batch, total_sequence]`, `position_ids
 [batch, sequence]`, `past_key_values.{i}.key|value [batch, n_head, past_sequence, head_dim]`; outputs
 `logits`, `present.{i}.key|value` — the names optimum and onnxruntime-genai use. The config, I/O
-layout, tokenizer, precision, source hash and exporter versions travel in `metadata_props`.
+layout, tokenizer, precision, source hash, exporter versions and the parity measured at export travel
+in `metadata_props`. The graph is traced in fp32, checked (symbolic axes, external data, the tied
+embedding stored once), run by onnxruntime against torch at several (batch, sequence, past) shapes,
+and only then renamed into DIR; a precision variant (export/quantize.py) is built from that fp32 graph
+and judged against it. A failed or killed export leaves no model.onnx behind (a killed one leaves a
+hidden `.export-*` folder that the next export into DIR removes).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import GPT
-from runtime.artifact import Artifact, input_names, output_names
+from runtime.artifact import Artifact, ArtifactError, input_names, output_names, read_onnx_artifact
 
 MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
+PARITY_ATOL = 1e-4
+# (batch, sequence, past, left padding of row 0): prefill, decode, chunked decode, left-padded prefill/decode
+PARITY_SHAPES = ((1, 1, 0, 0), (1, 7, 0, 0), (2, 1, 0, 0), (2, 7, 0, 0), (1, 1, 5, 0), (2, 1, 5, 0),
+                 (1, 7, 5, 0), (2, 7, 5, 0), (2, 7, 0, 3), (2, 1, 5, 2))
+EXTERNAL_DATA_THRESHOLD = 1024  # bytes; larger tensors live in model.onnx.data (protobuf stops at 2 GB)
+OURS = ("model.onnx", "model.onnx.data")
 
 
 class ExportError(RuntimeError):
@@ -63,28 +80,309 @@ def dynamic_shapes(n_layer: int) -> dict:
     }
 
 
-def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                artifact: Artifact | None = None, external_data: bool = True) -> Path:
-    """Trace `model` and write DIR/model.onnx (+ model.onnx.data) atomically; returns the model.onnx path."""
+def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
+                quantize: str | None = None, source: str = "", force: bool = False, validate: bool = True,
+                eval_ids: np.ndarray | None = None, gate: bool | None = None, progress=lambda msg: None) -> Path:
+    """Trace `model`, validate it, and write DIR/model.onnx (+ model.onnx.data) atomically.
+
+    Args:
+        model: the GPT to export (any dtype; it is traced in fp32).
+        out_dir: folder receiving model.onnx; must be empty, new, or hold a previous export (else `force`).
+        opset: ONNX opset, >= MIN_OPSET.
+        dtype: "fp32" or "fp16" (fp16 graph for GPUs, see export/quantize.py).
+        quantize: None, "int8" or "int4" (CPU variants); DIR then holds the quantized graph only.
+        source: what the model was loaded from, recorded in the metadata.
+        force: write into a DIR holding unrelated files.
+        validate: run the onnxruntime-vs-torch parity check (fp32 gate PARITY_ATOL).
+        eval_ids: (B, T) tokens to judge a variant on; default samples from the model itself.
+        gate: fail a variant that misses its thresholds; default True unless the weights are random
+            (flat logits make agreement meaningless; the numbers are still recorded).
+        progress: called with a line per stage.
+    Returns:
+        the path of DIR/model.onnx.
+    """
+    t0 = time.perf_counter()
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is below {MIN_OPSET}; the dynamo exporter needs --opset {MIN_OPSET} or higher")
+    if dtype not in ("fp32", "fp16"):
+        raise ExportError(f"dtype {dtype!r} is not supported; choose fp32 or fp16")
+    if quantize not in (None, "int8", "int4"):
+        raise ExportError(f"quantize {quantize!r} is not supported; choose int8 or int4")
+    if quantize and dtype != "fp32":
+        raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
+    out_dir = prepare_out_dir(out_dir, force)
+    if model.lm_head.weight.dtype != torch.float32:
+        model = copy.deepcopy(model).float()
     model = model.eval()
-    n_layer = model.config.n_layer
-    artifact = artifact or Artifact(config=model.config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [Path(f) for f in getattr(model, "checkpoint_files", [])]
+    artifact = Artifact(config=model.config, precision="fp32", tokenizer=model.config.tokenizer, source=source,
+                        source_sha256=sha256_file(files[0]) if files else "", versions=_versions(opset),
+                        extra={"source_files": {f.name: sha256_file(f) for f in files}} if files else {})
+
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        tmp_path = Path(tmp) / "model.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                _FlatIO(model), example_inputs(model), dynamo=True, opset_version=opset,
-                dynamic_shapes=dynamic_shapes(n_layer), input_names=input_names(n_layer),
-                output_names=output_names(n_layer), verbose=False)
-        for k, v in artifact.to_metadata().items():
-            program.model.metadata_props[k] = v
-        program.save(str(tmp_path), external_data=external_data)
-        # model.onnx is renamed last: its presence means the export finished
-        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == "model.onnx"):
-            os.replace(f, out_dir / f.name)
+        work = Path(tmp) / "fp32" if (dtype != "fp32" or quantize) else Path(tmp)
+        work.mkdir(exist_ok=True)
+        path = work / "model.onnx"
+        progress(f"tracing {model.config.n_layer} layers, {model.num_params() / 1e6:.1f}M parameters (opset {opset})")
+        _trace_and_save(model, path, opset, artifact)
+        progress("checking axes, external data and weight sizes")
+        check_symbolic_axes(path)
+        check_external_data(path)
+        check_weight_bytes(path, model.num_params() * 4)
+        if validate:
+            progress(f"validating onnxruntime vs torch at {len(PARITY_SHAPES)} (batch, sequence, past) shapes")
+            parity = check_parity(model, path)
+            artifact = dataclasses.replace(artifact, extra=dict(artifact.extra, parity=parity))
+        write_metadata(path, artifact)
+
+        variant = quantize or (dtype if dtype != "fp32" else None)
+        if variant:
+            from .quantize import build_and_check_variant
+
+            if gate is None:
+                gate = bool(files)
+                if not gate:
+                    progress("random weights give flat logits: variant agreement is recorded, not enforced")
+            if eval_ids is None:
+                progress("sampling evaluation tokens from the model")
+                eval_ids = sample_eval_ids(model)
+            final = Path(tmp) / "model.onnx"
+            artifact = build_and_check_variant(path, final, variant, artifact, eval_ids, gate, progress)
+            shutil.rmtree(work)
+            write_metadata(final, artifact)
+        extra = dict(artifact.extra, export_seconds=round(time.perf_counter() - t0, 2))
+        write_metadata(Path(tmp) / "model.onnx", dataclasses.replace(artifact, extra=extra))
+        publish(Path(tmp), out_dir)
     return out_dir / "model.onnx"
+
+
+def _trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> None:
+    import onnx_ir as ir
+
+    n_layer = model.config.n_layer
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _FlatIO(model), example_inputs(model), dynamo=True, opset_version=opset,
+            dynamic_shapes=dynamic_shapes(n_layer), input_names=input_names(n_layer),
+            output_names=output_names(n_layer), verbose=False)
+    for k, v in artifact.to_metadata().items():
+        program.model.metadata_props[k] = v
+    ir.save(program.model, path, external_data=path.name + ".data", size_threshold_bytes=EXTERNAL_DATA_THRESHOLD)
+
+
+# ---------------------------------------------------------------------------------- files
+
+def prepare_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
+    """Create DIR (or accept an empty one / one holding a previous export); refuse other contents unless force."""
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ExportError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable folder") from None
+    clear_temp_dirs(out)
+    others = sorted(p.name for p in out.iterdir() if p.name not in OURS)
+    if (out / "model.onnx").exists():
+        try:
+            read_onnx_artifact(out)
+        except ArtifactError:
+            others.insert(0, "model.onnx (not a nanogpt-deploy export)")
+    if others and not force:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ExportError(f"--out {out} holds files that are not a previous export ({shown}); "
+                          f"choose an empty folder or pass --force to write model.onnx there anyway")
+    return out
+
+
+def clear_temp_dirs(out: Path) -> None:
+    """Remove `.export-*` folders a killed export left behind."""
+    for p in out.glob(".export-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move model.onnx and its data from `tmp` into `out`; model.onnx goes last, so its presence means done."""
+    (out / "model.onnx").unlink(missing_ok=True)  # from here until the last rename, DIR holds no finished export
+    for name in OURS[1:]:
+        if (tmp / name).exists():
+            os.replace(tmp / name, out / name)
+        else:
+            (out / name).unlink(missing_ok=True)  # a stale data file of an older export
+    os.replace(tmp / "model.onnx", out / "model.onnx")
+
+
+def save_model(proto, path: Path) -> None:
+    """onnx.save with every tensor over EXTERNAL_DATA_THRESHOLD bytes in `path.name + '.data'`."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=EXTERNAL_DATA_THRESHOLD, convert_attribute=True)
+
+
+def check_external_data(path: Path) -> dict:
+    """Every external tensor of `path` points inside its own data file, by a relative name; returns a summary."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    m = onnx.load(str(path), load_external_data=False)
+    data, problems, n_ext, n_big_inline = path.with_name(path.name + ".data"), [], 0, 0
+    size = data.stat().st_size if data.exists() else 0
+    for t in m.graph.initializer:
+        if not uses_external_data(t):
+            n_big_inline += len(t.raw_data) > EXTERNAL_DATA_THRESHOLD
+            continue
+        n_ext += 1
+        info = ExternalDataInfo(t)
+        if info.location != data.name:
+            problems.append(f"{t.name} -> {info.location!r} (expected {data.name!r})")
+        elif info.offset + info.length > size:
+            problems.append(f"{t.name}: bytes {info.offset}..{info.offset + info.length} past the end of {data.name} ({size} bytes)")
+    if n_big_inline:
+        problems.append(f"{n_big_inline} tensors of more than {EXTERNAL_DATA_THRESHOLD} bytes are stored inside the proto")
+    if path.stat().st_size >= 2**31:
+        problems.append(f"{path.name} is {path.stat().st_size} bytes, past protobuf's 2 GB limit")
+    if problems:
+        raise ExportError(f"{path}: invalid external data: " + "; ".join(problems[:5]))
+    return {"external_tensors": n_ext, "data_bytes": size}
+
+
+def check_weight_bytes(path: Path, expected: int) -> None:
+    """The fp32 graph's weights take about params*4 bytes: the tied wte/lm_head is stored once."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    if total > expected * 1.01 + 65536:
+        raise ExportError(f"{path}: weights take {total / 1e6:.1f} MB, expected about {expected / 1e6:.1f} MB "
+                          f"(params*4); the tied wte/lm_head weight was probably stored twice")
+
+
+def write_metadata(path: Path, artifact: Artifact) -> None:
+    """Replace the nanogpt-deploy metadata_props of model.onnx, leaving its external data untouched."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    keep = [(p.key, p.value) for p in m.metadata_props if not p.key.startswith("nanogpt_deploy.")]
+    del m.metadata_props[:]
+    for k, v in keep + list(artifact.to_metadata().items()):
+        m.metadata_props.add(key=k, value=v)
+    tmp = path.with_name(path.name + ".meta.tmp")
+    onnx.save(m, str(tmp))  # tensors keep their external references; the data file is not rewritten
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions(opset: int) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"opset": opset}
+    for pkg in ("torch", "onnx", "onnxscript", "onnxruntime", "nanogpt-deploy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+# ---------------------------------------------------------------------------------- checks
+
+def check_symbolic_axes(path: Path) -> None:
+    """Every batch / sequence / past axis of the saved graph's I/O is a named symbol, not a number."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    fixed = []
+    for v in list(m.graph.input) + list(m.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        axes = (0, 1) if v.name in ("input_ids", "attention_mask", "position_ids", "logits") else (0, 2)
+        for a in axes:
+            if a >= len(dims) or not dims[a].dim_param:
+                fixed.append(f"{v.name}[{a}]={dims[a].dim_value if a < len(dims) else 'missing'}")
+    if fixed:
+        raise ExportError(f"{path}: axes that must be symbolic are fixed: {', '.join(fixed[:8])}; "
+                          f"check dynamic_shapes in export/onnx.py")
+
+
+def new_session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def parity_feeds(config, batch: int, seq: int, past: int, pad: int, rng: np.random.Generator,
+                 kv_dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random inputs for one (batch, seq, past) shape; row 0 left-padded by `pad` slots when pad > 0."""
+    mask = np.ones((batch, past + seq), np.int64)
+    mask[0, :pad] = 0
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)[:, -seq:]
+    feeds = {"input_ids": rng.integers(0, config.real_vocab_size, (batch, seq), dtype=np.int64),
+             "attention_mask": mask, "position_ids": pos.astype(np.int64)}
+    for name in input_names(config.n_layer)[3:]:
+        feeds[name] = rng.standard_normal((batch, config.n_head, past, config.head_dim)).astype(kv_dtype)
+    return feeds
+
+
+def run_torch(model: GPT, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    names = input_names(model.config.n_layer)[3:]
+    past = tuple((t[names[2 * i]], t[names[2 * i + 1]]) for i in range(model.config.n_layer))
+    with torch.no_grad():
+        logits, present = model(t["input_ids"], t["attention_mask"], t["position_ids"], past)
+    return [logits.numpy()] + [x.numpy() for kv in present for x in kv]
+
+
+def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PARITY_ATOL, seed=None) -> dict:
+    """onnxruntime vs torch on fresh random inputs at each shape; raises naming each output's max|Δ| > atol.
+
+    Returns {"atol", "max_abs_diff", "shapes": {"B2xT7xP5": {"logits": d, "present": d}, ...}}.
+    """
+    session, rng = new_session(path), np.random.default_rng(seed)
+    names = output_names(model.config.n_layer)
+    worst = dict.fromkeys(names, 0.0)
+    per_shape = {}
+    for batch, seq, past, pad in shapes:
+        feeds = parity_feeds(model.config, batch, seq, past, pad, rng)
+        got = session.run(None, feeds)
+        want = run_torch(model, feeds)
+        diffs = {n: float(np.max(np.abs(g.astype(np.float64) - w))) for n, g, w in zip(names, got, want)}
+        for n, d in diffs.items():
+            worst[n] = max(worst[n], d)
+        label = f"B{batch}xT{seq}xP{past}" + (f"+pad{pad}" if pad else "")
+        per_shape[label] = {"logits": diffs["logits"], "present": max(v for k, v in diffs.items() if k != "logits")}
+    bad = {n: d for n, d in worst.items() if not d <= atol}  # `not <=` also catches NaN
+    if bad:
+        raise ExportError(f"{path}: onnxruntime differs from torch beyond {atol:.0e}: "
+                          + ", ".join(f"{n}: max|Δ|={d:.2e}" for n, d in bad.items())
+                          + f" (per shape: {per_shape})")
+    return {"atol": atol, "max_abs_diff": max(worst.values()), "shapes": per_shape}
+
+
+def sample_eval_ids(model: GPT, batch: int = 4, seq: int = 64, seed: int = 0) -> np.ndarray:
+    """(batch, seq) tokens sampled from the model itself (temperature 1): text it finds plausible, to judge variants on."""
+    seq = min(seq, model.config.block_size)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.real_vocab_size, (batch, 1), generator=g)
+    with torch.no_grad():
+        logits, past = model(ids)
+        for _ in range(seq - 1):
+            probs = torch.softmax(logits[:, -1, :model.config.real_vocab_size].float(), -1)
+            nxt = torch.multinomial(probs, 1, generator=g)
+            ids = torch.cat([ids, nxt], 1)
+            logits, past = model(nxt, position_ids=torch.full_like(nxt, ids.size(1) - 1),
+                                 attention_mask=torch.ones_like(ids), past=past)
+    return ids.numpy()

@@ -1,0 +1,80 @@
+"""`nanogpt-deploy export SOURCE --out DIR`: checkpoint -> validated, self-describing model.onnx.
+
+    nanogpt-deploy export random:tiny --out out/tiny
+    nanogpt-deploy export model/weights/pycode --out out/pycode-int8 --quantize int8
+    nanogpt-deploy export gpt2 --out out/gpt2-fp16 --dtype fp16
+
+Stages go to stderr as they run; the summary (file, size, max|Δ| per shape, variant agreement,
+seconds) to stdout, or one JSON object with --json. Heavy imports happen inside `run`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="HF GPT-2 folder, project folder, nanoGPT ckpt.pt, hub name, or random:PRESET[@SEED]")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder receiving model.onnx (+ model.onnx.data)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="fp32 (portable, default) or fp16 (GPU; LayerNorm/Softmax kept fp32, fp16 KV cache I/O)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="CPU variant: int8 (dynamic, MatMul weights) or int4 (MatMulNBits, onnxruntime only); "
+                        "DIR then holds the quantized graph, validated against fp32")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
+    p.add_argument("--force", action="store_true", help="write into a DIR that holds unrelated files")
+    p.add_argument("--no-gate", action="store_true",
+                   help="record a variant's agreement with fp32 but do not fail on its thresholds")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run(args) -> int:
+    t0 = time.perf_counter()
+
+    def stage(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    from model import GPT
+
+    from .onnx import MIN_OPSET, ExportError, export_onnx, prepare_out_dir
+
+    if args.opset < MIN_OPSET:  # the cheap checks before a slow load
+        raise ExportError(f"--opset {args.opset} is below {MIN_OPSET}; the dynamo exporter needs --opset {MIN_OPSET} or higher")
+    prepare_out_dir(args.out, args.force)
+    stage(f"loading {args.source}")
+
+    model = GPT.from_pretrained(args.source)
+    path = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize,
+                       source=args.source, force=args.force, gate=False if args.no_gate else None, progress=stage)
+    summary = summarize(path, time.perf_counter() - t0)
+    print(json.dumps(summary, sort_keys=True) if args.json else format_summary(summary))
+    return 0
+
+
+def summarize(path, seconds: float) -> dict:
+    from runtime.artifact import read_onnx_artifact
+
+    art = read_onnx_artifact(path)
+    files = {f.name: f.stat().st_size for f in sorted(path.parent.iterdir()) if f.name.startswith("model.onnx")}
+    return {"path": str(path), "precision": art.precision, "opset": art.versions.get("opset"),
+            "bytes": sum(files.values()), "files": files, "seconds": round(seconds, 2),
+            "parity": art.extra.get("parity"), "variant": art.extra.get("variant")}
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"wrote {s['path']} ({', '.join(s['files'])}): {s['bytes'] / 1e6:.1f} MB "
+             f"[{s['precision']}, opset {s['opset']}] in {s['seconds']:.1f} s"]
+    if s["parity"]:
+        p = s["parity"]
+        shapes = "  ".join(f"{k} {max(v.values()):.1e}" for k, v in p["shapes"].items())
+        lines.append(f"fp32 onnxruntime vs torch, max|Δ| (atol {p['atol']:.0e}): {shapes}")
+    if s["variant"]:
+        v = s["variant"]
+        lines.append(f"{s['precision']} vs fp32 on {v['eval_tokens']} tokens: top-1 agreement {v['top1_agreement']:.2%} "
+                     f"(min {v['thresholds']['min_top1_agreement']:.0%}), perplexity {v['ppl_fp32']:.3f} -> {v['ppl']:.3f} "
+                     f"({v['ppl_change']:+.2%}, max +{v['thresholds']['max_ppl_change']:.0%})"
+                     + ("" if v["gated"] else " [recorded, not enforced]"))
+    return "\n".join(lines)

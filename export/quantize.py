@@ -1,0 +1,234 @@
+"""Precision variants of an exported fp32 graph: fp16 (GPU), int8 and int4 (CPU), each validated against fp32.
+
+Every variant is built from the validated fp32 `model.onnx` and judged the same way: on a batch of
+token sequences, the variant's top-1 token must agree with fp32's and its perplexity must stay close
+(`THRESHOLDS`). max|Δ| alone says little for quantized weights; agreement and perplexity say whether
+the text would change.
+
+- fp16: onnxruntime's float16 converter; LayerNormalization and Softmax stay fp32 behind explicit Casts
+  (plain ONNX ops, so the graph still feeds TensorRT strongly-typed builds); every float I/O, the KV
+  cache and the logits included, is fp16; the tied embedding stays stored once (fp16).
+- int8: `quantize_dynamic` restricted to MatMul with constant weights (int8 weights, activations
+  quantized per call). The tied lm_head is first given its own transposed initializer, so it is a plain
+  MatMul weight and gets quantized too (the Gather keeps the fp32 embedding): about 2x faster decode.
+- int4: block-wise `MatMulNBits` (onnxruntime's contrib op, block 32, symmetric, int8 compute), as
+  onnxruntime-genai builds for CPU. Runs on onnxruntime only.
+
+    from export.quantize import quantize_onnx
+    quantize_onnx("out/tiny", "out/tiny-int8", "int8")     # from an fp32 export folder
+    # or in one go: nanogpt-deploy export SOURCE --out DIR --quantize int8
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifact import read_onnx_artifact
+
+from .onnx import (ExportError, check_external_data, clear_temp_dirs, new_session, prepare_out_dir, publish,
+                   save_model, write_metadata)
+
+VARIANTS = ("fp16", "int8", "int4")
+# precision -> (min top-1 agreement with fp32, max relative perplexity increase)
+THRESHOLDS = {"fp16": (0.99, 0.01), "int8": (0.95, 0.05), "int4": (0.90, 0.10)}
+INT4_BLOCK_SIZE = 32  # onnxruntime-genai's CPU default
+DECODE_STEPS = 8  # the last positions of the evaluation run one token at a time, through the KV cache
+
+
+def make_variant(src: Path, dst: Path, precision: str) -> dict:
+    """Write the `precision` variant of the fp32 graph `src` to `dst` (+ dst.data); returns what was done."""
+    if precision == "fp16":
+        return _to_fp16(src, dst)
+    if precision in ("int8", "int4"):
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".untied-") as tmp:
+            untied = Path(tmp) / "model.onnx"
+            save_model(untie_lm_head(_load(src)), untied)
+            return _quantize_int8(untied, dst) if precision == "int8" else _quantize_int4(untied, dst)
+    raise ExportError(f"unknown precision variant {precision!r}; choose one of {VARIANTS}")
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))  # with external data
+
+
+def _to_fp16(src: Path, dst: Path) -> dict:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    blocked = ["LayerNormalization", "Softmax"]
+    # a path (not a proto) makes the converter use infer_shapes_path, which works past 2 GB
+    proto = convert_float_to_float16(str(src), keep_io_types=False, op_block_list=blocked)
+    save_model(proto, dst)
+    return {"method": "onnxruntime.transformers.float16", "fp32_ops": blocked, "io": "fp16"}
+
+
+def untie_lm_head(proto):
+    """Give the lm_head MatMul its own (C, vocab) initializer instead of Transpose(tied wte).
+
+    Quantizers only quantize MatMuls whose weight is an initializer; behind the Transpose the largest
+    matrix of the model would stay fp32. Returns the proto, changed in place.
+    """
+    from onnx import numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    logits_mm = [n for n in g.node if n.op_type == "MatMul" and "logits" in n.output]
+    if not logits_mm:
+        raise ExportError("no MatMul produces 'logits'; the graph is not one export_onnx wrote")
+    mm = logits_mm[0]
+    tr = producers.get(mm.input[1])
+    if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+        return proto  # already a plain weight (untied checkpoint or done before)
+    w = numpy_helper.to_array(inits[tr.input[0]], base_dir="")  # (vocab, C)
+    name = "lm_head.weight.T"
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))  # (C, vocab)
+    mm.input[1] = name
+    if consumers[tr.output[0]] == 1:
+        g.node.remove(tr)
+    return proto
+
+
+def _quantize_int8(src: Path, dst: Path) -> dict:
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing" noise
+    # MatMul only: Gather (the embedding) stays fp32, and opset >= 23 Attention nodes are left alone
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     per_channel=False, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    save_model(_load(dst), dst)  # rewrite so the external data follows our naming and threshold
+    return {"method": "onnxruntime.quantization.quantize_dynamic", "op_types": ["MatMul"], "weight_type": "int8",
+            "activations": "uint8, dynamic per tensor", "lm_head": "untied, quantized"}
+
+
+def _quantize_int4(src: Path, dst: Path) -> dict:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(_load(src), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=4,
+                             op_types_to_quantize=("MatMul",))
+    q.process()
+    save_model(q.model.model, dst)
+    return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": 4, "block_size": INT4_BLOCK_SIZE,
+            "symmetric": True, "accuracy_level": 4, "lm_head": "untied, quantized"}
+
+
+# ---------------------------------------------------------------------------------- validation
+
+def evaluate_variant(ref: Path, variant: Path, eval_ids: np.ndarray, real_vocab: int, kv_dtype: str) -> dict:
+    """Top-1 agreement and perplexity of `variant` against the fp32 graph `ref` on eval_ids (B, T).
+
+    The reference runs the whole sequence at once; the variant runs a prefill and then DECODE_STEPS single
+    tokens through its KV cache, so the decode path is judged too.
+    """
+    ref_logits = _logits(new_session(ref), eval_ids, np.float32, decode_steps=0)
+    var_logits = _logits(new_session(variant), eval_ids, np.dtype(kv_dtype), decode_steps=DECODE_STEPS)
+    ref_logits, var_logits = ref_logits[..., :real_vocab], var_logits[..., :real_vocab]
+    agree = float(np.mean(ref_logits.argmax(-1) == var_logits.argmax(-1)))
+    ppl_ref, ppl = _perplexity(ref_logits, eval_ids), _perplexity(var_logits, eval_ids)
+    return {"top1_agreement": round(agree, 5), "ppl_fp32": round(ppl_ref, 4), "ppl": round(ppl, 4),
+            "ppl_change": round(ppl / ppl_ref - 1, 5), "max_abs_logit_diff": float(np.abs(ref_logits - var_logits).max()),
+            "eval_tokens": int(eval_ids.size)}
+
+
+def check_variant(metrics: dict, precision: str) -> None:
+    min_agree, max_ppl = THRESHOLDS[precision]
+    bad = []
+    if metrics["top1_agreement"] < min_agree:
+        bad.append(f"top-1 agreement with fp32 {metrics['top1_agreement']:.2%} < {min_agree:.0%}")
+    if metrics["ppl_change"] > max_ppl:
+        bad.append(f"perplexity {metrics['ppl']:.3f} vs fp32 {metrics['ppl_fp32']:.3f} "
+                   f"(+{metrics['ppl_change']:.2%}) > +{max_ppl:.0%}")
+    if bad:
+        raise ExportError(f"{precision} variant failed validation on {metrics['eval_tokens']} tokens: "
+                          + "; ".join(bad) + f"; keep the fp32{' or fp16' if precision != 'fp16' else ''} export")
+
+
+def _logits(session, ids: np.ndarray, kv_dtype, decode_steps: int) -> np.ndarray:
+    B, T = ids.shape
+    kv_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    shape = next(i.shape for i in session.get_inputs() if i.name.startswith("past_key_values."))
+    past = {n: np.zeros((B, shape[1], 0, shape[3]), dtype=kv_dtype) for n in kv_names}
+    out, start = [], 0
+    for end in [T - decode_steps] + list(range(T - decode_steps + 1, T + 1)):
+        if end <= start:
+            continue
+        feeds = {"input_ids": ids[:, start:end], "attention_mask": np.ones((B, end), np.int64),
+                 "position_ids": np.tile(np.arange(start, end, dtype=np.int64), (B, 1)), **past}
+        res = session.run(None, feeds)
+        out.append(res[0].astype(np.float32))
+        past = {n: r for n, r in zip(kv_names, res[1:])}  # present.* follow past_key_values.* order
+        start = end
+    return np.concatenate(out, axis=1)
+
+
+def _perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    x = logits[:, :-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+    return float(np.exp(nll))
+
+
+# ---------------------------------------------------------------------------------- public entry point
+
+def quantize_onnx(src_dir: str | os.PathLike, out_dir: str | os.PathLike, precision: str, *,
+                  eval_ids: np.ndarray | None = None, gate: bool = True, force: bool = False,
+                  progress=lambda msg: None) -> Path:
+    """Build the `precision` variant of an fp32 export folder into `out_dir`, validated against it.
+
+    Args:
+        src_dir: a folder (or model.onnx) written by export_onnx in fp32.
+        out_dir: receives model.onnx (+ model.onnx.data) with `precision` in its metadata; atomic.
+        precision: "fp16", "int8" or "int4".
+        eval_ids: (B, T) int64 tokens to judge the variant on; default random tokens (use real text or
+            model samples for meaningful numbers: random tokens on a trained model are off-distribution).
+        gate: raise ExportError when the variant misses THRESHOLDS (False: only record the numbers).
+        force: write into an out_dir that holds files other than a previous export.
+    Returns:
+        the path of the variant's model.onnx.
+    """
+    from runtime.artifact import resolve_onnx
+
+    src = resolve_onnx(src_dir)
+    art = read_onnx_artifact(src)
+    if art.precision != "fp32":
+        raise ExportError(f"{src} is {art.precision}; variants are built from an fp32 export "
+                          f"(nanogpt-deploy export SOURCE --out DIR)")
+    out_dir = prepare_out_dir(out_dir, force)
+    if eval_ids is None:
+        rng = np.random.default_rng(0)
+        eval_ids = rng.integers(0, art.config.real_vocab_size, (4, min(64, art.config.block_size)), dtype=np.int64)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        dst = Path(tmp) / "model.onnx"
+        artifact = build_and_check_variant(src, dst, precision, art, eval_ids, gate, progress)
+        write_metadata(dst, artifact)
+        publish(Path(tmp), out_dir)
+    clear_temp_dirs(out_dir)
+    return out_dir / "model.onnx"
+
+
+def build_and_check_variant(src: Path, dst: Path, precision: str, art, eval_ids, gate: bool, progress):
+    """make_variant + evaluate_variant + check_variant; returns the variant's Artifact (metadata not yet written)."""
+    progress(f"building the {precision} variant")
+    how = make_variant(src, dst, precision)
+    check_external_data(dst)
+    progress(f"validating {precision} against fp32 on {eval_ids.shape[0]}x{eval_ids.shape[1]} tokens")
+    kv_dtype = "float16" if precision == "fp16" else "float32"
+    metrics = evaluate_variant(src, dst, eval_ids, art.config.real_vocab_size, kv_dtype)
+    metrics["thresholds"] = {"min_top1_agreement": THRESHOLDS[precision][0], "max_ppl_change": THRESHOLDS[precision][1]}
+    metrics["gated"] = gate
+    if gate:
+        check_variant(metrics, precision)
+    extra = dict(art.extra, variant=metrics, quantization=how)
+    return dataclasses.replace(art, precision=precision, extra=extra)
