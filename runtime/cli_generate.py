@@ -1,0 +1,84 @@
+"""`nanogpt-deploy generate MODEL --prompt TEXT`: text from an exported model (or, torch backend, a checkpoint).
+
+    nanogpt-deploy generate out/tiny --prompt-ids 1,2,3 --temperature 0 --json
+    nanogpt-deploy generate out/demo --prompt "def fib(n):" --max-new-tokens 128 --stop "\\n\\n"
+    nanogpt-deploy generate random:tiny@0 --backend torch --prompt-ids 1,2,3
+
+Text goes to stdout (streamed by default on a terminal); the summary line goes to stderr, so
+`> out.txt` keeps only the text and `--json` keeps stdout one JSON document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
+                                                   "source for --backend torch)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-ids", action="append", metavar="IDS",
+                     help="prompt as comma-separated token ids, e.g. 1,2,3 (repeat for a batch)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same backend -> same tokens")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); trimmed from the text")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print text as it is produced (default: on when stdout is a terminal)")
+    p.add_argument("--json", action="store_true", help="print one JSON document: tokens, text, timing")
+    p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
+                                                          "then the cache)")
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r} is not a comma-separated list of integers (e.g. 1,2,3)") from None
+
+
+def run(args) -> int:
+    import time
+
+    from .backends import load_backend
+    from .generate import Generation, SamplingParams, summary_line
+    from .tokenizer import load_tokenizer
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+        stop_token_ids=() if args.ignore_eos else SamplingParams.stop_token_ids)
+    prompts = args.prompt if args.prompt is not None else [parse_ids(s) for s in args.prompt_ids]
+    tokenizer = load_tokenizer(path=args.tokenizer_file)
+    backend = load_backend(args.backend, args.model, provider=args.provider, threads=args.threads)
+    gen = Generation(backend, tokenizer, prompts, params)
+
+    streaming = (sys.stdout.isatty() if args.stream is None else args.stream) and not args.json
+    t0 = time.perf_counter()
+    for delta in gen:
+        if streaming and len(prompts) == 1 and delta.text:
+            print(delta.text, end="", flush=True)
+    seconds = time.perf_counter() - t0
+    completions = gen.completions
+    if args.json:
+        json.dump({"backend": backend.name, "provider": backend.provider, "precision": backend.precision,
+                   "seconds": seconds, "completions": [c.to_dict() for c in completions]}, sys.stdout, indent=1)
+        print()
+    elif streaming and len(prompts) == 1:
+        print()
+    else:
+        for i, c in enumerate(completions):
+            if len(completions) > 1:
+                print(f"--- {i} ---")
+            print(c.text)
+    print(summary_line(completions, backend, seconds), file=sys.stderr)
+    return 0
