@@ -1,0 +1,228 @@
+"""Backends: onnxruntime vs torch (logits and greedy tokens), batch == singles, the KV cache, clear load errors,
+and the torch-free deploy path (a subprocess where `import torch` and `import onnx` fail)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.artifact import ArtifactError
+from runtime.backends import BackendError, load_backend
+from runtime.generate import SamplingParams, generate
+
+from conftest import ROOT, max_abs_diff
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [100, 200, 300, 400]]
+# Random tied weights make plain greedy repeat the last token; a strong repetition penalty (still greedy,
+# still deterministic) forces a new token each step, so the cache is exercised with varied ids.
+GREEDY = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=())
+GREEDY_VARIED = SamplingParams(temperature=0, max_new_tokens=64, repetition_penalty=3.0, stop_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def ort_tiny(tiny_onnx_dir):
+    return load_backend("onnxruntime", str(tiny_onnx_dir), threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_tiny(tiny_model):
+    from runtime.backends.torch import TorchBackend
+
+    be = TorchBackend("random:tiny@0")
+    be.model = tiny_model  # the very weights tiny_onnx_dir was exported from
+    return be
+
+
+def test_logits_match_torch_over_prefill_and_decode(ort_tiny, torch_tiny):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 512, (2, 10))
+    mask = np.ones((2, 10), dtype=np.int64)
+    mask[1, :3] = 0  # left padding
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    out = {}
+    for be in (ort_tiny, torch_tiny):
+        be.reset(2)
+        out[be.name] = [be.forward(ids[:, :7], mask[:, :7], pos[:, :7]),   # prefill, past 0
+                        be.forward(ids[:, 7:8], mask[:, :8], pos[:, 7:8]),  # decode, past 7
+                        be.forward(ids[:, 8:], mask, pos[:, 8:])]           # 2 positions, past 8
+    for step, (a, b) in enumerate(zip(out["onnxruntime"], out["torch"])):
+        assert a.dtype == np.float32 and a.shape == b.shape
+        d = max_abs_diff(a, b)
+        assert d <= 1e-4, f"step {step}: max|Δ|={d:.2e} > 1e-4"
+
+
+@pytest.mark.parametrize("params", [GREEDY, GREEDY_VARIED], ids=["greedy", "greedy-repetition-penalty"])
+def test_greedy_tokens_identical_torch_vs_onnxruntime(ort_tiny, torch_tiny, params):
+    a = generate(ort_tiny, None, PROMPTS, params)
+    b = generate(torch_tiny, None, PROMPTS, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert all(len(c.token_ids) == 64 for c in a)
+    if params is GREEDY_VARIED:
+        assert len(set(a[0].token_ids)) > 32, "the comparison should cover varied tokens"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_batch_equals_singles(ort_tiny, torch_tiny, backend):
+    be = ort_tiny if backend == "onnxruntime" else torch_tiny
+    batched = [c.token_ids for c in generate(be, None, PROMPTS, GREEDY_VARIED)]
+    singles = [generate(be, None, [p], GREEDY_VARIED)[0].token_ids for p in PROMPTS]
+    assert batched == singles
+
+
+def test_seeded_sampling_is_reproducible(ort_tiny):
+    params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=32, seed=11, stop_token_ids=())
+    a, b = (generate(ort_tiny, None, PROMPTS, params) for _ in range(2))
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    c = generate(ort_tiny, None, PROMPTS, SamplingParams(**{**params.__dict__, "seed": 12}))
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_kv_cache_stays_in_ortvalues_between_steps(ort_tiny):
+    import onnxruntime as ort
+
+    ort_tiny.reset(2)
+    ort_tiny.forward(np.ones((2, 3), np.int64), np.ones((2, 3), np.int64), np.tile(np.arange(3), (2, 1)))
+    ort_tiny.forward(np.ones((2, 1), np.int64), np.ones((2, 4), np.int64), np.full((2, 1), 3))
+    past = ort_tiny._past
+    assert len(past) == 2 * ort_tiny.config.n_layer
+    assert all(isinstance(v, ort.OrtValue) and v.shape() == [2, 4, 4, 16] for v in past)
+    assert ort_tiny.past_length == 4
+
+
+def test_step_errors(ort_tiny):
+    c = ort_tiny.config
+    ort_tiny.reset(1)
+    with pytest.raises(BackendError, match=r"token id 600 is outside this model's vocabulary 0\.\.511"):
+        ort_tiny.forward(np.array([[600]]), np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64))
+    n = c.block_size + 1
+    with pytest.raises(BackendError, match=rf"past \(0\) \+ seq \({n}\) = {n} positions exceeds block_size {c.block_size}"):
+        ort_tiny.forward(np.ones((1, n), np.int64), np.ones((1, n), np.int64), np.zeros((1, n), np.int64))
+    with pytest.raises(BackendError, match=r"attention_mask is \(1, 2\), expected"):
+        ort_tiny.forward(np.ones((1, 1), np.int64), np.ones((1, 2), np.int64), np.zeros((1, 1), np.int64))
+
+
+def _copy_with_metadata(src: Path, dst: Path, edit) -> Path:
+    """Copy an export, letting `edit(metadata_props)` change its metadata (onnx proto, weights left outside)."""
+    onnx = pytest.importorskip("onnx")
+    dst.mkdir(parents=True, exist_ok=True)
+    m = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    edit(m.metadata_props)
+    onnx.save(m, str(dst / "model.onnx"))
+    shutil.copy(src / "model.onnx.data", dst / "model.onnx.data")
+    return dst
+
+
+def test_load_errors_are_clear(tiny_onnx_dir, tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist; give an exported folder"):
+        load_backend("onnxruntime", str(tmp_path / "nowhere"))
+    with pytest.raises(BackendError, match=r"unknown backend 'onnx'; choose one of \['onnxruntime', 'tensorrt', 'torch'\]"):
+        load_backend("onnx", str(tiny_onnx_dir))
+    with pytest.raises(BackendError, match="unknown provider 'gpu'"):
+        load_backend("onnxruntime", str(tiny_onnx_dir), provider="gpu")
+
+    bare = _copy_with_metadata(tiny_onnx_dir, tmp_path / "bare", lambda props: props.clear())
+    with pytest.raises(ArtifactError, match="has no nanogpt-deploy metadata; export it with"):
+        load_backend("onnxruntime", str(bare))
+
+    nodata = tmp_path / "nodata"
+    nodata.mkdir()
+    shutil.copy(tiny_onnx_dir / "model.onnx", nodata / "model.onnx")
+    with pytest.raises(ArtifactError) as e:
+        load_backend("onnxruntime", str(nodata))
+    assert "model.onnx.data, which is missing" in str(e.value) and "copy the whole exported folder" in str(e.value)
+
+
+def test_cuda_provider_missing_names_the_gpu_extra(tiny_onnx_dir):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA EP present: nothing to refuse")
+    with pytest.raises(BackendError, match=r"pip install 'nanogpt-deploy\[gpu\]'"):
+        load_backend("onnxruntime", str(tiny_onnx_dir), provider="cuda")
+
+
+def test_torch_backend_loads_the_source_an_export_records(tiny_onnx_dir, tmp_path):
+    from runtime.artifact import PREFIX
+    from runtime.backends.torch import checkpoint_source
+
+    def set_source(value):
+        def edit(props):
+            for p in props:
+                if p.key == PREFIX + "source":
+                    p.value = value
+                    return
+            props.add(key=PREFIX + "source", value=value)
+        return edit
+
+    good = _copy_with_metadata(tiny_onnx_dir, tmp_path / "good", set_source("random:tiny@0"))
+    assert checkpoint_source(good) == "random:tiny@0"
+    assert checkpoint_source("random:tiny@0") == "random:tiny@0"
+    gone = _copy_with_metadata(tiny_onnx_dir, tmp_path / "gone", set_source("/no/such/ckpt.pt"))
+    with pytest.raises(BackendError, match="give the torch backend the checkpoint itself"):
+        checkpoint_source(gone)
+
+
+TORCH_FREE = textwrap.dedent("""
+    import json, sys
+    sys.modules["torch"] = None   # `import torch` raises ImportError, as on a deploy machine
+    sys.modules["onnx"] = None    # the runtime install has onnxruntime, not onnx
+    import runtime, runtime.generate, runtime.sampling, runtime.tokenizer, runtime.artifact, runtime.backends
+    from runtime.backends import load_backend
+    from runtime.generate import SamplingParams, generate
+    from runtime.cli import main
+    be = load_backend("onnxruntime", sys.argv[1], threads=1)
+    [c] = generate(be, None, [[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=()))
+    print(json.dumps(c.token_ids))
+    assert main(["generate", sys.argv[1], "--prompt-ids", "1,2,3", "--temperature", "0", "--max-new-tokens", "8",
+                 "--ignore-eos", "--json", "--threads", "1"]) == 0
+    loaded = {"model.gpt", "model.checkpoints", "export.onnx", "runtime.backends.torch"} & set(sys.modules)
+    assert not loaded, f"the deploy path imported {sorted(loaded)}"
+""")
+
+
+def test_runtime_and_onnxruntime_generation_work_without_torch(tiny_onnx_dir, ort_tiny):
+    r = subprocess.run([sys.executable, "-c", TORCH_FREE, str(tiny_onnx_dir)], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    expected = generate(ort_tiny, None, [[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=()))
+    assert json.loads(lines[0]) == expected[0].token_ids
+    doc = json.loads("\n".join(lines[1:]))
+    assert doc["completions"][0]["token_ids"] == expected[0].token_ids
+
+
+@pytest.mark.gpu
+def test_cuda_provider_matches_cpu_and_keeps_the_cache_on_the_device(tiny_onnx_dir, ort_tiny):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider (pip install 'nanogpt-deploy[gpu]')")
+    cuda = load_backend("onnxruntime", str(tiny_onnx_dir), provider="cuda")
+    assert cuda.provider == "CUDAExecutionProvider"
+    a = generate(cuda, None, PROMPTS, GREEDY_VARIED)
+    b = generate(ort_tiny, None, PROMPTS, GREEDY_VARIED)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert all(v.device_name().lower() == "cuda" for v in cuda._past)
+
+
+@pytest.mark.slow
+def test_greedy_tokens_identical_on_the_124m_shape(tmp_path_factory):
+    """GPT-2 124M shape (random weights, seed 0): 64 greedy tokens, torch vs onnxruntime."""
+    from export.onnx import export_onnx
+    from runtime.backends.torch import TorchBackend
+
+    torch_be = TorchBackend("random:gpt2@0")
+    out = tmp_path_factory.mktemp("gpt2_onnx")
+    export_onnx(torch_be.model, out)
+    ort_be = load_backend("onnxruntime", str(out))
+    prompts = [[464, 3290, 318, 13779], [15496, 11]]
+    a = generate(ort_be, None, prompts, GREEDY_VARIED)
+    b = generate(torch_be, None, prompts, GREEDY_VARIED)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
