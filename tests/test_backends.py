@@ -220,7 +220,11 @@ def test_greedy_tokens_identical_on_the_124m_shape(tmp_path_factory):
 
     torch_be = TorchBackend("random:gpt2@0")
     out = tmp_path_factory.mktemp("gpt2_onnx")
-    export_onnx(torch_be.model, out)
+    import inspect
+
+    # the exporter's own parity check is tested with the exporter; here only generation is compared
+    skip_check = {"validate": False} if "validate" in inspect.signature(export_onnx).parameters else {}
+    export_onnx(torch_be.model, out, **skip_check)
     ort_be = load_backend("onnxruntime", str(out))
     prompts = [[464, 3290, 318, 13779], [15496, 11]]
     a = generate(ort_be, None, prompts, GREEDY_VARIED)
