@@ -63,8 +63,31 @@ def _to_fp16(src: Path, dst: Path) -> dict:
     blocked = ["LayerNormalization", "Softmax"]
     # a path (not a proto) makes the converter use infer_shapes_path, which works past 2 GB
     proto = convert_float_to_float16(str(src), keep_io_types=False, op_block_list=blocked)
-    save_model(proto, dst)
+    save_model(toposort(proto), dst)  # the converter appends its Casts out of order; TensorRT's parser needs order
     return {"method": "onnxruntime.transformers.float16", "fp32_ops": blocked, "io": "fp16"}
+
+
+def toposort(proto):
+    """Reorder the main graph's nodes so each comes after the producers of its inputs (ONNX requires it)."""
+    g = proto.graph
+    known = {""} | {v.name for v in g.input} | {t.name for t in g.initializer}
+    pending, ordered = list(g.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ExportError(f"graph has a cycle or undefined inputs at {[n.name for n in pending[:5]]}")
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            known.update(n.output)
+        ordered.extend(ready)
+    if [id(n) for n in ordered] != [id(n) for n in g.node]:
+        copies = [type(n)() for n in ordered]
+        for c, n in zip(copies, ordered):
+            c.CopyFrom(n)
+        del g.node[:]
+        g.node.extend(copies)
+    return proto
 
 
 def untie_lm_head(proto):
@@ -103,11 +126,14 @@ def _quantize_int8(src: Path, dst: Path) -> dict:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing" noise
-    # MatMul only: Gather (the embedding) stays fp32, and opset >= 23 Attention nodes are left alone
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     per_channel=False, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    save_model(_load(dst), dst)  # rewrite so the external data follows our naming and threshold
+    root = logging.getLogger()
+    level, _ = root.level, root.setLevel(logging.ERROR)  # quantize_dynamic warns "consider pre-processing"
+    try:  # MatMul only: Gather (the embedding) stays fp32, and opset >= 23 Attention nodes are left alone
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=False, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+    save_model(toposort(_load(dst)), dst)  # rewrite so the external data follows our naming and threshold
     return {"method": "onnxruntime.quantization.quantize_dynamic", "op_types": ["MatMul"], "weight_type": "int8",
             "activations": "uint8, dynamic per tensor", "lm_head": "untied, quantized"}
 
@@ -118,7 +144,7 @@ def _quantize_int4(src: Path, dst: Path) -> dict:
     q = MatMulNBitsQuantizer(_load(src), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=4,
                              op_types_to_quantize=("MatMul",))
     q.process()
-    save_model(q.model.model, dst)
+    save_model(toposort(q.model.model), dst)
     return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": 4, "block_size": INT4_BLOCK_SIZE,
             "symmetric": True, "accuracy_level": 4, "lm_head": "untied, quantized"}
 

@@ -1,0 +1,256 @@
+"""ONNX export: symbolic axes, the torch-vs-onnxruntime parity grid, metadata, atomicity, bad inputs, external data."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.onnx import ExportError
+
+
+def _graph(path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _dims(value_info):
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_io_names_and_symbolic_axes(tiny_onnx_dir, tiny_model):
+    from runtime.artifact import input_names, output_names
+
+    m = _graph(tiny_onnx_dir / "model.onnx")
+    c = tiny_model.config
+    assert [v.name for v in m.graph.input] == input_names(c.n_layer)
+    assert [v.name for v in m.graph.output] == output_names(c.n_layer)
+    io = {v.name: _dims(v) for v in list(m.graph.input) + list(m.graph.output)}
+    assert io["input_ids"] == io["position_ids"] == ["batch", "sequence"]
+    assert io["attention_mask"] == ["batch", "total_sequence"]
+    assert io["logits"] == ["batch", "sequence", c.vocab_size]
+    for i in range(c.n_layer):
+        for kv in ("key", "value"):
+            assert io[f"past_key_values.{i}.{kv}"] == ["batch", c.n_head, "past_sequence", c.head_dim]
+            b, h, total, d = io[f"present.{i}.{kv}"]
+            assert (b, h, d) == ("batch", c.n_head, c.head_dim) and isinstance(total, str) and total, total
+
+
+def test_symbolic_axes_check_catches_a_fixed_axis(tiny_onnx_dir, tmp_path):
+    import onnx
+
+    from export.onnx import check_symbolic_axes
+
+    m = _graph(tiny_onnx_dir / "model.onnx")
+    m.graph.input[3].type.tensor_type.shape.dim[2].dim_value = 5  # past_key_values.0.key past axis
+    onnx.save(m, str(tmp_path / "model.onnx"))
+    with pytest.raises(ExportError, match=r"past_key_values\.0\.key\[2\]=5"):
+        check_symbolic_axes(tmp_path / "model.onnx")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("seq", [1, 7])
+@pytest.mark.parametrize("past", [0, 5])
+def test_parity_grid(tiny_onnx_dir, tiny_model, batch, seq, past):
+    from export.onnx import check_parity
+
+    r = check_parity(tiny_model, tiny_onnx_dir / "model.onnx", shapes=[(batch, seq, past, 0)], seed=batch * 100 + seq * 10 + past)
+    assert r["max_abs_diff"] <= 1e-4, f"B{batch}xT{seq}xP{past}: max|Δ|={r['max_abs_diff']:.2e} > 1e-4"
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 0, 3), (2, 1, 5, 2), (2, 3, 5, 4)], ids=["prefill", "decode", "chunk"])
+def test_parity_left_padded_batch(tiny_onnx_dir, tiny_model, shape):
+    from export.onnx import check_parity, parity_feeds
+
+    r = check_parity(tiny_model, tiny_onnx_dir / "model.onnx", shapes=[shape], seed=1)
+    assert r["max_abs_diff"] <= 1e-4, f"{shape}: max|Δ|={r['max_abs_diff']:.2e}"
+    feeds = parity_feeds(tiny_model.config, *shape, np.random.default_rng(0))
+    assert feeds["attention_mask"][0, :shape[3]].sum() == 0 and feeds["position_ids"][1, -1] == shape[1] + shape[2] - 1
+
+
+def test_parity_check_names_outputs_when_graph_differs(tiny_onnx_dir):
+    from export.onnx import check_parity
+    from model import GPT
+
+    other = GPT.from_pretrained("random:tiny@1")  # same shapes, other weights
+    with pytest.raises(ExportError, match=r"logits: max\|Δ\|=\d\.\d\de[-+]\d+.*present\.0\.key"):
+        check_parity(other, tiny_onnx_dir / "model.onnx", shapes=[(1, 3, 2, 0)])
+
+
+def test_metadata_round_trip(tiny_onnx_dir, tiny_model):
+    from runtime.artifact import Artifact, read_onnx_artifact
+
+    art = read_onnx_artifact(tiny_onnx_dir)
+    assert art.config == tiny_model.config and art.precision == "fp32" and art.kv_dtype == "float32"
+    assert art.tokenizer == tiny_model.config.tokenizer
+    assert {"torch", "onnx", "onnxruntime", "onnxscript", "opset"} <= set(art.versions)
+    parity = art.extra["parity"]
+    assert parity["atol"] == 1e-4 and parity["max_abs_diff"] <= 1e-4
+    assert {"B1xT1xP0", "B2xT7xP0+pad3", "B2xT1xP5+pad2"} <= set(parity["shapes"])
+    assert Artifact.from_metadata(art.to_metadata()) == art
+    sess = __import__("onnxruntime").InferenceSession(str(tiny_onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert Artifact.from_metadata(sess.get_modelmeta().custom_metadata_map) == art  # what a torch-free runtime sees
+
+
+def test_tied_embedding_stored_once(tiny_onnx_dir, tiny_model):
+    size = sum(f.stat().st_size for f in tiny_onnx_dir.glob("model.onnx*"))
+    weights = tiny_model.num_params() * 4
+    data = (tiny_onnx_dir / "model.onnx.data").stat().st_size
+    assert 0.95 * weights < data <= weights, f"model.onnx.data {data} bytes vs params*4 {weights}"
+    assert size < weights * 1.05 + 256_000
+
+
+def test_cli_export_from_folder_records_checkpoint_hash(tmp_path, tiny_model, capsys):
+    from export.onnx import sha256_file
+    from model.checkpoints import save_model
+    from runtime.artifact import read_onnx_artifact
+    from runtime.cli import main
+
+    ckpt = save_model(tiny_model, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(ckpt), "--out", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--out", str(out), "--force", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["precision"] == "fp32" and summary["parity"]["max_abs_diff"] <= 1e-4
+    assert "validating onnxruntime vs torch" in captured.err  # progress on stderr
+    art = read_onnx_artifact(out)
+    assert art.source == str(ckpt) and art.source_sha256 == sha256_file(ckpt / "model.safetensors")
+    assert set(art.extra["source_files"]) == {"model.safetensors", "config.json"}
+    assert (out / "notes.txt").read_text() == "mine"
+    # a re-export over a previous export needs no --force; the human summary names file, size and shapes
+    assert main(["export", str(ckpt), "--out", str(out / "again")]) == 0
+    text = capsys.readouterr().out
+    assert "model.onnx" in text and "MB" in text and "B2xT7xP0+pad3" in text
+
+
+def test_interrupted_save_leaves_no_model_onnx(tmp_path, tiny_model, monkeypatch):
+    import onnx_ir
+
+    from export.onnx import export_onnx
+
+    out = tmp_path / "out"
+    real_save = onnx_ir.save
+
+    def save_then_die(model, path, **kw):
+        real_save(model, path, **kw)
+        Path(path).with_suffix(".onnx.data").write_bytes(b"half")  # a half-written data file
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(onnx_ir, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(tiny_model, out)
+    assert sorted(os.listdir(out)) == [], os.listdir(out)
+
+
+def test_failed_validation_keeps_the_previous_export(tmp_path, tiny_onnx_dir, tiny_model, monkeypatch):
+    import export.onnx as ex
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_onnx_dir, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    (out / ".export-killed").mkdir()  # what a SIGKILLed export leaves: removed by the next one
+    (out / ".export-killed" / "model.onnx").write_bytes(b"partial")
+
+    def fail(*a, **k):
+        raise ExportError("logits: max|Δ|=1.00e+00 > 1e-04")
+
+    monkeypatch.setattr(ex, "check_parity", fail)
+    with pytest.raises(ExportError, match="max"):
+        ex.export_onnx(tiny_model, out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("args,match", [
+    (["random:nosuch", "--out", "{tmp}/a"], "unknown preset 'nosuch'"),
+    (["{tmp}/missing/ckpt.pt", "--out", "{tmp}/a"], "does not exist"),
+    (["random:tiny", "--out", "{tmp}/a", "--opset", "17"], "opset 17 is below 18"),
+    (["random:tiny", "--out", "{tmp}/file/sub"], "cannot write to --out"),
+    (["random:tiny", "--out", "{tmp}/foreign"], r"model\.onnx \(not a nanogpt-deploy export\).*--force"),
+])
+def test_bad_inputs_give_clear_errors(tmp_path, capsys, args, match):
+    import re
+
+    from runtime.cli import main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "model.onnx").write_bytes(b"\x08\x07")  # someone else's file
+    assert main(["export"] + [a.format(tmp=tmp_path) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not (tmp_path / "a" / "model.onnx").exists()
+
+
+def test_unwritable_out_dir(tmp_path, tiny_model):
+    from export.onnx import export_onnx
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: permissions do not stop writes")
+        with pytest.raises(ExportError, match="cannot write to --out .*choose a writable folder"):
+            export_onnx(tiny_model, ro / "sub")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_opset_below_18_rejected_by_api(tmp_path, tiny_model):
+    from export.onnx import export_onnx
+
+    with pytest.raises(ExportError, match="opset 17 is below 18"):
+        export_onnx(tiny_model, tmp_path, opset=17)
+
+
+def test_external_data_with_forced_small_threshold(tmp_path, tiny_model, monkeypatch):
+    """What a > 2 GB gpt2-xl export relies on, forced on the tiny model: every tensor over the threshold
+    lives in model.onnx.data by a relative name, the folder is relocatable, and the variant writer does the same."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    import export.onnx as ex
+    from export.quantize import quantize_onnx
+
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 64)
+    p = ex.export_onnx(tiny_model, tmp_path / "fp32")
+    q = quantize_onnx(tmp_path / "fp32", tmp_path / "fp16", "fp16", gate=False)
+    for path in (p, q):
+        m = _graph(path)
+        inline = [t.name for t in m.graph.initializer if not uses_external_data(t) and len(t.raw_data) > 64]
+        assert not inline, f"{path}: tensors over the threshold stored inline: {inline}"
+        locations = {d.value for t in m.graph.initializer if uses_external_data(t) for d in t.external_data if d.key == "location"}
+        assert locations == {"model.onnx.data"}, locations
+        n_external = len([t for t in m.graph.initializer if uses_external_data(t)])
+        assert n_external >= 4 * tiny_model.config.n_layer + 2, n_external  # every weight matrix, wte and wpe
+        onnx.checker.check_model(str(path))
+    moved = shutil.move(str(tmp_path / "fp32"), str(tmp_path / "elsewhere"))
+    r = ex.check_parity(tiny_model, Path(moved) / "model.onnx", shapes=[(2, 3, 4, 1)])
+    assert r["max_abs_diff"] <= 1e-4
+    # and the checker catches a data file that does not match
+    (Path(moved) / "model.onnx.data").write_bytes(b"short")
+    with pytest.raises(ExportError, match="past the end of model.onnx.data"):
+        ex.check_external_data(Path(moved) / "model.onnx")
+
+
+@pytest.mark.slow
+def test_export_gpt2_124m_shape(tmp_path):
+    """random:gpt2 (124M shape): exports, the tied weight stored once, parity within 1e-4."""
+    from export.onnx import export_onnx
+    from model import GPT
+    from runtime.artifact import read_onnx_artifact
+
+    model = GPT.from_pretrained("random:gpt2")
+    p = export_onnx(model, tmp_path / "gpt2")
+    data = (tmp_path / "gpt2" / "model.onnx.data").stat().st_size
+    assert data <= model.num_params() * 4 < data * 1.01, f"{data} bytes vs params*4 {model.num_params() * 4}"
+    parity = read_onnx_artifact(p).extra["parity"]
+    assert parity["max_abs_diff"] <= 1e-4, parity

@@ -1,0 +1,176 @@
+"""Precision variants (fp16, int8, int4) judged against fp32 by top-1 agreement and perplexity change.
+
+Random weights give flat logits, so these tests use a model with learned structure: the small trained
+model at model/weights/pycode when it exists, else the tiny config trained for a few seconds on a
+synthetic token process (next = 7*prev + 3 mod vocab with probability 0.9, else uniform).
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYCODE = ROOT / "model" / "weights" / "pycode"
+STEPS = 200  # ~2 s on one core
+
+
+def _synthetic(g, batch: int, seq: int, vocab: int, p: float = 0.9):
+    import torch
+
+    x = torch.empty(batch, seq, dtype=torch.long)
+    x[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+    noise, rnd = torch.rand(batch, seq, generator=g) > p, torch.randint(0, vocab, (batch, seq), generator=g)
+    for t in range(1, seq):
+        x[:, t] = torch.where(noise[:, t], rnd[:, t], (x[:, t - 1] * 7 + 3) % vocab)
+    return x
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model, eval_ids): a model whose logits are peaked where its data is predictable."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    if (PYCODE / "config.json").is_file():
+        from export.onnx import sample_eval_ids
+
+        model = GPT.from_pretrained(PYCODE)
+        return model, sample_eval_ids(model, batch=4, seq=64)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny")).init_weights(0).train()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and immune to a busy machine
+    try:
+        for _ in range(STEPS):
+            x = _synthetic(g, 16, 33, model.config.vocab_size)
+            logits, _ = model(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 2.0, f"synthetic training did not learn (loss {loss.item():.2f}); the variant tests need structure"
+    model.checkpoint_files = []
+    eval_ids = _synthetic(torch.Generator().manual_seed(1), 4, 64, model.config.vocab_size).numpy()
+    return model.eval(), eval_ids
+
+
+@pytest.fixture(scope="module")
+def trained_fp32(tmp_path_factory, trained):
+    from export.onnx import export_onnx
+
+    return export_onnx(trained[0], tmp_path_factory.mktemp("trained_fp32"))
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, trained, trained_fp32):
+    from export.quantize import quantize_onnx
+
+    out = {}
+    for precision in ("fp16", "int8", "int4"):
+        out[precision] = quantize_onnx(trained_fp32.parent, tmp_path_factory.mktemp(precision), precision,
+                                       eval_ids=trained[1], gate=True)
+    return out
+
+
+def _graph(path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_variant_agreement_and_perplexity(variants, precision):
+    from export.quantize import THRESHOLDS
+    from runtime.artifact import read_onnx_artifact
+
+    art = read_onnx_artifact(variants[precision])
+    v = art.extra["variant"]
+    min_agree, max_ppl = THRESHOLDS[precision]
+    assert art.precision == precision and v["gated"]
+    assert v["top1_agreement"] >= min_agree, f"{precision}: top-1 agreement {v['top1_agreement']:.2%} < {min_agree:.0%}"
+    assert v["ppl_change"] <= max_ppl, f"{precision}: perplexity {v['ppl_fp32']} -> {v['ppl']} (+{v['ppl_change']:.2%})"
+    assert v["ppl_fp32"] < 10, f"the fp32 model has no learned structure (perplexity {v['ppl_fp32']})"
+    assert art.extra["parity"]["max_abs_diff"] <= 1e-4  # the fp32 graph it came from was validated
+    import onnx
+
+    onnx.checker.check_model(str(variants[precision]))  # valid ONNX, nodes in topological order (TensorRT parses in order)
+
+
+def test_variant_gate_rejects_a_wrong_graph(trained, trained_fp32, tiny_onnx_dir):
+    """The evaluator discriminates: the random tiny model, judged as an 'int8 variant' of the trained one, fails."""
+    from export.onnx import ExportError
+    from export.quantize import check_variant, evaluate_variant
+
+    m = evaluate_variant(trained_fp32, tiny_onnx_dir / "model.onnx", trained[1], 512, "float32")
+    assert m["top1_agreement"] < 0.5
+    with pytest.raises(ExportError, match=r"int8 variant failed validation .*top-1 agreement"):
+        check_variant(m, "int8")
+
+
+def test_fp16_graph_keeps_layernorm_softmax_fp32_and_plain_ops(variants, trained):
+    import onnx
+
+    m = _graph(variants["fp16"])
+    fp16 = onnx.TensorProto.FLOAT16
+    io = {v.name: v.type.tensor_type.elem_type for v in list(m.graph.input) + list(m.graph.output)}
+    assert all(t == fp16 for n, t in io.items() if n.startswith(("past_key_values", "present", "logits"))), io
+    assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}, "fp16 graph must stay plain ONNX (TensorRT)"
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for node in m.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            src = producers.get(node.input[0])
+            assert src is not None and src.op_type == "Cast" and src.attribute[0].i == onnx.TensorProto.FLOAT, \
+                f"{node.name} ({node.op_type}) does not compute in fp32"
+    # tied embedding stored once, in fp16: about params*2 bytes
+    data = variants["fp16"].with_name("model.onnx.data").stat().st_size
+    assert data < trained[0].num_params() * 2 * 1.05 + 65536, f"fp16 data {data} bytes: weight duplicated?"
+
+
+@pytest.mark.parametrize("precision,op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_quantized_graph_quantizes_every_weight_matmul_including_lm_head(variants, trained, precision, op):
+    m = _graph(variants[precision])
+    inits = {t.name for t in m.graph.initializer}
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    n_layer = trained[0].config.n_layer
+    assert ops[op] == 4 * n_layer + 1, f"{precision}: {ops[op]} {op} nodes, expected 4 per layer + lm_head; {ops}"
+    float_weight_matmuls = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert not float_weight_matmuls, f"{precision}: MatMuls left with float weights: {float_weight_matmuls}"
+    # logits come out of the quantized lm_head (through at most a Mul/Cast rescale)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    node, hops = producers["logits"], 0
+    while node.op_type != op and hops < 4:
+        node, hops = producers[node.input[0]], hops + 1
+    assert node.op_type == op, f"{precision}: logits are not produced by a {op}"
+
+
+def test_quantized_files_are_smaller(variants, trained_fp32):
+    size = {k: sum(f.stat().st_size for f in p.parent.glob("model.onnx*")) for k, p in variants.items()}
+    fp32 = sum(f.stat().st_size for f in trained_fp32.parent.glob("model.onnx*"))
+    assert size["fp16"] < 0.75 * fp32 and size["int4"] < size["int8"] < fp32, (size, fp32)
+
+
+def test_variant_needs_fp32_source(variants, tmp_path):
+    from export.onnx import ExportError
+    from export.quantize import quantize_onnx
+
+    with pytest.raises(ExportError, match="variants are built from an fp32 export"):
+        quantize_onnx(variants["int8"].parent, tmp_path / "x", "int4")
+
+
+def test_export_onnx_int8_end_to_end_gated(trained, tmp_path):
+    """The one-call path (what `export --quantize int8` runs): trace, fp32 parity, variant, gate, one model.onnx."""
+    from export.onnx import export_onnx
+    from runtime.artifact import read_onnx_artifact
+
+    p = export_onnx(trained[0], tmp_path / "int8", quantize="int8", eval_ids=trained[1], gate=True)
+    art = read_onnx_artifact(p)
+    assert art.precision == "int8" and art.kv_dtype == "float32" and art.extra["variant"]["gated"]
+    assert sorted(f.name for f in p.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
