@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt-ids", action="append", metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 1,2,3 (repeat for a batch)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
+    p.add_argument("--provider", default=None, choices=["cpu", "cuda"],
+                   help="execution provider / torch device (default: cpu; tensorrt is always cuda)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -59,7 +60,13 @@ def run(args) -> int:
         stop_token_ids=() if args.ignore_eos else SamplingParams.stop_token_ids)
     prompts = args.prompt if args.prompt is not None else [parse_ids(s) for s in args.prompt_ids]
     tokenizer = load_tokenizer(path=args.tokenizer_file)
-    backend = load_backend(args.backend, args.model, provider=args.provider, threads=args.threads)
+    if args.backend == "tensorrt":  # always CUDA; its engine fixes the rest
+        if args.provider == "cpu":
+            raise ValueError("the tensorrt backend runs on CUDA only; drop --provider cpu or use --backend onnxruntime")
+        options = {}
+    else:
+        options = dict(provider=args.provider or "cpu", threads=args.threads)
+    backend = load_backend(args.backend, args.model, **options)
     gen = Generation(backend, tokenizer, prompts, params)
 
     streaming = (sys.stdout.isatty() if args.stream is None else args.stream) and not args.json

@@ -19,6 +19,9 @@ block_size is an error before any work is done (no silent truncation or sliding 
     g = Generation(backend, tokenizer, prompts, [params_a, params_b])   # a server's shared batch
     for d in g: ...; g.cancel(1)                                       # per-row deltas, cancellation
     g.completions                                                      # list[Completion] when done
+
+A backend holds one KV cache, so one Generation runs on it at a time: a server batches the requests
+that arrive together into one Generation and queues the next batch behind it.
 """
 from __future__ import annotations
 
@@ -286,4 +289,4 @@ def summary_line(completions: Sequence[Completion], backend, seconds: float | No
     n = sum(len(c.token_ids) for c in completions)
     s = seconds if seconds is not None else max((c.timing.total_s for c in completions), default=0.0)
     rate = n / s if s > 0 else 0.0
-    return f"{n} tokens in {s:.1f} s, {rate:.1f} tok/s [{backend.name}, {backend.provider}, {backend.precision}]"
+    return f"{n} tokens in {s:.{1 if s >= 10 else 2}f} s, {rate:.1f} tok/s [{backend.name}, {backend.provider}, {backend.precision}]"

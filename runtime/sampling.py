@@ -69,6 +69,8 @@ def sample_next_token(logits: np.ndarray, params: SamplingParams, rng: np.random
     Returns:
         the chosen id, in 0..V-1.
     """
+    if params.greedy and (params.repetition_penalty == 1.0 or seen_ids is None or not len(seen_ids)):
+        return int(np.argmax(logits))  # the common fast path: no copy
     x = logits.astype(np.float64)  # a copy: the caller's logits are never modified
     if params.repetition_penalty != 1.0 and seen_ids is not None and len(seen_ids):
         s = x[seen_ids]
