@@ -25,10 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help=f"checkpoint source (default: the embedded {DEFAULT_CHECKPOINT.name})")
     p.add_argument("--out", default="out/demo", help="where the export goes (default: out/demo)")
     p.add_argument("--prompt", default=None, help="prompt text (default: one suited to the checkpoint)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="0 = off (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="default: 0 (the demo's text is reproducible)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 
 

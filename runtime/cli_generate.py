@@ -21,13 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 1,2,3 (repeat for a batch)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"],
+                   help="default: onnxruntime")
     p.add_argument("--provider", default=None, choices=["cpu", "cuda"],
                    help="execution provider / torch device (default: cpu; tensorrt is always cuda)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="0 = off (default: 200)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="same seed, same backend -> same tokens")
