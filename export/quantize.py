@@ -5,7 +5,8 @@ token sequences, the variant's top-1 token must agree with fp32's and its perple
 (`THRESHOLDS`). max|Δ| alone says little for quantized weights; agreement and perplexity say whether
 the text would change.
 
-- fp16: onnxruntime's float16 converter; LayerNormalization and Softmax stay fp32 behind explicit Casts
+- fp16: onnxruntime's float16 converter; LayerNormalization and Softmax (and, at opset >= 23, the fused
+  Attention holding the softmax) stay fp32 behind explicit Casts
   (plain ONNX ops, so the graph still feeds TensorRT strongly-typed builds); every float I/O, the KV
   cache and the logits included, is fp16; the tied embedding stays stored once (fp16).
 - int8: `quantize_dynamic` restricted to MatMul with constant weights (int8 weights, activations
@@ -60,7 +61,7 @@ def _load(path: Path):
 def _to_fp16(src: Path, dst: Path) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    blocked = ["LayerNormalization", "Softmax"]
+    blocked = ["LayerNormalization", "Softmax", "Attention"]  # Attention: opset >= 23 hides its softmax inside
     # a path (not a proto) makes the converter use infer_shapes_path, which works past 2 GB
     proto = convert_float_to_float16(str(src), keep_io_types=False, op_block_list=blocked)
     save_model(toposort(proto), dst)  # the converter appends its Casts out of order; TensorRT's parser needs order
