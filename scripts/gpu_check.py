@@ -1,0 +1,184 @@
+"""Correctness and speed of the CUDA paths on one GPU, in one run (issue 9).
+
+On a machine with an NVIDIA GPU, torch (CUDA) and onnxruntime-gpu (see docs/gpu.md for bringing the
+wheel to the lent device):
+
+    python3 scripts/gpu_check.py --out results/           # writes gpu_results.json and gpu_results.md
+
+1. Correctness, GPT-2 124M shape (random weights, seed 0) against the CPU fp32 torch reference:
+   torch CUDA fp32 (max|Δlogits|) and fp16 (top-1 agreement); onnxruntime CUDA EP with IO binding,
+   fp32 and fp16, driven step by step through the runtime's backend (prefill then one-token decode),
+   checking that every present/past OrtValue stays on the GPU; greedy token identity over 64 tokens.
+2. Speed: TTFT, decode tok/s, per-token latency p50/p95; batch 1 and 8; fp32 and fp16; torch eager
+   CUDA vs onnxruntime CUDA EP (IO binding). Warm-up, then the median of --repeats runs. Timings come
+   from runtime.generate's own clocks; both backends return host logits, which synchronizes each step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def env_info() -> dict:
+    import onnxruntime as ort
+    import torch
+
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        smi = "nvidia-smi unavailable"
+    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "nvidia_smi": smi,
+            "cuda_torch": torch.version.cuda, "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "ort_providers": ort.get_available_providers(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine()}
+
+
+def step_logits(backend, ids: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits for every position of `ids`, prefill of `prefill` tokens then one token per step."""
+    B, T = ids.shape
+    backend.reset(B)
+    mask = np.ones((B, T), np.int64)
+    pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
+    out = [backend.forward(ids[:, :prefill], mask[:, :prefill], pos[:, :prefill])]
+    for t in range(prefill, T):
+        out.append(backend.forward(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1]))
+    return np.concatenate(out, axis=1).astype(np.float32)
+
+
+def top1(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="gpu_results", help="folder for gpu_results.json / .md")
+    ap.add_argument("--work", default="/tmp/nanogpt-gpu", help="where the ONNX exports go")
+    ap.add_argument("--checkpoint", default="random:gpt2@0")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu runs the same steps on the CPU: a dry run of this script where there is no GPU")
+    args = ap.parse_args()
+    dev = args.device
+
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx import export_onnx
+    from model import GPT
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.backends.torch import TorchBackend
+    from runtime.generate import SamplingParams, generate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"env": env_info(), "checkpoint": args.checkpoint, "device": dev}
+    print(json.dumps(res["env"], indent=1), flush=True)
+    if dev == "cuda" and ("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available()):
+        print("error: needs torch CUDA and onnxruntime-gpu's CUDAExecutionProvider (docs/gpu.md)", file=sys.stderr)
+        return 2
+
+    work = Path(args.work)
+    model = GPT.from_pretrained(args.checkpoint)
+    dirs = {}
+    for dt in ("fp32", "fp16"):
+        t = time.perf_counter()
+        dirs[dt] = export_onnx(model, work / dt, dtype=dt, source=args.checkpoint, force=True).parent
+        print(f"exported {dt} in {time.perf_counter() - t:.1f}s", flush=True)
+
+    # -- correctness ------------------------------------------------------------------------------
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.real_vocab_size, (2, 64), dtype=np.int64)
+    ref = step_logits(TorchBackend(args.checkpoint, device="cpu"), ids, 32)
+    par = {}
+    for label, make in {
+        "torch cuda fp32": lambda: TorchBackend(args.checkpoint, device=dev, dtype="float32"),
+        "torch cuda fp16": lambda: TorchBackend(args.checkpoint, device=dev, dtype="float16"),
+        "onnxruntime cuda fp32": lambda: OnnxRuntimeBackend(dirs["fp32"], provider=dev),
+        "onnxruntime cuda fp16": lambda: OnnxRuntimeBackend(dirs["fp16"], provider=dev),
+    }.items():
+        be = make()
+        lg = step_logits(be, ids, 32)
+        row = {"max_abs_diff": float(np.abs(lg - ref).max()), "top1_agreement": top1(lg, ref)}
+        if isinstance(be, OnnxRuntimeBackend):  # the cache must live on the GPU between steps
+            row["kv_device"] = sorted({v.device_name().lower() for v in be._past})
+        par[label] = row
+        print(label, row, flush=True)
+    res["parity_vs_cpu_fp32"] = par
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=64, stop_token_ids=(), repetition_penalty=1.0)
+    prompt = [ids[0, :32].tolist()]
+    toks = {}
+    for label, make in {
+        "torch cpu fp32": lambda: TorchBackend(args.checkpoint, device="cpu"),
+        "torch cuda fp32": lambda: TorchBackend(args.checkpoint, device=dev),
+        "onnxruntime cuda fp32": lambda: OnnxRuntimeBackend(dirs["fp32"], provider=dev),
+    }.items():
+        toks[label] = generate(make(), None, prompt, greedy)[0].token_ids
+    base = toks["torch cpu fp32"]
+    res["greedy_identical_64"] = {k: v == base for k, v in toks.items()}
+    print("greedy identical:", res["greedy_identical_64"], flush=True)
+
+    # -- speed ------------------------------------------------------------------------------------
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, stop_token_ids=())
+    bench = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = rng.integers(0, model.config.real_vocab_size, (batch, args.prompt_len)).tolist()
+        for label, make in {
+            "torch eager cuda fp32": lambda: TorchBackend(args.checkpoint, device=dev, dtype="float32"),
+            "torch eager cuda fp16": lambda: TorchBackend(args.checkpoint, device=dev, dtype="float16"),
+            "onnxruntime cuda fp32": lambda: OnnxRuntimeBackend(dirs["fp32"], provider=dev),
+            "onnxruntime cuda fp16": lambda: OnnxRuntimeBackend(dirs["fp16"], provider=dev),
+        }.items():
+            be = make()
+            generate(be, None, prompts, params)  # warm-up: kernels, allocator, cuDNN/cuBLAS plans
+            runs = []
+            for _ in range(args.repeats):
+                c = generate(be, None, prompts, params)[0].timing
+                lat = np.array(c.decode_latencies_s)
+                runs.append((c.ttft_s, batch * len(lat) / lat.sum(), np.percentile(lat, 50), np.percentile(lat, 95)))
+            m = np.median(np.array(runs), axis=0)
+            row = {"backend": label, "batch": batch, "ttft_ms": m[0] * 1e3, "decode_tok_s": m[1],
+                   "p50_ms": m[2] * 1e3, "p95_ms": m[3] * 1e3}
+            bench.append(row)
+            print(row, flush=True)
+            del be
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    res["bench"] = bench
+    b1 = {r["backend"]: r["decode_tok_s"] for r in bench if r["batch"] == 1}
+    res["goal_ort_fp16_vs_torch_eager_b1"] = b1["onnxruntime cuda fp16"] / b1["torch eager cuda fp32"]
+    res["goal_ort_fp16_vs_torch_eager_fp16_b1"] = b1["onnxruntime cuda fp16"] / b1["torch eager cuda fp16"]
+
+    if dev == "cpu":  # labels say cuda; this was the CPU dry run
+        res["note"] = "dry run on the CPU: every 'cuda' label ran on the CPU"
+    (out / "gpu_results.json").write_text(json.dumps(res, indent=1))
+    lines = [f"GPU: {res['env']['nvidia_smi']}; torch {res['env']['torch']} (CUDA {res['env']['cuda_torch']}), "
+             f"onnxruntime {res['env']['onnxruntime']}", "",
+             "| backend | batch | TTFT ms | decode tok/s | p50 ms | p95 ms |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['backend']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['p50_ms']:.2f} | "
+              f"{r['p95_ms']:.2f} |" for r in bench]
+    lines += ["", "| parity vs CPU fp32 | max abs diff | top-1 |", "|---|---|---|"]
+    lines += [f"| {k} | {v['max_abs_diff']:.2e} | {v['top1_agreement']:.4f} |" for k, v in par.items()]
+    (out / "gpu_results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    ok = (par["onnxruntime cuda fp32"]["max_abs_diff"] <= 1e-3 and par["onnxruntime cuda fp16"]["top1_agreement"] >= 0.99
+          and par["torch cuda fp16"]["top1_agreement"] >= 0.99 and all(res["greedy_identical_64"].values()))
+    print("correctness:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
