@@ -1,0 +1,99 @@
+"""`nanogpt-deploy serve MODEL`: an OpenAI-compatible HTTP server (runtime/server.py) on loopback by default.
+
+    nanogpt-deploy serve out/tiny                                     # http://127.0.0.1:8000/v1
+    NANOGPT_DEPLOY_API_KEY=secret nanogpt-deploy serve out/demo --host 0.0.0.0 --max-batch 32
+
+Binding any address other than loopback needs an API key (--api-key, or the environment variable
+NANOGPT_DEPLOY_API_KEY, which keeps it out of `ps`); clients then send `Authorization: Bearer KEY`.
+Needs the `serve` extra: pip install 'nanogpt-deploy[serve]'.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+
+API_KEY_ENV = "NANOGPT_DEPLOY_API_KEY"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
+                                                   "source for --backend torch)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback addresses need an API key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV}; prefer the "
+                                                   f"variable, a flag shows up in `ps`)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows per batch (shared forward passes)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting while a batch runs; more get 429")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long a batch's first request waits for others to join")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds from arrival to the last token, queueing included; then 504 / an error event")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
+                                                          "then the cache)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to expose the server beyond this machine without an API key."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"refusing to bind {host}: it is not a loopback address and no API key is set; set "
+                         f"{API_KEY_ENV} (or --api-key), or bind 127.0.0.1")
+
+
+def check_limits(args) -> None:
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--max-body-bytes", args.max_body_bytes, 1024), ("--port", args.port, 0)):
+        if value < low:
+            raise ValueError(f"{flag} {value} is below its minimum {low}")
+    if args.batch_window_ms < 0 or args.request_timeout <= 0:
+        raise ValueError(f"--batch-window-ms ({args.batch_window_ms}) must be >= 0 and --request-timeout "
+                         f"({args.request_timeout}) > 0")
+
+
+def run(args) -> int:
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key)  # before anything slow: a refused bind costs nothing
+    check_limits(args)
+    try:
+        import uvicorn
+
+        from .server import ServerSettings, create_app
+    except ImportError as e:
+        raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
+    from .backends import load_backend
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path=args.tokenizer_file)
+    backend = load_backend(args.backend, args.model, provider=args.provider, threads=args.threads)
+    path = Path(args.model)
+    name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model
+    settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                              batch_window_ms=args.batch_window_ms, request_timeout_s=args.request_timeout,
+                              max_body_bytes=args.max_body_bytes)
+    app = create_app(backend, tokenizer, settings)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {name!r} on http://{host}:{args.port}/v1 [{backend.name}, {backend.provider}, {backend.precision}] "
+          f"max batch {args.max_batch}, queue {args.max_queue}, timeout {args.request_timeout:g} s"
+          f"{', API key required' if api_key else ''}", flush=True)
+    # connections beyond this get uvicorn's plain 503: room for every running + queued request, and as many
+    # again for requests being refused with 429 and idle keep-alive connections
+    limit = 2 * (args.max_batch + args.max_queue) + 16
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=limit,
+                timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,206 @@
+"""The server's scheduler: one worker thread owns the one model instance and runs batches of requests.
+
+Backends are not thread-safe and hold one KV cache, so exactly one thread ever calls them. Requests
+(`Job`s, one or more prompts each) wait in a bounded FIFO queue; the worker takes the oldest, then
+keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and runs them all as one
+`Generation`: shared forward passes, each row with its own SamplingParams. Jobs that arrive while a
+batch runs wait for the next one; a full queue refuses at once (`Overloaded`), so nothing hangs.
+A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
+rows cancelled at the next step; the other rows of the batch go on.
+
+The event loop talks to the worker only through `submit()` and `Job.cancel()`; the worker answers by
+posting events onto each job's asyncio queue with `loop.call_soon_threadsafe`:
+`("delta", j, Delta)` for the job's j-th prompt, or `("error", message)` when the batch failed.
+
+    scheduler = Scheduler(backend, tokenizer, max_batch=16, max_queue=64, batch_window_s=0.01).start()
+    job = scheduler.submit([[1, 2, 3]], [SamplingParams(temperature=0)])   # inside the event loop
+    kind, j, delta = await job.events.get()
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Sequence
+
+from .generate import Generation, SamplingParams
+
+log = logging.getLogger("nanogpt_deploy.scheduler")
+
+
+class Overloaded(RuntimeError):
+    """The queue is full (or the scheduler is closing): answer 429 now rather than wait."""
+
+
+class Job:
+    """One request's prompts, their params, and the queue its events arrive on (created in the event loop)."""
+
+    def __init__(self, prompt_ids: Sequence[list[int]], params: Sequence[SamplingParams]):
+        assert len(prompt_ids) == len(params) > 0
+        self.prompt_ids, self.params = list(prompt_ids), list(params)
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled: str | None = None  # why: "disconnected" | "timeout" | ...; read by the worker
+        self.finished = False  # every row's last delta was received (set by the consumer)
+
+    @property
+    def longest(self) -> int:
+        return max(len(p) for p in self.prompt_ids)
+
+    @property
+    def steps(self) -> int:
+        return max(sp.max_new_tokens for sp in self.params)
+
+    def cancel(self, reason: str) -> None:
+        """Stop this job's rows at the next step (or drop it from the queue); no-op once finished."""
+        if not self.finished and self.cancelled is None:
+            self.cancelled = reason
+
+    def post(self, event: tuple) -> None:
+        """Called by the worker thread: hand `event` to the event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+            pass
+
+
+class Scheduler:
+    """A bounded queue of Jobs and the one thread that runs them in batches (see the module docstring)."""
+
+    def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, batch_window_s: float = 0.01):
+        if max_batch < 1 or max_queue < 1 or batch_window_s < 0:
+            raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and "
+                             f"batch_window_s ({batch_window_s}) >= 0")
+        self.backend, self.tokenizer = backend, tokenizer
+        self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
+        self.block_size = backend.config.block_size
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.running_rows = 0
+        self._running: list[Job] = []
+        # written under self._cond (submit) or by the worker thread only; read by /health
+        self.stats = {"jobs_submitted": 0, "jobs_rejected": 0, "jobs_dropped_while_queued": 0, "batches": 0,
+                      "rows": 0, "largest_batch": 0, "rows_cancelled": 0, "tokens_generated": 0, "batch_errors": 0}
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._work, name="nanogpt-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Refuse new jobs, cancel every queued and running one, and wait for the worker to stop."""
+        with self._cond:
+            self._closed = True
+            for job in [*self._queue, *self._running]:
+                job.cancel("shutdown")
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, prompt_ids: Sequence[list[int]], params: Sequence[SamplingParams]) -> Job:
+        """Queue one request (call from the event loop); raises Overloaded when the queue is full."""
+        if len(prompt_ids) > self.max_batch:
+            raise ValueError(f"{len(prompt_ids)} prompts in one request, but a batch holds at most {self.max_batch}")
+        job = Job(prompt_ids, params)
+        with self._cond:
+            if self._closed:
+                raise Overloaded("the server is shutting down")
+            if len(self._queue) >= self.max_queue:  # make room first from jobs whose clients have gone
+                self._queue = deque(j for j in self._queue if not j.cancelled)
+            if len(self._queue) >= self.max_queue:
+                self.stats["jobs_rejected"] += 1
+                raise Overloaded(f"server busy: {self.running_rows} rows generating and {len(self._queue)} requests "
+                                 f"queued (--max-queue {self.max_queue}); retry later, or start the server with a "
+                                 f"larger --max-queue / --max-batch")
+            self._queue.append(job)
+            self.stats["jobs_submitted"] += 1
+            self._cond.notify()
+        return job
+
+    # ---- the worker thread ----
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _pop_live(self) -> Job | None:
+        """The oldest queued job whose client is still waiting (cancelled ones are dropped on the way)."""
+        while self._queue and self._queue[0].cancelled:
+            self._queue.popleft()
+            self.stats["jobs_dropped_while_queued"] += 1
+        return self._queue[0] if self._queue else None
+
+    def _next_batch(self) -> list[Job] | None:
+        """Block for the oldest job, then gather more for up to the batching window; None once closed."""
+        with self._cond:
+            while (first := self._pop_live()) is None:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            self._queue.popleft()
+            batch, rows = [first], len(first.prompt_ids)
+            longest, steps = first.longest, first.steps
+            deadline = time.monotonic() + self.batch_window_s
+            while rows < self.max_batch and not self._closed:
+                job = self._pop_live()
+                if job is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                    continue
+                # left padding puts every row at the longest prompt: the batch must fit the context
+                if rows + len(job.prompt_ids) > self.max_batch or \
+                        max(longest, job.longest) + max(steps, job.steps) > self.block_size:
+                    break  # FIFO: it leads the next batch
+                self._queue.popleft()
+                batch.append(job)
+                rows += len(job.prompt_ids)
+                longest, steps = max(longest, job.longest), max(steps, job.steps)
+            return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        owners = [(job, j) for job in batch for j in range(len(job.prompt_ids))]  # row -> (job, its prompt index)
+        self.running_rows, self._running = len(owners), batch
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(owners)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(owners))
+        done = [False] * len(owners)  # finished or cancelled
+        try:
+            gen = Generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in owners],
+                             [job.params[j] for job, j in owners])
+            last_row = -1
+            for delta in gen:
+                if delta.row <= last_row:  # a new step began (deltas come in row order): look for cancellations
+                    self._cancel_rows(gen, owners, done)
+                last_row = delta.row
+                job, j = owners[delta.row]
+                job.post(("delta", j, delta))
+                self.stats["tokens_generated"] += len(delta.token_ids)
+                if delta.finish_reason:
+                    done[delta.row] = True
+        except Exception as e:  # noqa: BLE001 - a failed batch must not kill the worker; every job hears why
+            log.exception("batch of %d rows failed", len(owners))
+            self.stats["batch_errors"] += 1
+            for job in batch:
+                job.post(("error", f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            self.running_rows, self._running = 0, []
+
+    def _cancel_rows(self, gen: Generation, owners: list, done: list[bool]) -> None:
+        for r, (job, _) in enumerate(owners):
+            if job.cancelled and not done[r]:
+                gen.cancel(r)  # takes effect at the next step: the row ends with finish_reason "cancelled"
+                done[r] = True
+                self.stats["rows_cancelled"] += 1

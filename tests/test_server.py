@@ -1,0 +1,305 @@
+"""The OpenAI-compatible server against live uvicorn servers on 127.0.0.1 (random ports, one thread each).
+
+The official `openai` client for completions (plain and streamed) and models; httpx and raw sockets for the
+4xx / 413 / 429 / 504 paths; a slowed-down backend (a sleep before each forward) where a test needs a
+request to still be running when the client leaves or the deadline passes.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from runtime.backends import load_backend  # noqa: E402
+from runtime.cli import main  # noqa: E402
+from runtime.cli_serve import check_bind, is_loopback  # noqa: E402
+from runtime.generate import SamplingParams, generate  # noqa: E402
+from runtime.server import ServerSettings, create_app  # noqa: E402
+from runtime.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        return load_tokenizer()
+    except TokenizerError as e:
+        pytest.skip(f"GPT-2 ranks not installed ({e}); run `nanogpt-deploy fetch-tokenizer`")
+
+
+class SlowBackend:
+    """The tiny backend with a sleep before every forward (so a request is still running when a test acts),
+    and optionally a first forward that fails."""
+
+    def __init__(self, inner, delay_s: float = 0.0, fail_once: bool = False):
+        self.inner, self.delay_s, self.fail_once = inner, delay_s, fail_once
+        self.config, self.name, self.provider, self.precision = inner.config, inner.name, inner.provider, inner.precision
+
+    def reset(self, batch_size):
+        self.inner.reset(batch_size)
+
+    def forward(self, *args):
+        time.sleep(self.delay_s)
+        if self.fail_once:
+            self.fail_once = False
+            raise RuntimeError("injected failure")
+        return self.inner.forward(*args)
+
+
+@contextmanager
+def serve(onnx_dir, tokenizer, delay_s=0.0, fail_once=False, **settings):
+    """A live server on 127.0.0.1:<free port> with its own backend; yields (base_url, app)."""
+    backend = SlowBackend(load_backend("onnxruntime", onnx_dir, threads=1), delay_s, fail_once)
+    app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start within 4 s"
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer) as (url, _):
+        yield url
+
+
+def client(url, api_key="unused"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+def health(url) -> dict:
+    return httpx.get(f"{url}/health").json()
+
+
+def wait_for(predicate, timeout=3.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_completion_matches_in_process_generate(server, tiny_onnx_dir, tokenizer):
+    r = client(server).completions.create(model=MODEL, prompt="a b c", max_tokens=8, temperature=0)
+    [ref] = generate(load_backend("onnxruntime", tiny_onnx_dir), tokenizer, ["a b c"],
+                     SamplingParams(temperature=0, max_new_tokens=8))
+    assert r.object == "text_completion" and r.model == MODEL and len(r.choices) == 1
+    assert r.choices[0].text == ref.text, (r.choices[0].text, ref.text)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 8, 11)
+
+
+def test_streaming_equals_plain_and_ends_with_done(server):
+    c = client(server)
+    plain = c.completions.create(model=MODEL, prompt=[[5, 6, 7], "(a, b)"], max_tokens=6, temperature=0)
+    chunks = list(c.completions.create(model=MODEL, prompt=[[5, 6, 7], "(a, b)"], max_tokens=6, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    for j in range(2):
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == j)
+        assert text == plain.choices[j].text
+        finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].index == j][-1]
+        assert finals == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12 == plain.usage.completion_tokens
+    with httpx.stream("POST", f"{server}/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 3,
+                                                                 "stream": True}) as r:
+        body = r.read().decode()
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = body.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1]), body
+
+
+def test_stop_string_cuts_text(server):
+    c = client(server)
+    full = c.completions.create(model=MODEL, prompt="(a, b)", max_tokens=12, temperature=0).choices[0].text
+    stop = full[4:6]
+    r = c.completions.create(model=MODEL, prompt="(a, b)", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop", (full, stop)
+
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server).models.list().data] == [MODEL]
+    h = health(server)
+    assert h["status"] == "ok" and h["backend"] == "onnxruntime" and h["block_size"] == 128
+
+
+def test_batched_greedy_equals_alone(tiny_onnx_dir, tokenizer):
+    requests = [dict(prompt=[3, 1, 4, 1, 5], max_tokens=10, temperature=0),
+                dict(prompt="a b c", max_tokens=4, temperature=0),
+                dict(prompt=[[9] * 20], max_tokens=7, temperature=0),
+                dict(prompt=[2, 7], max_tokens=9, temperature=0.9, seed=7)]  # seeded: its own generator per row
+    with serve(tiny_onnx_dir, tokenizer, batch_window_ms=300) as (url, _):
+        c = client(url)
+        alone = [c.completions.create(model=MODEL, **r).choices[0].text for r in requests]
+        assert health(url)["scheduler"]["largest_batch"] == 1
+        with cf.ThreadPoolExecutor(len(requests)) as pool:
+            batched = list(pool.map(lambda r: c.completions.create(model=MODEL, **r).choices[0].text, requests))
+        assert health(url)["scheduler"]["largest_batch"] == len(requests), "the requests were not batched"
+    assert batched == alone
+
+
+def test_api_key_required(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer, api_key="s3cret") as (url, _):
+        body = {"model": MODEL, "prompt": [1], "max_tokens": 1}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key", r.text
+        with pytest.raises(openai.AuthenticationError) as e:
+            client(url, api_key="wrong").completions.create(model=MODEL, prompt=[1], max_tokens=1)
+        assert e.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        assert client(url, api_key="s3cret").completions.create(model=MODEL, prompt=[1], max_tokens=2).usage.completion_tokens == 2
+        assert httpx.get(f"{url}/health").status_code == 200  # liveness stays open for probes
+
+
+def test_non_loopback_bind_needs_api_key(monkeypatch, capsys):
+    monkeypatch.delenv("NANOGPT_DEPLOY_API_KEY", raising=False)
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))
+    t0 = time.perf_counter()
+    assert main(["serve", "no/such/model", "--host", "0.0.0.0"]) == 1  # refused before the model is even opened
+    assert "refusing to bind 0.0.0.0" in capsys.readouterr().err and time.perf_counter() - t0 < 2
+    check_bind("0.0.0.0", "a-key")  # with a key it may
+
+
+BAD = [  # (body, status, param)
+    ({"model": MODEL, "prompt": [1], "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [1], "max_tokens": True}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [1], "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": [1], "temperature": 3}, 400, "temperature"),
+    ({"model": MODEL, "prompt": [1], "stream": "yes"}, 400, "stream"),
+    ({"model": MODEL, "prompt": 5}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [1], "stop": [1]}, 400, "stop"),
+    ({"model": MODEL, "prompt": [1], "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": MODEL, "prompt": [1], "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": [1], "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ({"model": MODEL, "prompt": []}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [600]}, 400, "prompt"),  # outside the tiny vocabulary
+    ({"model": MODEL, "prompt": [1] * 100, "max_tokens": 29}, 400, "max_tokens"),  # 129 > block_size 128
+    ({"model": MODEL, "prompt": [1], "seed": -1}, 400, "seed"),
+    ({"model": MODEL, "prompt": [[1]] * 17}, 400, "prompt"),  # more prompts than --max-batch 16
+    ({"model": "gpt-4", "prompt": [1]}, 404, "model"),
+    ({"prompt": [1]}, 400, "model"),
+    ([1, 2], 400, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = httpx.post(f"{server}/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["message"], err
+
+
+def test_harmless_openai_fields_at_defaults_are_accepted(server):
+    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 2, "echo": False,
+                                                      "logprobs": None, "best_of": 1, "presence_penalty": 0,
+                                                      "frequency_penalty": 0, "user": "u1", "logit_bias": {}})
+    assert r.status_code == 200, r.text
+
+
+def test_invalid_json_and_unknown_route(server):
+    r = httpx.post(f"{server}/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.get(f"{server}/v1/chat")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_oversized_body_rejected_before_read(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer, max_body_bytes=1024) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        # a declared 1 GB body: answered 413 without waiting for (or reading) any of it
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000000000\r\n\r\n{")
+            assert s.recv(4096).startswith(b"HTTP/1.1 413")
+        # no Content-Length (chunked): cut off once the bytes read pass the limit
+        r = httpx.post(f"{url}/v1/completions", content=(b" " * 512 for _ in range(8)))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_overload_answers_429_at_once(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer, delay_s=0.05, max_batch=1, max_queue=1, batch_window_ms=0) as (url, _):
+        def post(_):
+            t0 = time.perf_counter()
+            r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 15}, timeout=30)
+            return r, time.perf_counter() - t0
+
+        with cf.ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(post, range(5)))
+    refused = [(r, s) for r, s in results if r.status_code == 429]
+    assert len(refused) >= 3 and all(r.status_code == 200 for r, _ in results if r.status_code != 429), \
+        [r.status_code for r, _ in results]
+    assert all(s < 0.5 for _, s in refused), [s for _, s in refused]
+    assert refused[0][0].json()["error"]["code"] == "queue_full" and refused[0][0].headers["retry-after"] == "1"
+
+
+def test_disconnect_cancels_the_row(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer, delay_s=0.03) as (url, _):
+        body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 100, "stream": True}  # ~3 s if not cancelled
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+            next(r.iter_lines())  # the first event arrived: the row is generating
+        assert wait_for(lambda: health(url)["scheduler"]["rows_cancelled"] == 1), health(url)
+        assert wait_for(lambda: health(url)["running_rows"] == 0, 1.0)
+        h = health(url)
+        assert h["counts"]["disconnected"] == 1 and h["scheduler"]["tokens_generated"] < 50, h
+
+        port = int(url.rsplit(":", 1)[1])  # a non-streaming client that leaves
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            payload = json.dumps({"model": MODEL, "prompt": [3], "max_tokens": 100}).encode()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            assert wait_for(lambda: health(url)["running_rows"] == 1)
+        assert wait_for(lambda: health(url)["scheduler"]["rows_cancelled"] == 2), health(url)
+        assert health(url)["counts"]["disconnected"] == 2
+
+
+def test_request_timeout(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer, delay_s=0.03, request_timeout_s=0.4) as (url, _):
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 100})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        assert time.perf_counter() - t0 < 1.5
+        with pytest.raises(openai.APIError, match="request-timeout"):
+            for _ in client(url).completions.create(model=MODEL, prompt=[1], max_tokens=100, stream=True):
+                pass
+        assert wait_for(lambda: health(url)["scheduler"]["rows_cancelled"] == 2), health(url)
+        assert health(url)["counts"]["timed_out"] == 2
+        port = int(url.rsplit(":", 1)[1])  # a body that never finishes arriving
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            assert s.recv(4096).startswith(b"HTTP/1.1 408")
+
+
+def test_failed_batch_is_a_500_and_the_server_goes_on(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer, fail_once=True) as (url, _):
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3})
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"], r.text
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
