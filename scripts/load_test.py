@@ -88,7 +88,7 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NANOGPT_DEPLOY_API_KEY", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sys.stderr)  # stdout stays the report (--json)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     while time.monotonic() - t0 < 120:
