@@ -5,7 +5,7 @@
     # or: nanogpt-deploy build-engine out/tiny --out out/tiny/model.engine --max-seq 128
 
 The network is strongly typed (TensorRT 11 has no other kind; 10.x needs the flag): an fp32 model.onnx
-gives an fp32 engine, an fp16 one (`nanogpt-deploy export --quantize fp16`) an fp16 engine -- there is
+gives an fp32 engine, an fp16 one (`nanogpt-deploy export --dtype fp16`) an fp16 engine -- there is
 no BuilderFlag.FP16. The graph is parsed with `parse_from_file` so model.onnx.data is found beside it.
 Two optimization profiles cover every request with past + sequence <= max_seq: "prefill" (sequence
 1..max_seq, past 0..max_seq-1, tuned for a prompt of opt_seq tokens) and "decode" (sequence 1, past
@@ -49,7 +49,7 @@ def check_precision(precision: str) -> None:
     if precision not in ENGINE_PRECISIONS:
         raise EngineBuildError(f"a {precision} model.onnx cannot become a TensorRT engine: its quantized ops "
                                f"(MatMulInteger / MatMulNBits) are onnxruntime's; build from the fp32 export or its "
-                               f"fp16 variant (`nanogpt-deploy export SOURCE --out DIR --quantize fp16`)")
+                               f"fp16 variant (`nanogpt-deploy export SOURCE --out DIR --dtype fp16`)")
 
 
 def resolve_limits(config: GPTConfig, max_batch: int = DEFAULT_MAX_BATCH, max_seq: int | None = None,
