@@ -116,7 +116,7 @@ def test_build_flags_are_validated_against_block_size():
     with pytest.raises(EngineBuildError, match="--workspace-gb 0 must be positive"):
         resolve_limits(TINY, workspace_gb=0)
     check_precision("fp32"), check_precision("fp16")
-    with pytest.raises(EngineBuildError, match="int8 model.onnx cannot become a TensorRT engine.*--quantize fp16"):
+    with pytest.raises(EngineBuildError, match="int8 model.onnx cannot become a TensorRT engine.*--dtype fp16"):
         check_precision("int8")
 
 
