@@ -31,6 +31,7 @@ from model.config import GPTConfig
 
 from ..artifact import Artifact, ArtifactError, check_io, input_names
 from ..files import atomic_write_text
+from . import BackendError, check_step
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
 ENGINE_NAME = "model.engine"
@@ -423,17 +424,14 @@ class TensorRTBackend:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         pos = np.ascontiguousarray(position_ids, dtype=np.int64)
-        if ids.ndim != 2 or pos.shape != ids.shape or ids.shape[1] == 0:
-            raise ValueError(f"input_ids {ids.shape} and position_ids {pos.shape} must both be (batch, seq >= 1)")
         B, T = ids.shape
         if B != self._batch:
             if self._length:
-                raise ValueError(f"batch size changed from {self._batch} to {B} mid-sequence; call reset({B}) first")
+                raise BackendError(f"batch size changed from {self._batch} to {B} mid-sequence; call reset({B}) first")
             self.reset(B)
         P = self._length
-        if mask.shape != (B, P + T):
-            raise ValueError(f"attention_mask is {mask.shape}, expected (batch {B}, past {P} + seq {T})")
-        k = self.meta.select_profile(B, T, P)
+        check_step(self.config, ids, mask, pos, P)
+        k = self.meta.select_profile(B, T, P)  # the engine's own limits, with the rebuild command
 
         stream = int(self._stream)
         if k != self._profile:
