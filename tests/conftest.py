@@ -29,6 +29,14 @@ def tiny_onnx_dir(tmp_path_factory, tiny_model):
     return out
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """tiktoken gpt2 from the local ranks (scripts/setup.sh fetches them); a missing file fails loudly."""
+    from runtime.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
 def max_abs_diff(a, b) -> float:
     import numpy as np
 

@@ -10,17 +10,13 @@ import pytest
 
 from model.config import GPTConfig
 from runtime.generate import Completion, Generation, GenerationError, SamplingParams, generate, stream, summary_line
-from runtime.tokenizer import TokenizerError, load_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=16, stop_token_ids=())
 
 
 @pytest.fixture(scope="module")
-def tok():
-    try:
-        return load_tokenizer()
-    except TokenizerError as e:
-        pytest.skip(f"GPT-2 ranks not installed ({e}); run `nanogpt-deploy fetch-tokenizer`")
+def tok(tokenizer):
+    return tokenizer
 
 
 class ScriptedBackend:

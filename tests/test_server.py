@@ -25,17 +25,8 @@ from runtime.cli import main  # noqa: E402
 from runtime.cli_serve import check_bind, is_loopback  # noqa: E402
 from runtime.generate import SamplingParams, generate  # noqa: E402
 from runtime.server import ServerSettings, create_app  # noqa: E402
-from runtime.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
 MODEL = "tiny"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    try:
-        return load_tokenizer()
-    except TokenizerError as e:
-        pytest.skip(f"GPT-2 ranks not installed ({e}); run `nanogpt-deploy fetch-tokenizer`")
 
 
 class SlowBackend:
