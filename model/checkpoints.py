@@ -143,10 +143,15 @@ def _read_nanogpt_ckpt(path: Path) -> tuple[GPTConfig, dict, list[Path]]:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a nanoGPT checkpoint: expected keys 'model' and 'model_args', found {keys}")
     args = dict(ckpt["model_args"])
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    known = {f.name for f in dataclasses.fields(GPTConfig)} - {"dropout"}
     vocab = int(args.get("vocab_size", GPT2_VOCAB_SIZE))
-    config = GPTConfig(**{k: v for k, v in args.items() if k in known and k != "dropout"},
-                       gelu=args.get("gelu", "exact"), real_vocab_size=args.get("real_vocab_size") or _real_vocab(vocab))
+    # nanoGPT's model_args have neither key: its MLP is nn.GELU() (exact) and its vocab may be padded
+    args.setdefault("gelu", "exact")
+    args["real_vocab_size"] = args.get("real_vocab_size") or _real_vocab(vocab)
+    try:
+        config = GPTConfig(**{k: v for k, v in args.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: model_args {args} do not describe a GPT: {e}") from None
     return config, ckpt["model"], [path]
 
 

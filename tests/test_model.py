@@ -133,6 +133,16 @@ def test_nanogpt_ckpt_loads_and_matches(tmp_path, tiny_model, compiled):
         _assert_close("ckpt.pt reload", m(ids)[0], tiny_model(ids)[0], 0)
 
 
+def test_nanogpt_ckpt_model_args_may_name_gelu_and_real_vocab(tmp_path, tiny_model):
+    path = tmp_path / "ckpt.pt"
+    c = tiny_model.config
+    args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=True,
+                vocab_size=c.vocab_size, dropout=0.0, gelu="tanh", real_vocab_size=500)
+    torch.save({"model": tiny_model.state_dict(), "model_args": args}, path)
+    m = load_model(path)
+    assert m.config.gelu == "tanh" and m.config.real_vocab_size == 500
+
+
 def test_nanogpt_padded_vocab_records_real_vocab(tmp_path):
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304, gelu="exact")
     src = GPT(cfg).init_weights(0)
