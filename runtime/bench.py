@@ -1,0 +1,430 @@
+"""Timing the deploy path: time to first token, decode tokens/s, per-token latency, peak memory, per backend.
+
+A *target* is one backend on one artifact (torch eager on the checkpoint, onnxruntime on each exported
+variant, on CPU or CUDA, TensorRT on an engine); a *case* is one (batch, prompt length, new tokens).
+Each target runs in its own fresh Python process, so its peak RSS is its own (not the previous
+backend's), thread pools do not mix, and torch is imported only by the torch target. Every case is
+`generate()` itself, greedy, never stopping early, on seeded random prompt ids: warm-up runs first,
+then medians over repeats. The worker reports one JSON line per run (the parent's progress bar) and
+one with its results.
+
+    targets, notes = find_targets(["out/gpt2", "out/gpt2-int8"], backends=("onnxruntime", "torch"))
+    report = run_bench(targets, cases([32], [128], [1, 8]), warmup=1, repeats=5, threads=2)
+    plot_report(report, "bench.png")
+
+    python -m runtime.bench '{"target": {...}, "cases": [...], ...}'     # one worker (internal)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ENGINE_NAME = "model.engine"
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+PROVIDERS = ("cpu", "cuda")
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run as asked."""
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str  # "onnxruntime" | "torch" | "tensorrt"
+    model: str  # what load_backend opens
+    provider: str = "cpu"
+    precision: str = "fp32"
+    name: str = ""  # the label, when backend/provider/precision alone would be ambiguous
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.backend} {self.provider} {self.precision}"
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    prompt: int  # prompt tokens per row
+    new: int  # generated tokens per row
+
+    @property
+    def label(self) -> str:
+        return f"B{self.batch} P{self.prompt} N{self.new}"
+
+
+def cases(prompt_lens, new_tokens, batches) -> list[Case]:
+    return [Case(b, p, n) for b, p, n in itertools.product(batches, prompt_lens, new_tokens)]
+
+
+# ---------------------------------------------------------------------------------- what to time
+
+def find_targets(models, backends=BACKENDS, providers=PROVIDERS) -> tuple[list[Target], list[str]]:
+    """Targets for every requested backend/provider on every artifact under `models`, and notes on what was skipped.
+
+    A model is an exported folder (its model.onnx), a folder of exported folders (one per variant), an
+    engine file / folder holding model.engine (TensorRT), or, for torch, any checkpoint source. The
+    torch target runs the checkpoint the first fp32 export came from.
+    """
+    from .artifact import ArtifactError, read_onnx_artifact
+
+    for b in backends:
+        if b not in BACKENDS:
+            raise BenchError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    for p in providers:
+        if p not in PROVIDERS:
+            raise BenchError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    onnx, engines, checkpoints, notes = [], [], [], []
+    for m in models:
+        p = Path(m).expanduser()
+        if p.is_file() and p.suffix in (".engine", ".plan") or (p / ENGINE_NAME).is_file():
+            engines.append(str(p))
+        elif p.is_file() and p.suffix == ".onnx" or (p / "model.onnx").is_file():
+            onnx.append(p)
+        elif p.is_dir() and (subs := sorted(q for q in p.iterdir() if (q / "model.onnx").is_file())):
+            onnx += subs
+            engines += [str(q) for q in sorted(p.iterdir()) if (q / ENGINE_NAME).is_file()]
+        elif p.exists() or str(m).startswith("random:"):
+            checkpoints.append(str(m))
+        else:
+            raise BenchError(f"{m} is neither an exported folder, a folder of them, an engine nor a checkpoint; "
+                             f"export one with `nanogpt-deploy export SOURCE --out DIR`")
+    if not (onnx or engines or checkpoints):
+        raise BenchError("nothing to benchmark; give an exported folder (nanogpt-deploy export SOURCE --out DIR)")
+
+    arts = []
+    for p in onnx:
+        try:
+            arts.append((p, read_onnx_artifact(p)))
+        except ArtifactError as e:
+            notes.append(f"skipped {p}: {e}")
+    arts.sort(key=lambda pa: ("fp32", "fp16", "int8", "int4").index(pa[1].precision))
+    targets = []
+    if "torch" in backends:
+        fp32 = [str(p) for p, a in arts if a.precision == "fp32"]
+        sources = checkpoints or fp32[:1]
+        if importlib.util.find_spec("torch") is None:
+            notes.append("torch: skipped, torch is not installed (pip install torch==2.13.0)")
+        elif not sources:
+            notes.append("torch: skipped, no checkpoint and no fp32 export to take the checkpoint from")
+        else:
+            for prov in providers:
+                if prov == "cuda" and not _torch_cuda():
+                    notes.append("torch cuda: skipped, torch sees no CUDA GPU")
+                    continue
+                targets += [Target("torch", s, prov, "fp32") for s in sources]
+    if "onnxruntime" in backends and arts:
+        available = _ort_providers()
+        for prov in providers:
+            ep = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[prov]
+            if ep not in available:
+                notes.append(f"onnxruntime {prov}: skipped, {ep} is not in this onnxruntime "
+                             f"(pip install 'nanogpt-deploy[gpu]' on a CUDA machine)")
+                continue
+            for p, a in arts:
+                if prov == "cpu" and a.precision == "fp16":
+                    notes.append(f"onnxruntime cpu fp16: skipped {p}, fp16 graphs are for GPUs")
+                    continue
+                targets.append(Target("onnxruntime", str(p), prov, a.precision))
+    if "tensorrt" in backends:
+        if not engines:
+            notes.append("tensorrt: skipped, no engine given (nanogpt-deploy build-engine MODEL_DIR --out ENGINE)")
+        elif importlib.util.find_spec("tensorrt") is None:
+            notes.append("tensorrt: skipped, the tensorrt package is not installed (pip install 'nanogpt-deploy[tensorrt]')")
+        else:
+            targets += [Target("tensorrt", e, "cuda", _engine_precision(e)) for e in engines]
+    if not targets:
+        raise BenchError("no backend can run here: " + "; ".join(notes))
+    labels = [t.label for t in targets]
+    if len(set(labels)) < len(labels):  # the same variant from two folders: name the folder too
+        targets = [dataclasses.replace(t, name=f"{t.label} [{_short(t.model)}]") for t in targets]
+    return targets, notes
+
+
+def _short(model: str) -> str:
+    p = Path(model)
+    p = p.parent if p.suffix in (".onnx", ".engine", ".plan") else p
+    return "/".join(p.parts[-2:])
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return ort.get_available_providers()
+
+
+def _torch_cuda() -> bool:
+    # in a child process: importing torch here would make the parent heavy
+    code = "import torch; print(torch.cuda.is_available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+def _engine_precision(engine: str) -> str:
+    p = Path(engine)
+    side = (p / ENGINE_NAME if p.is_dir() else p).with_suffix(".engine.json")
+    try:
+        return json.loads(side.read_text()).get("precision", "?")
+    except (OSError, ValueError):
+        return "?"
+
+
+# ---------------------------------------------------------------------------------- the worker
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark, MB.
+
+    Linux: VmHWM of /proc/self/status; getrusage's ru_maxrss would carry the parent's RSS across fork + exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
+    except ImportError:  # Windows
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20
+
+
+def prompt_ids(case: Case, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab, (case.batch, case.prompt)).tolist()
+
+
+def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: None) -> dict:
+    """Run `case` warmup + repeats times through generate(); medians and latency percentiles."""
+    from .generate import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=case.new, temperature=0.0, stop_token_ids=())
+    ids = prompt_ids(case, backend.config.real_vocab_size)
+    runs = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        [c, *_] = generate(backend, None, ids, params)
+        wall = time.perf_counter() - t0
+        on_run()
+        if i >= warmup:
+            runs.append((c.timing, wall))
+    lat = np.array([t.decode_latencies_s for t, _ in runs])  # (repeats, new - 1)
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    out = {"ttft_ms": med([t.ttft_s for t, _ in runs]) * 1e3,
+           "prefill_ms": med([t.prefill_s for t, _ in runs]) * 1e3,
+           "e2e_tok_s": med([case.batch * case.new / w for _, w in runs]),
+           "repeats": repeats, "warmup": warmup}
+    if lat.shape[1]:
+        out.update({
+            "decode_tok_s": med(case.batch * lat.shape[1] / lat.sum(1)),
+            "latency_p50_ms": float(np.percentile(lat, 50)) * 1e3,
+            "latency_p95_ms": float(np.percentile(lat, 95)) * 1e3,
+            # per decode step, the median over repeats: step i runs with prompt + i + 1 positions in the cache
+            "step_latency_ms": [round(x * 1e3, 4) for x in np.median(lat, axis=0)],
+        })
+    return out
+
+
+def run_worker(spec: dict, emit=print) -> None:
+    """Load one target, time its cases, report JSON lines: {"event": "run"} per run, then the results."""
+    from .backends import load_backend
+
+    target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
+    t0 = time.perf_counter()
+    backend = load_backend(target.backend, target.model, provider=target.provider, threads=spec.get("threads"))
+    load_s = time.perf_counter() - t0
+    rss_loaded = peak_rss_mb()
+    results = []
+    for case in todo:
+        if case.prompt + case.new > backend.config.block_size:
+            results.append({"case": dataclasses.asdict(case), "skipped": f"prompt {case.prompt} + new {case.new} "
+                            f"exceeds block_size {backend.config.block_size}"})
+            for _ in range(spec["warmup"] + spec["repeats"]):
+                emit(json.dumps({"event": "run"}))
+            continue
+        m = time_case(backend, case, spec["warmup"], spec["repeats"], lambda: emit(json.dumps({"event": "run"})))
+        results.append({"case": dataclasses.asdict(case), **m})
+    emit(json.dumps({"event": "result", "target": dataclasses.asdict(target), "label": target.label,
+                     "provider_name": backend.provider, "load_s": load_s, "rss_after_load_mb": rss_loaded,
+                     "peak_rss_mb": peak_rss_mb(), "versions": _versions(target.backend), "cases": results}))
+
+
+def _versions(backend: str) -> dict:
+    mods = {"onnxruntime": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt"}
+    mod = sys.modules.get(mods[backend])
+    return {"python": platform.python_version(), "numpy": np.__version__, backend: getattr(mod, "__version__", "?")}
+
+
+# ---------------------------------------------------------------------------------- the parent
+
+def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats: int = 3,
+              threads: int | None = None, progress=None) -> dict:
+    """Time every case on every target, each target in a fresh process; the whole report as a dict.
+
+    Args:
+        targets: from find_targets.
+        todo: the cases (cases(prompt_lens, new_tokens, batches)).
+        warmup, repeats: untimed and timed runs per case (medians over the timed ones).
+        threads: intra-op CPU threads for every backend (None: each backend's default).
+        progress: called as progress(done_runs, total_runs, label) after each run.
+    Returns:
+        {"machine", "settings", "results": [one per target], "failed": [...], "seconds"}
+    """
+    total = len(targets) * len(todo) * (warmup + repeats)
+    done, results, failed = 0, [], []
+    t0, load0 = time.perf_counter(), _loadavg()
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    if threads:  # torch / OpenMP pools follow this too
+        env["OMP_NUM_THREADS"] = str(threads)
+    for target in targets:
+        spec = {"target": dataclasses.asdict(target), "cases": [dataclasses.asdict(c) for c in todo],
+                "warmup": warmup, "repeats": repeats, "threads": threads}
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", json.dumps(spec)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        result = None
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue  # a library printing to stdout
+            msg = json.loads(line)
+            if msg["event"] == "run":
+                done += 1
+                if progress:
+                    progress(done, total, target.label)
+            else:
+                result = msg
+        err = proc.stderr.read()
+        if proc.wait() != 0 or result is None:
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            failed.append({"target": dataclasses.asdict(target), "label": target.label,
+                           "error": lines[-1] if lines else f"exit status {proc.returncode}"})
+            done = (targets.index(target) + 1) * len(todo) * (warmup + repeats)
+            continue
+        del result["event"]
+        results.append(result)
+    return {"machine": machine_info(load0, _loadavg()), "results": results, "failed": failed,
+            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "sampling": "greedy, no early stop",
+                         "cases": [dataclasses.asdict(c) for c in todo]},
+            "seconds": time.perf_counter() - t0}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(load_before=None, load_after=None) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
+            "numpy": np.__version__, "load_before": load_before, "load_after": load_after}
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------- output
+
+def rows(report: dict) -> list[dict]:
+    """One flat row per (target, case): what the table, the JSON consumer and the plot read."""
+    out = []
+    for r in report["results"]:
+        for c in r["cases"]:
+            row = {"target": r["label"], **c["case"], "peak_rss_mb": r["peak_rss_mb"]}
+            row.update({k: v for k, v in c.items() if k not in ("case", "step_latency_ms")})
+            out.append(row)
+    return out
+
+
+def format_table(report: dict) -> str:
+    head = ("target", "batch", "prompt", "new", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "e2e tok/s", "peak RSS MB")
+    lines = []
+    for r in rows(report):
+        if "skipped" in r:
+            lines.append((r["target"], r["batch"], r["prompt"], r["new"], "skipped: " + r["skipped"]))
+            continue
+        f = lambda k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
+        lines.append((r["target"], r["batch"], r["prompt"], r["new"], f("ttft_ms", ".1f"), f("decode_tok_s", ".1f"),
+                      f("latency_p50_ms", ".2f"), f("latency_p95_ms", ".2f"), f("e2e_tok_s", ".1f"),
+                      f"{r['peak_rss_mb']:.0f}"))
+    widths = [max(len(str(x[i])) for x in [head] + [ln for ln in lines if len(ln) == len(head)]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head)] + [fmt(ln) if len(ln) == len(head) else "  ".join(map(str, ln)) for ln in lines])
+
+
+def plot_report(report: dict, path: str | os.PathLike) -> Path:
+    """PNG: decode tokens/s against context length per target (left), latency p50/p95 per target (right)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install 'nanogpt-deploy[bench]'") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    bars, styles = [], ("-", "--", ":", "-.")
+    for i, r in enumerate(report["results"]):  # one color per target, one line style per case
+        for j, c in enumerate(r["cases"]):
+            steps = c.get("step_latency_ms")
+            if not steps:
+                continue
+            case = Case(**c["case"])
+            ms = np.array(steps)
+            k = min(8, len(ms))  # smooth over 8 steps: single steps are noisy
+            ms = np.convolve(ms, np.ones(k) / k, mode="valid")
+            ctx = case.prompt + 1 + np.arange(len(ms)) + (k - 1) / 2
+            ax1.plot(ctx, case.batch * 1e3 / ms, color=f"C{i % 10}", linestyle=styles[j % len(styles)],
+                     label=f"{r['label']} {case.label}")
+            bars.append((f"{r['label']}\n{case.label}", c["latency_p50_ms"], c["latency_p95_ms"]))
+    ax1.set(xlabel="context length (tokens in the KV cache)", ylabel="decode tokens/s (batch x 1 / step latency)",
+            title="decode throughput vs context")
+    ax1.grid(alpha=0.3)
+    if bars:
+        ax1.legend(fontsize=7)
+        x = np.arange(len(bars))
+        ax2.bar(x - 0.2, [b[1] for b in bars], 0.4, label="p50")
+        ax2.bar(x + 0.2, [b[2] for b in bars], 0.4, label="p95")
+        ax2.set_xticks(x, [b[0] for b in bars], fontsize=6, rotation=30, ha="right")
+        ax2.legend()
+    ax2.set(ylabel="per-token latency, ms", title="decode latency percentiles")
+    m = report.get("machine", {})
+    fig.suptitle(f"{m.get('cpu', '')}, {report['settings'].get('threads') or 'default'} threads", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # the worker: python -m runtime.bench SPEC_JSON
+    run_worker(json.loads(sys.argv[1]))

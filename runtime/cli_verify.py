@@ -1,0 +1,75 @@
+"""`nanogpt-deploy verify MODEL...`: every backend and variant against torch fp32 on one checkpoint; exit 1 on a miss.
+
+    nanogpt-deploy verify out/pycode out/pycode-int8 out/pycode-int4
+    nanogpt-deploy verify out/ --min-top1 int8=0.97 --max-ppl-change int4=0.05 --json > verify.json
+    nanogpt-deploy verify out/pycode --text notes.txt --max-abs-diff fp32=1e-5
+
+Checks (runtime/verify.py): max|Δlogits| per (batch, seq, past) shape, top-1 agreement over a fixed
+prompt set and the text, perplexity on the text (default: the checkpoint's held-out files), greedy token
+identity over 128 tokens. Thresholds are PRECISION=VALUE flags (repeatable, or comma-separated); a
+precision without a threshold is reported, not gated. The table (or --json) goes to stdout, stages
+and the verdict to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .verify import THRESHOLDS
+
+    def shown(check: str) -> str:
+        return ",".join(f"{k}={v:g}" for k, v in THRESHOLDS[check].items())
+
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="exported folders (or a folder of them), optionally the checkpoint itself")
+    p.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x], default=["onnxruntime", "torch"],
+                   help="comma-separated; torch is the reference (default: onnxruntime,torch)")
+    p.add_argument("--providers", type=lambda s: [x for x in s.split(",") if x], default=["cpu"],
+                   help="comma-separated: cpu,cuda (default: cpu)")
+    p.add_argument("--max-abs-diff", action="append", metavar="PREC=X",
+                   help=f"max |Δlogits| vs the reference at every shape (default {shown('max_abs_diff')})")
+    p.add_argument("--min-top1", action="append", metavar="PREC=X",
+                   help=f"min top-1 agreement, 0..1 (default {shown('min_top1')})")
+    p.add_argument("--max-ppl-change", action="append", metavar="PREC=X",
+                   help=f"max relative perplexity increase (default {shown('max_ppl_change')})")
+    p.add_argument("--min-greedy-match", action="append", metavar="PREC=X",
+                   help=f"min fraction of greedy tokens identical before the first divergence "
+                        f"(default {shown('min_greedy_match')})")
+    p.add_argument("--text", action="append", metavar="FILE",
+                   help="text for perplexity and top-1 (repeatable; default: the checkpoint's held-out files)")
+    p.add_argument("--text-tokens", type=int, default=2048, help="evaluation tokens at most (default 2048)")
+    p.add_argument("--window", type=int, default=256, help="tokens per evaluation window (default 256, <= block_size)")
+    p.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: the cache)")
+
+
+def run(args) -> int:
+    from .tokenizer import load_tokenizer
+    from .verify import format_report, parse_thresholds, verify
+
+    thresholds = parse_thresholds({"max_abs_diff": args.max_abs_diff, "min_top1": args.min_top1,
+                                   "max_ppl_change": args.max_ppl_change, "min_greedy_match": args.min_greedy_match})
+    report = verify(args.models, thresholds=thresholds, text_files=args.text, text_tokens=args.text_tokens,
+                    window=args.window, greedy_new=args.greedy_tokens, threads=args.threads, backends=args.backends,
+                    providers=args.providers, tokenizer=load_tokenizer(path=args.tokenizer_file),
+                    progress=lambda msg: print(f"verifying {msg}", file=sys.stderr, flush=True))
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_report(report))
+    n = len(report["targets"])
+    if report["failures"]:
+        for f in report["failures"]:
+            print(f"FAIL {f}", file=sys.stderr)
+        print(f"verify failed: {len(report['failures'])} checks missed their thresholds on "
+              f"{sum(1 for t in report['targets'] if t['failures'])} of {n} targets", file=sys.stderr)
+        return 1
+    print(f"verify passed: {n} targets match {report['reference']['label']} within thresholds "
+          f"in {report['seconds']:.1f} s", file=sys.stderr)
+    return 0

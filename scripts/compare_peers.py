@@ -1,0 +1,330 @@
+"""This project's onnxruntime runtime against what users run today, on one checkpoint, machine and token counts.
+
+Peers: Hugging Face transformers `generate` (torch eager, KV cache, greedy) and optimum's
+`ORTModelForCausalLM` (exported with export=True from the same local folder, use_cache=True). Ours:
+`runtime.generate` on the onnxruntime backend, fp32 / int8 / int4 exports of that folder with `--opset 23`
+(a validated export option: SDPA becomes one ONNX Attention node; 327 graph nodes instead of 577). The
+checkpoint is GPT-2 124M-shaped with random weights (torch seed fixed), written once with save_pretrained.
+
+Every engine runs in its own process with the same thread count and the same seeded prompt ids; greedy,
+never stopping early. All engines are loaded at once and driven in turns (each round runs each workload
+on each engine back to back), so load from other processes falls on all of them alike. Measured per
+engine, medians over --repeats rounds after --warmup rounds: batch 1, prompt 32, 128 new tokens (time to
+first token, decode tok/s, end-to-end tok/s); time to first token for a 512-token prompt (one generate
+call of 1 new token); batch 8 throughput (8 x 128 new tokens / wall time); peak RSS. Ratios against
+transformers and optimum, and the issue's goals, are printed as a table (or --json).
+
+Needs the peers' environment (transformers < 4.58 for optimum-onnx 0.1.0): scripts/setup_peers.sh.
+
+    bash scripts/setup_peers.sh                           # builds .venv-peers once
+    .venv-peers/bin/python scripts/compare_peers.py --threads 2 --repeats 5
+    .venv-peers/bin/python scripts/compare_peers.py --json > out/peers/compare.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("transformers", "optimum", "ours-fp32", "ours-int8", "ours-int4")
+VOCAB = 50257
+# the issue's goals: (engine, measure, against, min ratio)
+GOALS = (("ours-fp32", "decode_tok_s", "transformers", 1.8), ("ours-fp32", "decode_tok_s", "optimum", 1.5),
+         ("ours-int8", "decode_tok_s", "transformers", 4.0), ("ours-int4", "decode_tok_s", "transformers", 6.0),
+         ("ours-fp32", "batch8_tok_s", "transformers", 2.0))
+
+
+def prompt_ids(batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).tolist()
+
+
+# ---------------------------------------------------------------------------------- preparing the checkpoint
+
+def prepare(work: Path, engines: list[str], project_python: str, opset: int, log) -> None:
+    """The HF folder (random 124M, seed 0), and the exports `engines` need (ours, optimum's); each made once."""
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        log(f"writing a random GPT-2 124M checkpoint (torch seed 0) to {hf}")
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(hf)
+    for q in [e.split("-")[1] for e in engines if e.startswith("ours-")]:
+        out = work / f"onnx{opset}-{q}"
+        if (out / "model.onnx").is_file():
+            continue
+        log(f"exporting ours ({q}) to {out} with {project_python}")
+        # random weights give flat logits: a variant's agreement with fp32 is recorded, not gated (fidelity is
+        # judged on the trained model by `nanogpt-deploy verify`)
+        extra = [] if q == "fp32" else ["--quantize", q, "--no-gate"]
+        subprocess.run([project_python, "-m", "runtime.cli", "export", str(hf), "--out", str(out), "--opset", str(opset),
+                        *extra],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    opt = work / "optimum"
+    if "optimum" in engines and not (opt / "model.onnx").is_file():
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        log(f"exporting with optimum (export=True, use_cache=True) to {opt}")
+        ORTModelForCausalLM.from_pretrained(hf, export=True, use_cache=True).save_pretrained(opt)
+
+
+# ---------------------------------------------------------------------------------- one engine (worker)
+
+class Engine:
+    """generate(ids, new) -> (token ids per row, seconds to the first token, seconds of each later token)."""
+
+    def __init__(self, name: str, work: Path, threads: int, opset: int):
+        self.name = name
+        if name in ("transformers", "optimum"):
+            import torch
+
+            torch.set_num_threads(threads)
+            self.torch = torch
+            if name == "transformers":
+                from transformers import AutoModelForCausalLM
+
+                self.model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32).eval()
+            else:
+                import onnxruntime as ort
+                from optimum.onnxruntime import ORTModelForCausalLM
+
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = threads
+                self.model = ORTModelForCausalLM.from_pretrained(work / "optimum", use_cache=True, session_options=so,
+                                                                 provider="CPUExecutionProvider")
+        else:
+            sys.path.insert(0, str(ROOT))
+            from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+            self.backend = OnnxRuntimeBackend(work / f"onnx{opset}-{name.split('-')[1]}", threads=threads)
+
+    def generate(self, ids: list[list[int]], new: int):
+        if self.name.startswith("ours"):
+            from runtime.generate import SamplingParams, generate
+
+            t0 = time.perf_counter()
+            cs = generate(self.backend, None, ids, SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()))
+            wall = time.perf_counter() - t0
+            return [c.token_ids for c in cs], cs[0].timing.ttft_s, cs[0].timing.decode_latencies_s, wall
+        torch = self.torch
+        x = torch.tensor(ids)
+        stamps: list[float] = []
+
+        class Stamps:  # transformers' streamer protocol: put(prompt), then put(token) per step, then end()
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new,
+                                      min_new_tokens=new, pad_token_id=VOCAB - 1, use_cache=True,
+                                      streamer=Stamps() if len(ids) == 1 else None)
+        wall = time.perf_counter() - t0
+        tokens = out[:, x.shape[1]:].tolist()
+        if len(ids) > 1:
+            return tokens, None, [], wall
+        steps = stamps[1:]  # stamps[0]: the prompt
+        return tokens, steps[0] - t0, [b - a for a, b in zip(steps, steps[1:])], wall
+
+
+WORKLOADS = {  # name -> (batch, prompt length, new tokens, prompt seed)
+    "batch1": (1, 32, 128, 0),
+    "ttft512": (1, 512, 1, 1),
+    "batch8": (8, 32, 128, 2),
+}
+
+
+def peak_rss_mb() -> float:
+    """This process's RSS high-water mark (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(name: str, work: Path, threads: int, opset: int) -> None:
+    """Load one engine, then serve the parent: one JSON line in (a workload name), one JSON line out (its timing)."""
+    t0 = time.perf_counter()
+    engine = Engine(name, work, threads, opset)
+    print(json.dumps({"engine": name, "load_s": time.perf_counter() - t0, "versions": versions(name)}), flush=True)
+    prompts = {k: prompt_ids(b, p, seed) for k, (b, p, n, seed) in WORKLOADS.items()}
+    for line in sys.stdin:
+        workload = json.loads(line)
+        tokens, ttft, lat, wall = engine.generate(prompts[workload], WORKLOADS[workload][2])
+        print(json.dumps({"tokens": tokens[0], "ttft_s": ttft, "latencies_s": lat, "wall_s": wall,
+                          "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def summarize(name: str, runs: dict, load: dict) -> dict:
+    """Medians over the timed runs of each workload."""
+    med = statistics.median
+    b1, long, b8 = runs["batch1"], runs["ttft512"], runs["batch8"]
+    return {**load, "tokens": b1[-1]["tokens"],
+            "ttft32_ms": med(r["ttft_s"] for r in b1) * 1e3,
+            "decode_tok_s": med(len(r["latencies_s"]) / sum(r["latencies_s"]) for r in b1),
+            "latency_p50_ms": med(statistics.median(r["latencies_s"]) for r in b1) * 1e3,
+            "e2e_tok_s": med(128 / r["wall_s"] for r in b1),
+            # one generate call of one new token: prefill + sampling + the loop's setup, as a user sees it
+            "ttft512_ms": med(r["wall_s"] for r in long) * 1e3,
+            "batch8_tok_s": med(8 * 128 / r["wall_s"] for r in b8),
+            "peak_rss_mb": max(r["peak_rss_mb"] for rs in runs.values() for r in rs)}
+
+
+def versions(name: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pkgs = {"transformers": ("torch", "transformers"), "optimum": ("onnxruntime", "optimum-onnx", "transformers")}
+    out = {}
+    for p in pkgs.get(name, ("onnxruntime",)):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "?"
+    return out
+
+
+# ---------------------------------------------------------------------------------- report
+
+def machine(load_before) -> dict:
+    import platform
+
+    cpu = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def format_table(report: dict) -> str:
+    res = {r["engine"]: r for r in report["results"]}
+    tf, opt = res.get("transformers"), res.get("optimum")
+    ratio = lambda r, base, k: f"{r[k] / base[k]:.2f}x" if base and base.get(k) else "-"  # noqa: E731
+    head = ("engine", "decode tok/s", "vs transformers", "vs optimum", "e2e tok/s", "TTFT@32 ms", "TTFT@512 ms",
+            "TTFT@512 speedup", "batch8 tok/s", "b8 vs tf", "peak RSS MB", "tokens = tf")
+    lines = []
+    for name in ENGINES:
+        r = res.get(name)
+        if not r:
+            continue
+        same = "-" if not tf or name == "transformers" else \
+            ("yes" if r["tokens"] == tf["tokens"] else f"first {next(i for i, (a, b) in enumerate(zip(r['tokens'], tf['tokens'])) if a != b)}")
+        lines.append((name, f"{r['decode_tok_s']:.1f}", ratio(r, tf, "decode_tok_s"), ratio(r, opt, "decode_tok_s"),
+                      f"{r['e2e_tok_s']:.1f}", f"{r['ttft32_ms']:.1f}", f"{r['ttft512_ms']:.0f}",
+                      f"{tf['ttft512_ms'] / r['ttft512_ms']:.2f}x" if tf else "-", f"{r['batch8_tok_s']:.1f}",
+                      ratio(r, tf, "batch8_tok_s"), f"{r['peak_rss_mb']:.0f}", same))
+    widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    out = [fmt(head)] + [fmt(ln) for ln in lines]
+    for g in report["goals"]:
+        out.append(f"goal {g['goal']}: {g['ratio']:.2f}x -> {'met' if g['met'] else 'NOT met'}" if g["ratio"] is not None
+                   else f"goal {g['goal']}: not measured")
+    m = report["machine"]
+    out.append(f"[{m['cpu']}, {m['cores']} cores, {report['threads']} threads, load {m['load_before']} -> {m['load_after']}]")
+    return "\n".join(out)
+
+
+def check_goals(results: list[dict]) -> list[dict]:
+    res = {r["engine"]: r for r in results}
+    out = []
+    for engine, key, base, need in GOALS:
+        r, b = res.get(engine), res.get(base)
+        ratio = r[key] / b[key] if r and b else None
+        out.append({"goal": f"{engine} {key} >= {need}x {base}", "ratio": ratio, "met": ratio is not None and ratio >= need})
+    r, b = res.get("ours-fp32"), res.get("transformers")
+    ratio = b["ttft512_ms"] / r["ttft512_ms"] if r and b else None  # > 1: ours is faster
+    out.append({"goal": "ours-fp32 TTFT@512 no worse than transformers (speed ratio >= 1)", "ratio": ratio,
+                "met": ratio is not None and ratio >= 1.0})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default=str(ROOT / "out" / "peers"), help="checkpoint and exports (made once)")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine (default 2)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; medians (default 5)")
+    p.add_argument("--opset", type=int, default=23,
+                   help="our exports' opset (default 23: SDPA becomes one ONNX Attention node; 18 is the export default)")
+    p.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"),
+                   help="the project's Python, used to export (needs torch + onnxscript)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    if args.worker:
+        run_worker(args.worker, work, args.threads, args.opset)
+        return 0
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        p.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
+    prepare(work, engines, args.project_python, args.opset, log)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TOKENIZERS_PARALLELISM="false")
+    # every engine in its own process, all loaded at once and driven in turns: each round runs each workload on
+    # each engine back to back, so a change in the machine's load falls on all engines alike
+    workers, loads = {}, {}
+    for name in engines:
+        log(f"loading {name}")
+        workers[name] = subprocess.Popen([sys.executable, __file__, "--worker", name, "--work", str(work), "--threads",
+                                          str(args.threads), "--opset", str(args.opset)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True, env=env, cwd=ROOT)
+        loads[name] = _reply(workers[name], name)
+    runs = {name: {w: [] for w in WORKLOADS} for name in engines}
+    rounds = args.warmup + args.repeats
+    for r in range(rounds):
+        log(f"round {r + 1}/{rounds}{' (warm-up)' if r < args.warmup else ''}, load {os.getloadavg()[0]:.2f}")
+        for workload in WORKLOADS:
+            for name, proc in workers.items():
+                proc.stdin.write(json.dumps(workload) + "\n")
+                proc.stdin.flush()
+                reply = _reply(proc, name)
+                if r >= args.warmup:
+                    runs[name][workload].append(reply)
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
+    results = [summarize(name, runs[name], loads[name]) for name in engines]
+    report = {"machine": machine(load_before), "threads": args.threads, "repeats": args.repeats, "opset": args.opset,
+              "workload": {"batch1": "prompt 32, 128 new", "ttft": "prompt 512, 1 new", "batch8": "8 x (prompt 32, 128 new)",
+                           "sampling": "greedy, no early stop"},
+              "results": results, "goals": check_goals(results)}
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_table(report))
+    return 0
+
+
+def _reply(proc, name: str) -> dict:
+    line = proc.stdout.readline()
+    while line and not line.startswith("{"):  # a library printing to stdout
+        line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"{name} worker died (exit status {proc.wait()}); see its error above")
+    return json.loads(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

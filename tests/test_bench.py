@@ -1,0 +1,91 @@
+"""`nanogpt-deploy bench` on the tiny export: the JSON's fields and sane (not timed) numbers, the plot, skip notes,
+cases past block_size, and a torch-free parent when torch is not requested."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runtime import cli
+from runtime.bench import BenchError, Case, find_targets
+
+from conftest import ROOT
+
+
+def bench_json(capsys, *argv) -> dict:
+    rc = cli.main(["bench", *map(str, argv), "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
+
+
+def test_json_has_every_field_with_sane_numbers_and_writes_the_plot(tiny_onnx_dir, tmp_path, capsys):
+    png = tmp_path / "plots" / "bench.png"
+    report = bench_json(capsys, tiny_onnx_dir, "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "4,9",
+                        "--new-tokens", "6", "--batch", "1,2", "--warmup", "1", "--repeats", "2", "--threads", "1",
+                        "--plot", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["plot"] == str(png)
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert report["settings"]["repeats"] == 2 and report["failed"] == []
+    [target] = report["results"]
+    assert target["label"] == "onnxruntime cpu fp32" and target["provider_name"] == "CPUExecutionProvider"
+    assert 0 < target["rss_after_load_mb"] <= target["peak_rss_mb"] < 4096
+    assert {(c["case"]["batch"], c["case"]["prompt"]) for c in target["cases"]} == {(1, 4), (1, 9), (2, 4), (2, 9)}
+    for c in target["cases"]:
+        assert 0 < c["prefill_ms"] <= c["ttft_ms"], c
+        assert c["decode_tok_s"] > 0 and c["e2e_tok_s"] > 0
+        assert 0 < c["latency_p50_ms"] <= c["latency_p95_ms"], c
+        assert len(c["step_latency_ms"]) == 6 - 1  # one per token after the first
+
+
+def test_table_and_summary_line(tiny_onnx_dir, capsys):
+    rc = cli.main(["bench", str(tiny_onnx_dir), "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "4",
+                   "--new-tokens", "4", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "decode tok/s" in out.out and "onnxruntime cpu fp32" in out.out
+    assert "fastest decode" in out.err.splitlines()[-1]
+    assert "1/1" in out.err  # the progress bar reached the end
+
+
+def test_case_past_block_size_is_skipped_not_run(tiny_onnx_dir, capsys):
+    report = bench_json(capsys, tiny_onnx_dir, "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "120",
+                        "--new-tokens", "16", "--repeats", "1", "--warmup", "0")
+    [case] = report["results"][0]["cases"]
+    assert "exceeds block_size 128" in case["skipped"]
+
+
+def test_absent_backends_are_skipped_with_a_note(tiny_onnx_dir):
+    targets, notes = find_targets([str(tiny_onnx_dir)], ("onnxruntime", "tensorrt"), ("cpu", "cuda"))
+    assert [t.label for t in targets] == ["onnxruntime cpu fp32"]
+    assert any(n.startswith("tensorrt: skipped") for n in notes), notes
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert any(n.startswith("onnxruntime cuda: skipped") for n in notes), notes
+
+
+def test_torch_target_runs_the_checkpoint_of_the_fp32_export(tiny_onnx_dir):
+    pytest.importorskip("torch")
+    targets, _ = find_targets([str(tiny_onnx_dir)], ("torch", "onnxruntime"), ("cpu",))
+    assert [t.label for t in targets] == ["torch cpu fp32", "onnxruntime cpu fp32"]
+
+
+def test_bad_inputs_say_what_to_do(tmp_path, capsys):
+    with pytest.raises(BenchError, match="neither an exported folder"):
+        find_targets([str(tmp_path / "missing")])
+    with pytest.raises(BenchError, match="unknown backend 'tensorflow'"):
+        find_targets([str(tmp_path)], ("tensorflow",))
+    assert cli.main(["bench", str(tmp_path / "missing")]) == 1
+    assert "export one with" in capsys.readouterr().err
+    assert Case(8, 32, 128).label == "B8 P32 N128"
+
+
+def test_parent_stays_torch_free_without_the_torch_backend(tiny_onnx_dir):
+    code = (f"import sys; from runtime import cli; rc = cli.main(['bench', {str(tiny_onnx_dir)!r}, '--backends', "
+            f"'onnxruntime', '--providers', 'cpu', '--prompt-len', '4', '--new-tokens', '3', '--repeats', '1', "
+            f"'--warmup', '0', '--json']); assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
