@@ -3,6 +3,7 @@
     nanogpt-deploy export random:tiny --out out/tiny
     nanogpt-deploy export model/weights/pycode --out out/pycode-int8 --quantize int8
     nanogpt-deploy export gpt2 --out out/gpt2-fp16 --dtype fp16
+    nanogpt-deploy export gpt2 --out out/gpt2-serve --opset 23 --logits last     # serving: faster time to first token
 
 Stages go to stderr as they run; the summary (file, size, max|Δ| per shape, variant agreement,
 seconds) to stdout, or one JSON object with --json. Heavy imports happen inside `run`.
@@ -23,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="CPU variant: int8 (dynamic, MatMul weights) or int4 (MatMulNBits, onnxruntime only); "
                         "DIR then holds the quantized graph, validated against fp32")
+    p.add_argument("--logits", choices=("all", "last"), default="all",
+                   help="all: logits [batch, sequence, vocab] (default; what other tools expect); last: only the last "
+                        "position's logits, faster prefill/TTFT; perplexity then needs step-by-step decoding")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
     p.add_argument("--force", action="store_true", help="write into a DIR that holds unrelated files")
     p.add_argument("--no-gate", action="store_true",
@@ -48,7 +52,8 @@ def run(args) -> int:
 
     model = GPT.from_pretrained(args.source)
     path = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize,
-                       source=args.source, force=args.force, gate=False if args.no_gate else None, progress=stage)
+                       logits=args.logits, source=args.source, force=args.force,
+                       gate=False if args.no_gate else None, progress=stage)
     summary = summarize(path, time.perf_counter() - t0)
     print(json.dumps(summary, sort_keys=True) if args.json else format_summary(summary))
     return 0
@@ -59,18 +64,19 @@ def summarize(path, seconds: float) -> dict:
 
     art = read_onnx_artifact(path)
     files = {f.name: f.stat().st_size for f in sorted(path.parent.iterdir()) if f.name.startswith("model.onnx")}
-    return {"path": str(path), "precision": art.precision, "opset": art.versions.get("opset"),
+    return {"path": str(path), "precision": art.precision, "opset": art.versions.get("opset"), "logits": art.logits,
             "bytes": sum(files.values()), "files": files, "seconds": round(seconds, 2),
             "parity": art.extra.get("parity"), "variant": art.extra.get("variant")}
 
 
 def format_summary(s: dict) -> str:
     lines = [f"wrote {s['path']} ({', '.join(s['files'])}): {s['bytes'] / 1e6:.1f} MB "
-             f"[{s['precision']}, opset {s['opset']}] in {s['seconds']:.1f} s"]
+             f"[{s['precision']}, opset {s['opset']}, logits {s.get('logits', 'all')}] in {s['seconds']:.1f} s"]
     if s["parity"]:
         p = s["parity"]
         shapes = "  ".join(f"{k} {max(v.values()):.1e}" for k, v in p["shapes"].items())
-        lines.append(f"fp32 onnxruntime vs torch, max|Δ| (atol {p['atol']:.0e}): {shapes}")
+        last = " (last position)" if s.get("logits") == "last" else ""
+        lines.append(f"fp32 onnxruntime vs torch{last}, max|Δ| (atol {p['atol']:.0e}): {shapes}")
     if s["variant"]:
         v = s["variant"]
         lines.append(f"{s['precision']} vs fp32 on {v['eval_tokens']} tokens: top-1 agreement {v['top1_agreement']:.2%} "

@@ -2,11 +2,13 @@
 
     from export.onnx import export_onnx
     path = export_onnx(GPT.from_pretrained("random:tiny"), "out/tiny")   # out/tiny/model.onnx
-    # CLI: nanogpt-deploy export SOURCE --out DIR [--dtype fp16] [--quantize int8|int4]
+    # CLI: nanogpt-deploy export SOURCE --out DIR [--dtype fp16] [--quantize int8|int4] [--logits last]
 
 Inputs `input_ids [batch, sequence]`, `attention_mask [batch, total_sequence]`, `position_ids
 [batch, sequence]`, `past_key_values.{i}.key|value [batch, n_head, past_sequence, head_dim]`; outputs
-`logits`, `present.{i}.key|value` — the names optimum and onnxruntime-genai use. The config, I/O
+`logits [batch, sequence, vocab]` (or `[batch, 1, vocab]` with logits="last": the last position only,
+so a long prefill skips ln_f + lm_head over the prompt), `present.{i}.key|value` — the names optimum
+and onnxruntime-genai use. The config, I/O
 layout, tokenizer, precision, source hash, exporter versions and the parity measured at export travel
 in `metadata_props`. The graph is traced in fp32, checked (symbolic axes, external data, the tied
 embedding stored once), run by onnxruntime against torch at several (batch, sequence, past) shapes,
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from model import GPT
-from runtime.artifact import Artifact, ArtifactError, input_names, output_names, read_onnx_artifact
+from runtime.artifact import LOGITS, Artifact, ArtifactError, input_names, output_names, read_onnx_artifact
 
 MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
@@ -49,12 +51,14 @@ class ExportError(RuntimeError):
 class _FlatIO(torch.nn.Module):
     """Presents GPT.forward with the flat KV tuple the ONNX names follow (key0, value0, key1, ...)."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, logits_to_keep: int = 0):
         super().__init__()
         self.model = model
+        self.logits_to_keep = logits_to_keep
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        logits, present = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        logits, present = self.model(input_ids, attention_mask, position_ids, past_key_values,
+                                     logits_to_keep=self.logits_to_keep)
         return (logits, *[t for kv in present for t in kv])
 
 
@@ -80,8 +84,14 @@ def dynamic_shapes(n_layer: int) -> dict:
     }
 
 
+def logits_to_keep(logits: str) -> int:
+    """The artifact's logits mode -> GPT.forward's logits_to_keep."""
+    return 1 if logits == "last" else 0
+
+
 def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
-                quantize: str | None = None, source: str = "", force: bool = False, validate: bool = True,
+                quantize: str | None = None, logits: str = "all", source: str = "", force: bool = False,
+                validate: bool = True,
                 eval_ids: np.ndarray | None = None, gate: bool | None = None, progress=lambda msg: None) -> Path:
     """Trace `model`, validate it, and write DIR/model.onnx (+ model.onnx.data) atomically.
 
@@ -91,6 +101,9 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         opset: ONNX opset, >= MIN_OPSET.
         dtype: "fp32" or "fp16" (fp16 graph for GPUs, see export/quantize.py).
         quantize: None, "int8" or "int4" (CPU variants); DIR then holds the quantized graph only.
+        logits: "all" (logits [batch, sequence, vocab], what other tools expect) or "last" ([batch, 1,
+            vocab]: the last position only; faster prefill / time to first token, and perplexity then
+            needs step-by-step decoding).
         source: what the model was loaded from, recorded in the metadata.
         force: write into a DIR holding unrelated files.
         validate: run the onnxruntime-vs-torch parity check (fp32 gate PARITY_ATOL).
@@ -110,13 +123,15 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         raise ExportError(f"quantize {quantize!r} is not supported; choose int8 or int4")
     if quantize and dtype != "fp32":
         raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
+    if logits not in LOGITS:
+        raise ExportError(f"logits {logits!r} is not supported; choose one of {', '.join(LOGITS)}")
     out_dir = prepare_out_dir(out_dir, force)
     if model.lm_head.weight.dtype != torch.float32:
         model = copy.deepcopy(model).float()
     model = model.eval()
     files = [Path(f) for f in getattr(model, "checkpoint_files", [])]
-    artifact = Artifact(config=model.config, precision="fp32", tokenizer=model.config.tokenizer, source=source,
-                        source_sha256=sha256_file(files[0]) if files else "", versions=_versions(opset),
+    artifact = Artifact(config=model.config, precision="fp32", tokenizer=model.config.tokenizer, logits=logits,
+                        source=source, source_sha256=sha256_file(files[0]) if files else "", versions=_versions(opset),
                         extra={"source_files": {f.name: sha256_file(f) for f in files}} if files else {})
 
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
@@ -126,12 +141,12 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         progress(f"tracing {model.config.n_layer} layers, {model.num_params() / 1e6:.1f}M parameters (opset {opset})")
         _trace_and_save(model, path, opset, artifact)
         progress("checking axes, external data and weight sizes")
-        check_symbolic_axes(path)
+        check_symbolic_axes(path, logits)
         check_external_data(path)
         check_weight_bytes(path, model.num_params() * 4)
         if validate:
             progress(f"validating onnxruntime vs torch at {len(PARITY_SHAPES)} (batch, sequence, past) shapes")
-            parity = check_parity(model, path)
+            parity = check_parity(model, path, logits=logits)
             artifact = dataclasses.replace(artifact, extra=dict(artifact.extra, parity=parity))
         write_metadata(path, artifact)
 
@@ -163,7 +178,7 @@ def _trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> N
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _FlatIO(model), example_inputs(model), dynamo=True, opset_version=opset,
+            _FlatIO(model, logits_to_keep(artifact.logits)), example_inputs(model), dynamo=True, opset_version=opset,
             dynamic_shapes=dynamic_shapes(n_layer), input_names=input_names(n_layer),
             output_names=output_names(n_layer), verbose=False)
     for k, v in artifact.to_metadata().items():
@@ -299,8 +314,11 @@ def _versions(opset: int) -> dict:
 
 # ---------------------------------------------------------------------------------- checks
 
-def check_symbolic_axes(path: Path) -> None:
-    """Every batch / sequence / past axis of the saved graph's I/O is a named symbol, not a number."""
+def check_symbolic_axes(path: Path, logits: str = "all") -> None:
+    """Every batch / sequence / past axis of the saved graph's I/O is a named symbol, not a number.
+
+    With logits="last" the logits' sequence axis must instead be the number 1.
+    """
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
@@ -308,6 +326,11 @@ def check_symbolic_axes(path: Path) -> None:
     for v in list(m.graph.input) + list(m.graph.output):
         dims = v.type.tensor_type.shape.dim
         axes = (0, 1) if v.name in ("input_ids", "attention_mask", "position_ids", "logits") else (0, 2)
+        if v.name == "logits" and logits == "last":
+            axes = (0,)
+            if len(dims) < 2 or dims[1].dim_param or dims[1].dim_value != 1:
+                got = (dims[1].dim_param or dims[1].dim_value) if len(dims) > 1 else "missing"
+                fixed.append(f"logits[1]={got} (a logits=\"last\" graph must have 1 there)")
         for a in axes:
             if a >= len(dims) or not dims[a].dim_param:
                 fixed.append(f"{v.name}[{a}]={dims[a].dim_value if a < len(dims) else 'missing'}")
@@ -337,17 +360,21 @@ def parity_feeds(config, batch: int, seq: int, past: int, pad: int, rng: np.rand
     return feeds
 
 
-def run_torch(model: GPT, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_torch(model: GPT, feeds: dict[str, np.ndarray], logits: str = "all") -> list[np.ndarray]:
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     names = input_names(model.config.n_layer)[3:]
     past = tuple((t[names[2 * i]], t[names[2 * i + 1]]) for i in range(model.config.n_layer))
     with torch.no_grad():
-        logits, present = model(t["input_ids"], t["attention_mask"], t["position_ids"], past)
-    return [logits.numpy()] + [x.numpy() for kv in present for x in kv]
+        out, present = model(t["input_ids"], t["attention_mask"], t["position_ids"], past,
+                             logits_to_keep=logits_to_keep(logits))
+    return [out.numpy()] + [x.numpy() for kv in present for x in kv]
 
 
-def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PARITY_ATOL, seed=None) -> dict:
+def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PARITY_ATOL, seed=None,
+                 logits: str = "all") -> dict:
     """onnxruntime vs torch on fresh random inputs at each shape; raises naming each output's max|Δ| > atol.
+
+    logits="last": the graph's (B, 1, V) logits against torch's last position (a shape mismatch is an error).
 
     Returns {"atol", "max_abs_diff", "shapes": {"B2xT7xP5": {"logits": d, "present": d}, ...}}.
     """
@@ -358,7 +385,11 @@ def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PAR
     for batch, seq, past, pad in shapes:
         feeds = parity_feeds(model.config, batch, seq, past, pad, rng)
         got = session.run(None, feeds)
-        want = run_torch(model, feeds)
+        want = run_torch(model, feeds, logits)
+        wrong = [f"{n}: onnxruntime {g.shape}, torch {w.shape}" for n, g, w in zip(names, got, want) if g.shape != w.shape]
+        if wrong:
+            raise ExportError(f"{path}: output shapes differ from torch's (logits={logits!r}) at B{batch}xT{seq}xP{past}: "
+                              + "; ".join(wrong[:4]))
         diffs = {n: float(np.max(np.abs(g.astype(np.float64) - w))) for n, g, w in zip(names, got, want)}
         for n, d in diffs.items():
             worst[n] = max(worst[n], d)

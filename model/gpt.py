@@ -114,12 +114,16 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past: tuple[KV, ...] | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, tuple[KV, ...]]:
         """(B, T) token ids -> logits (B, T, vocab) and the present KV cache (B, nh, P+T, hs) per layer.
 
         attention_mask: (B, P+T), 1 for real tokens, 0 for (left) padding; default all ones.
         position_ids: (B, T); default derived from the mask (cumsum - 1), so left padding is right.
         past: per-layer (key, value) from the previous call; None for an empty cache.
+        logits_to_keep: 0 for every position's logits; k > 0 for the last k only, (B, k, vocab) (a Python
+            int fixed at trace time: generation reads only the last position, and ln_f + lm_head over every
+            prompt position is a quarter of a long prefill).
         """
         B, T = input_ids.size()
         if past is None:
@@ -145,8 +149,10 @@ class GPT(nn.Module):
         for block, layer_past in zip(self.transformer.h, past):
             x, kv = block(x, mask, layer_past)
             present.append(kv)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, C): a slice, no branch on tensor values
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T or k, vocab)
         return logits, tuple(present)
 
     @classmethod

@@ -19,6 +19,9 @@ from model.config import GPTConfig
 FORMAT = "nanogpt-deploy/1"
 PREFIX = "nanogpt_deploy."
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# which positions the `logits` output holds: "all" -> (batch, sequence, vocab); "last" -> (batch, 1, vocab),
+# the last position only (faster prefill; generation reads nothing else). Artifacts older than the field: "all".
+LOGITS = ("all", "last")
 # KV cache layout of every past_key_values.{i}.* input and present.{i}.* output
 KV_LAYOUT = ("batch", "n_head", "past_sequence", "head_dim")
 
@@ -41,6 +44,7 @@ class Artifact:
     config: GPTConfig
     precision: str = "fp32"
     tokenizer: str = "gpt2"
+    logits: str = "all"  # LOGITS: the runtime's contract on the logits output's sequence axis
     source: str = ""
     source_sha256: str = ""
     versions: dict = field(default_factory=dict)  # exporter versions: torch, onnx, onnxruntime, this project
@@ -49,6 +53,8 @@ class Artifact:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ArtifactError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.logits not in LOGITS:
+            raise ArtifactError(f"logits {self.logits!r} is not one of {LOGITS}")
 
     @property
     def inputs(self) -> list[str]:
@@ -62,6 +68,10 @@ class Artifact:
     def kv_dtype(self) -> str:
         """numpy dtype name of the KV cache (and of logits): fp16 graphs keep fp16 activations."""
         return "float16" if self.precision == "fp16" else "float32"
+
+    def logits_positions(self, seq: int) -> int:
+        """How many positions the logits of a `seq`-token step hold: seq, or 1 for a "last" graph."""
+        return 1 if self.logits == "last" else seq
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -97,7 +107,7 @@ class Artifact:
                 continue
             k = k[len(PREFIX):]
             try:
-                d[k] = v if k in ("format", "precision", "tokenizer", "source", "source_sha256") else json.loads(v)
+                d[k] = v if k in ("format", "precision", "tokenizer", "logits", "source", "source_sha256") else json.loads(v)
             except json.JSONDecodeError:
                 raise ArtifactError(f"{where}: metadata field {k!r} is not valid JSON") from None
         if not d:

@@ -210,7 +210,7 @@ class Generation:
 
         t0 = time.perf_counter()
         backend.reset(B)
-        logits = backend.forward(ids, mask[:, :L], pos)[:, -1, :]  # (B, V)
+        logits = backend.forward(ids, mask[:, :L], pos)[:, -1, :]  # (B, V); a logits="last" graph returns only this
         prefill = t_prev = time.perf_counter() - t0
         for step in range(self.max_steps):
             deltas = []

@@ -10,6 +10,9 @@ Four checks per target, each against the reference run on the same inputs:
 A target fails when any gated number misses its threshold (THRESHOLDS; precisions without an entry are
 reported, not gated). Logits beyond `real_vocab_size` are ignored. The reference is the torch backend
 on the checkpoint the fp32 export came from; without torch it is onnxruntime fp32 (noted in the report).
+A target exported with `--logits last` returns one position per call: its per-position logits (top-1,
+perplexity) come from step-by-step decoding through its own KV cache, one token per call (slower, and
+noted in the report), and its max|Δlogits| compares the last position of each shape.
 
     report = verify(["out/pycode", "out/pycode-int8"], thresholds=THRESHOLDS)
     report["passed"], report["failures"]
@@ -116,16 +119,28 @@ def prompt_ids(tokenizer, config) -> list[np.ndarray]:
 
 # ---------------------------------------------------------------------------------- measurements
 
+def last_only(backend) -> bool:
+    """Whether the backend's artifact returns the last position's logits only (exported with --logits last)."""
+    art = getattr(backend, "artifact", None)
+    return getattr(art, "logits", "all") == "last"
+
+
 def full_logits(backend, ids: np.ndarray) -> np.ndarray:
-    """Logits (T, V_real) of one unpadded sequence in one forward."""
+    """Logits (T, V_real) of one unpadded sequence: one forward, or T one-token steps for a logits="last" target."""
     T = ids.size
     backend.reset(1)
-    logits = backend.forward(ids[None], np.ones((1, T), np.int64), np.arange(T, dtype=np.int64)[None])
+    mask, pos = np.ones((1, T), np.int64), np.arange(T, dtype=np.int64)[None]
+    if last_only(backend):  # each step returns its one position: decode the sequence token by token
+        logits = np.concatenate([backend.forward(ids[None, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1])
+                                 for t in range(T)], axis=1)
+    else:
+        logits = backend.forward(ids[None], mask, pos)
     return logits[0, :, :backend.config.real_vocab_size].astype(np.float64)
 
 
 def shape_logits(backend, batch: int, seq: int, past: int, seed: int = 0) -> np.ndarray:
-    """Logits of `seq` new positions after `past` positions went through the backend's own cache."""
+    """Logits of `seq` new positions (the last one only, for a logits="last" target) after `past` positions
+    went through the backend's own cache."""
     V = backend.config.real_vocab_size
     ids = np.random.default_rng(seed).integers(0, V, (batch, past + seq), dtype=np.int64)
     pos = np.tile(np.arange(past + seq, dtype=np.int64), (batch, 1))
@@ -163,7 +178,9 @@ def measure(backend, prompts, windows, greedy_new: int) -> dict:
 
 def compare(got: dict, ref: dict, windows: list[np.ndarray]) -> dict:
     """The numbers of one target against the reference's."""
-    diffs = {k: float(np.abs(got["shapes"][k] - ref["shapes"][k]).max()) for k in ref["shapes"]}
+    # a logits="last" target returns (B, 1, V) per shape: compared with the reference's last position
+    diffs = {k: float(np.abs(got["shapes"][k] - ref["shapes"][k][:, -got["shapes"][k].shape[1]:]).max())
+             for k in ref["shapes"]}
     agree = [np.argmax(g, -1) == np.argmax(r, -1) for g, r in zip(got["prompts"] + got["windows"], ref["prompts"] + ref["windows"])]
     n_prompt = sum(a.size for a in agree[:len(got["prompts"])])
     ppl = float(np.exp(np.concatenate([nll(lg, ids) for lg, ids in zip(got["windows"], windows)]).mean()))
@@ -281,6 +298,9 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         if backend.config.real_vocab_size != config.real_vocab_size or backend.config.n_layer != config.n_layer:
             raise VerifyError(f"{t.model} is not the reference's model ({ref_target.model}): its config differs; "
                               f"verify the exports of one checkpoint together")
+        if last_only(backend):
+            notes.append(f"{t.label}: exported with --logits last; its top-1 and perplexity come from step-by-step "
+                         f"decoding (one token per call), its max|Δlogits| from the last position of each shape")
         m = compare(measure(backend, prompts, windows, new), ref, windows)
         del backend
         fails = failures(t.label, t.precision, m, thresholds)

@@ -3,8 +3,10 @@
 Peers: Hugging Face transformers `generate` (torch eager, KV cache, greedy) and optimum's
 `ORTModelForCausalLM` (exported with export=True from the same local folder, use_cache=True). Ours:
 `runtime.generate` on the onnxruntime backend, fp32 / int8 / int4 exports of that folder with `--opset 23`
-(a validated export option: SDPA becomes one ONNX Attention node; 327 graph nodes instead of 577). The
-checkpoint is GPT-2 124M-shaped with random weights (torch seed fixed), written once with save_pretrained.
+(a validated export option: SDPA becomes one ONNX Attention node; 327 graph nodes instead of 577) and
+`--logits last` (logits of the last position only, as transformers' generate computes in prefill;
+`--logits all` measures the full-logits exports). The checkpoint is GPT-2 124M-shaped with random weights
+(torch seed fixed), written once with save_pretrained.
 
 Every engine runs in its own process with the same thread count and the same seeded prompt ids; greedy,
 never stopping early. All engines are loaded at once and driven in turns (each round runs each workload
@@ -48,7 +50,11 @@ def prompt_ids(batch: int, length: int, seed: int = 0) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------------- preparing the checkpoint
 
-def prepare(work: Path, engines: list[str], project_python: str, opset: int, log) -> None:
+def export_dir(work: Path, opset: int, quant: str, logits: str) -> Path:
+    return work / (f"onnx{opset}-{quant}" + ("-last" if logits == "last" else ""))
+
+
+def prepare(work: Path, engines: list[str], project_python: str, opset: int, logits: str, log) -> None:
     """The HF folder (random 124M, seed 0), and the exports `engines` need (ours, optimum's); each made once."""
     hf = work / "hf"
     if not (hf / "config.json").is_file():
@@ -59,7 +65,7 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config()).save_pretrained(hf)
     for q in [e.split("-")[1] for e in engines if e.startswith("ours-")]:
-        out = work / f"onnx{opset}-{q}"
+        out = export_dir(work, opset, q, logits)
         if (out / "model.onnx").is_file():
             continue
         log(f"exporting ours ({q}) to {out} with {project_python}")
@@ -67,7 +73,7 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
         # judged on the trained model by `nanogpt-deploy verify`)
         extra = [] if q == "fp32" else ["--quantize", q, "--no-gate"]
         subprocess.run([project_python, "-m", "runtime.cli", "export", str(hf), "--out", str(out), "--opset", str(opset),
-                        *extra],
+                        "--logits", logits, *extra],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     opt = work / "optimum"
     if "optimum" in engines and not (opt / "model.onnx").is_file():
@@ -82,7 +88,7 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
 class Engine:
     """generate(ids, new) -> (token ids per row, seconds to the first token, seconds of each later token)."""
 
-    def __init__(self, name: str, work: Path, threads: int, opset: int):
+    def __init__(self, name: str, work: Path, threads: int, opset: int, logits: str):
         self.name = name
         if name in ("transformers", "optimum"):
             import torch
@@ -105,7 +111,7 @@ class Engine:
             sys.path.insert(0, str(ROOT))
             from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-            self.backend = OnnxRuntimeBackend(work / f"onnx{opset}-{name.split('-')[1]}", threads=threads)
+            self.backend = OnnxRuntimeBackend(export_dir(work, opset, name.split("-")[1], logits), threads=threads)
 
     def generate(self, ids: list[list[int]], new: int):
         if self.name.startswith("ours"):
@@ -156,10 +162,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(name: str, work: Path, threads: int, opset: int) -> None:
+def run_worker(name: str, work: Path, threads: int, opset: int, logits: str) -> None:
     """Load one engine, then serve the parent: one JSON line in (a workload name), one JSON line out (its timing)."""
     t0 = time.perf_counter()
-    engine = Engine(name, work, threads, opset)
+    engine = Engine(name, work, threads, opset, logits)
     print(json.dumps({"engine": name, "load_s": time.perf_counter() - t0, "versions": versions(name)}), flush=True)
     prompts = {k: prompt_ids(b, p, seed) for k, (b, p, n, seed) in WORKLOADS.items()}
     for line in sys.stdin:
@@ -235,7 +241,8 @@ def format_table(report: dict) -> str:
         out.append(f"goal {g['goal']}: {g['ratio']:.2f}x -> {'met' if g['met'] else 'NOT met'}" if g["ratio"] is not None
                    else f"goal {g['goal']}: not measured")
     m = report["machine"]
-    out.append(f"[{m['cpu']}, {m['cores']} cores, {report['threads']} threads, load {m['load_before']} -> {m['load_after']}]")
+    out.append(f"[{m['cpu']}, {m['cores']} cores, {report['threads']} threads, ours: opset {report['opset']}, logits "
+               f"{report.get('logits', 'all')}; load {m['load_before']} -> {m['load_after']}]")
     return "\n".join(out)
 
 
@@ -262,6 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; medians (default 5)")
     p.add_argument("--opset", type=int, default=23,
                    help="our exports' opset (default 23: SDPA becomes one ONNX Attention node; 18 is the export default)")
+    p.add_argument("--logits", choices=("all", "last"), default="last",
+                   help="our exports' logits (default last: the last position only, faster time to first token, as "
+                        "transformers' generate computes in prefill; all: every position, the export default)")
     p.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"),
                    help="the project's Python, used to export (needs torch + onnxscript)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
@@ -269,7 +279,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     if args.worker:
-        run_worker(args.worker, work, args.threads, args.opset)
+        run_worker(args.worker, work, args.threads, args.opset, args.logits)
         return 0
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -277,7 +287,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
         p.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
-    prepare(work, engines, args.project_python, args.opset, log)
+    prepare(work, engines, args.project_python, args.opset, args.logits, log)
     load_before = [round(x, 2) for x in os.getloadavg()]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false")
@@ -287,7 +297,8 @@ def main(argv=None) -> int:
     for name in engines:
         log(f"loading {name}")
         workers[name] = subprocess.Popen([sys.executable, __file__, "--worker", name, "--work", str(work), "--threads",
-                                          str(args.threads), "--opset", str(args.opset)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          str(args.threads), "--opset", str(args.opset), "--logits", args.logits],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          text=True, env=env, cwd=ROOT)
         loads[name] = _reply(workers[name], name)
     runs = {name: {w: [] for w in WORKLOADS} for name in engines}
@@ -306,6 +317,7 @@ def main(argv=None) -> int:
         proc.wait()
     results = [summarize(name, runs[name], loads[name]) for name in engines]
     report = {"machine": machine(load_before), "threads": args.threads, "repeats": args.repeats, "opset": args.opset,
+              "logits": args.logits,
               "workload": {"batch1": "prompt 32, 128 new", "ttft": "prompt 512, 1 new", "batch8": "8 x (prompt 32, 128 new)",
                            "sampling": "greedy, no early stop"},
               "results": results, "goals": check_goals(results)}

@@ -254,3 +254,81 @@ def test_export_gpt2_124m_shape(tmp_path):
     assert data <= model.num_params() * 4 < data * 1.01, f"{data} bytes vs params*4 {model.num_params() * 4}"
     parity = read_onnx_artifact(p).extra["parity"]
     assert parity["max_abs_diff"] <= 1e-4, parity
+
+
+# ---------------------------------------------------------------------------------- logits="last"
+
+@pytest.fixture(scope="module")
+def last_onnx_dir(tmp_path_factory, tiny_model):
+    from export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny_last")
+    export_onnx(tiny_model, out, logits="last")
+    return out
+
+
+def test_last_logits_export_validates_with_one_position(last_onnx_dir, tiny_model):
+    from export.onnx import PARITY_SHAPES, check_parity, check_symbolic_axes
+    from runtime.artifact import read_onnx_artifact
+
+    art = read_onnx_artifact(last_onnx_dir)
+    assert art.logits == "last" and len(art.extra["parity"]["shapes"]) == len(PARITY_SHAPES)
+    assert art.extra["parity"]["max_abs_diff"] <= 1e-4
+    io = {v.name: _dims(v) for v in _graph(last_onnx_dir / "model.onnx").graph.output}
+    assert io["logits"] == ["batch", 1, tiny_model.config.vocab_size]
+    check_symbolic_axes(last_onnx_dir / "model.onnx", "last")
+    with pytest.raises(ExportError, match=r"logits\[1\]=1"):  # an "all" graph must keep the sequence axis symbolic
+        check_symbolic_axes(last_onnx_dir / "model.onnx", "all")
+    with pytest.raises(ExportError, match=r"output shapes differ.*logits: onnxruntime \(1, 1, 512\), torch \(1, 7, 512\)"):
+        check_parity(tiny_model, last_onnx_dir / "model.onnx", shapes=((1, 7, 0, 0),), logits="all")
+
+
+def test_last_logits_backend_returns_the_last_position(last_onnx_dir, tiny_onnx_dir):
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 512, (2, 9), dtype=np.int64)
+    mask, pos = np.ones((2, 9), np.int64), np.tile(np.arange(9, dtype=np.int64), (2, 1))
+    out = {}
+    for name, d in (("all", tiny_onnx_dir), ("last", last_onnx_dir)):
+        b = OnnxRuntimeBackend(d, threads=1)
+        b.reset(2)
+        prefill = b.forward(ids[:, :8], mask[:, :8], pos[:, :8])
+        step = b.forward(ids[:, 8:], mask, pos[:, 8:])
+        out[name] = prefill, step
+    assert out["last"][0].shape == (2, 1, 512) and out["all"][0].shape == (2, 8, 512)
+    d = max(float(np.abs(out["last"][0] - out["all"][0][:, -1:]).max()),  # prefill: the last position
+            float(np.abs(out["last"][1] - out["all"][1]).max()))  # a decode step: its one position either way
+    assert d <= 1e-5, f"last vs all: max|Δ|={d:.2e} > 1e-5"
+
+
+def test_last_logits_generate_gives_the_same_greedy_tokens(last_onnx_dir, tiny_onnx_dir):
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.generate import SamplingParams, generate
+
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [100] * 12]  # different lengths: left padding in one batch
+    params = SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=())
+    tokens = {name: [c.token_ids for c in generate(OnnxRuntimeBackend(d, threads=1), None, prompts, params)]
+              for name, d in (("all", tiny_onnx_dir), ("last", last_onnx_dir))}
+    assert tokens["last"] == tokens["all"] and all(len(t) == 24 for t in tokens["last"])
+
+
+def test_cli_export_logits_last_summary(tmp_path, capsys):
+    from runtime.cli import main
+
+    assert main(["export", "random:tiny@0", "--out", str(tmp_path / "m"), "--logits", "last", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["logits"] == "last"
+    from export.cli_export import format_summary
+
+    assert "logits last" in format_summary(s) and "(last position)" in format_summary(s)
+
+
+def test_artifact_without_logits_field_reads_as_all(tiny_onnx_dir):
+    from runtime.artifact import Artifact, ArtifactError, read_onnx_artifact
+
+    props = read_onnx_artifact(tiny_onnx_dir).to_metadata()
+    del props["nanogpt_deploy.logits"]  # an export from before the field
+    assert Artifact.from_metadata(props).logits == "all"
+    with pytest.raises(ArtifactError, match="logits 'first'"):
+        Artifact.from_metadata(dict(props, **{"nanogpt_deploy.logits": "first"}))

@@ -226,3 +226,22 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="random:gpt2|nanogpt-deploy\\[hub\\]"):
         load_model("gpt2")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_logits_to_keep_is_the_last_rows_of_the_full_logits(tiny_model, k):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, present = tiny_model(ids)
+        last, present_k = tiny_model(ids, logits_to_keep=k)
+        # decode step on the cache: the one new position either way
+        step = ids[:, :1]
+        mask = torch.ones(2, 8, dtype=torch.int64)
+        d_full, _ = tiny_model(step, mask, torch.full_like(step, 7), present)
+        d_last, _ = tiny_model(step, mask, torch.full_like(step, 7), present, logits_to_keep=1)
+    assert last.shape == (2, k, tiny_model.config.vocab_size)
+    d = (last - full[:, -k:]).abs().max().item()
+    assert d <= 1e-5, f"logits_to_keep={k}: max|Δ|={d:.2e} > 1e-5"
+    for (a, b), (c, e) in zip(present, present_k):  # the cache is the same whatever is kept
+        assert torch.equal(a, c) and torch.equal(b, e)
+    assert torch.equal(d_last, d_full)

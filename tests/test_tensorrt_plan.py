@@ -274,3 +274,14 @@ def test_meta_fields_survive_json(tmp_path):
     # every field written is read back: a new field without a default would break old sidecars
     meta = make_meta()
     assert {f.name for f in dataclasses.fields(EngineMeta)} <= set(meta.to_dict())
+
+
+def test_buffer_plan_for_a_last_logits_engine_holds_one_position():
+    art = Artifact(config=TINY, precision="fp32", logits="last")
+    B, S = 4, 32
+    plan, full = plan_buffers(art, B, S), plan_buffers(Artifact(config=TINY, precision="fp32"), B, S)
+    assert plan.logits.shape == (B, 1, TINY.vocab_size)
+    assert full.total_bytes - plan.total_bytes == B * (S - 1) * TINY.vocab_size * 4
+    # the sidecar keeps the mode, so the backend plans (and reads back) one position after a reload
+    meta = dataclasses.replace(make_meta(), artifact=art)
+    assert EngineMeta.from_dict(meta.to_dict()).artifact.logits == "last"

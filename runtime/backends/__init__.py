@@ -1,6 +1,7 @@
 """One backend interface for torch / onnxruntime / TensorRT; sampling and generation live above it.
 
-Each backend owns its KV cache. `forward` appends T positions to it and returns float32 logits.
+Each backend owns its KV cache. `forward` appends T positions to it and returns float32 logits: of every
+position, or of the last one only for a graph exported with `--logits last` (`artifact.logits == "last"`).
 Choosing a backend is the three-entry table below; each module is imported only when chosen, so the
 onnxruntime path never imports torch.
 """
@@ -25,6 +26,8 @@ class Backend(Protocol):
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """(B, T) int64 ids, (B, P+T) int64 mask, (B, T) int64 positions -> logits (B, T, V) float32.
+
+        (B, 1, V) when the artifact says logits="last"; generation reads only the last position either way.
 
         Appends the T new positions to the cache.
         """

@@ -116,7 +116,7 @@ class OnnxRuntimeBackend:
         outputs = io.get_outputs()
         self._past = list(outputs[1:])  # stays on the device: next step's past
         self._length += T
-        return outputs[0].numpy().astype(np.float32, copy=False)  # (B, T, V)
+        return outputs[0].numpy().astype(np.float32, copy=False)  # (B, T, V); (B, 1, V) for logits="last"
 
 
 def _open_session(ort, path: Path, so, providers):

@@ -11,6 +11,7 @@ logits come out.
     backend = TensorRTBackend("out/tiny/model.engine")   # or the folder holding model.engine
     backend.reset(batch_size=1)
     logits = backend.forward(ids, mask, positions)        # (B, T, V) float32; the cache grows by T
+                                                          # ((B, 1, V) for an export with --logits last)
 
 The engine's JSON sidecar (model.engine.json) says what it was built from and for: TensorRT version,
 GPU, precision, optimization profiles, the source model.onnx hash and its Artifact. Everything that can
@@ -329,7 +330,8 @@ class BufferPlan:
 def plan_buffers(artifact: Artifact, max_batch: int, max_seq: int) -> BufferPlan:
     c = artifact.config
     ids = [BufferSpec(n, (max_batch, max_seq), "int64") for n in artifact.inputs[:3]]  # mask: P+T <= max_seq
-    logits = BufferSpec("logits", (max_batch, max_seq, c.vocab_size), artifact.kv_dtype)  # prefill of max_seq
+    # a prefill of max_seq; a logits="last" engine returns one position whatever the prefill length
+    logits = BufferSpec("logits", (max_batch, artifact.logits_positions(max_seq), c.vocab_size), artifact.kv_dtype)
     # one buffer holds past (P <= max_seq - 1) or present (P + T <= max_seq), packed at its start
     kv_shape = (max_batch, c.n_head, max_seq, c.head_dim)
     sets = tuple(tuple(BufferSpec(f"kv{s}:{n}", kv_shape, artifact.kv_dtype) for n in artifact.inputs[3:])
@@ -451,8 +453,8 @@ class TensorRTBackend:
                 raise TensorRTError(f"TensorRT rejected the address of {name}")
         if not ctx.execute_async_v3(stream):
             raise TensorRTError(f"TensorRT execute_async_v3 failed (batch {B}, sequence {T}, past {P}); see its log")
-        # only the (B, T, V) logits come back, packed at the start of the buffer
-        logits = np.empty((B, T, self.config.vocab_size), dtype=self.plan.logits.dtype)
+        # only the (B, T, V) logits ((B, 1, V) for logits="last") come back, packed at the start of the buffer
+        logits = np.empty((B, self.artifact.logits_positions(T), self.config.vocab_size), dtype=self.plan.logits.dtype)
         cuda_call(cudart, cudart.cudaMemcpyAsync(logits.ctypes.data, self._addr["logits"], logits.nbytes,
                                                  cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream),
                   "copy logits from the GPU")
