@@ -18,9 +18,11 @@ hidden `.export-*` folder that the next export into DIR removes).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -175,7 +177,9 @@ def _trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> N
     import onnx_ir as ir
 
     n_layer = model.config.n_layer
-    with torch.no_grad(), warnings.catch_warnings():
+    # the exporter logs a line per optional op library it does not find (torchvision::nms, ...): noise here
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with torch.no_grad(), warnings.catch_warnings(), _log_level(registration_log, logging.ERROR):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _FlatIO(model, logits_to_keep(artifact.logits)), example_inputs(model), dynamo=True, opset_version=opset,
@@ -184,6 +188,16 @@ def _trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> N
     for k, v in artifact.to_metadata().items():
         program.model.metadata_props[k] = v
     ir.save(program.model, path, external_data=path.name + ".data", size_threshold_bytes=EXTERNAL_DATA_THRESHOLD)
+
+
+@contextlib.contextmanager
+def _log_level(logger: logging.Logger, level: int):
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 # ---------------------------------------------------------------------------------- files
