@@ -21,7 +21,9 @@ the text would change.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -141,26 +143,33 @@ def fuse_cpu_ops(proto, config):
     opts = FusionOptions("gpt2")
     opts.enable_attention = opts.enable_embed_layer_norm = opts.enable_rotary_embeddings = False
     opts.enable_shape_inference = False  # onnx's shape inference stops at 2 GB; not needed by these fusions
-    model = optimize_model(proto, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd,
-                           optimization_options=opts, opt_level=0, use_gpu=False)
+    with _quiet_onnxruntime_tools():
+        model = optimize_model(proto, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd,
+                               optimization_options=opts, opt_level=0, use_gpu=False)
     proto = model.model
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):  # the fused ops' domain
         proto.opset_import.add(domain="com.microsoft", version=1)
     return toposort(proto)
 
 
-def _quantize_int8(src: Path, dst: Path) -> dict:
-    import logging
+@contextlib.contextmanager
+def _quiet_onnxruntime_tools():
+    """onnxruntime's quantizers and fusers log each node at INFO and advise pre-processing at WARNING, through
+    loggers named after their own modules (they put their folder on sys.path): noise for users. Errors pass."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
+
+def _quantize_int8(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level, _ = root.level, root.setLevel(logging.ERROR)  # quantize_dynamic warns "consider pre-processing"
-    try:  # MatMul only: Gather (the embedding) stays fp32, and opset >= 23 Attention nodes are left alone
+    with _quiet_onnxruntime_tools():  # MatMul only: Gather (the embedding) stays fp32, opset >= 23 Attention is left alone
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                          per_channel=False, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    finally:
-        root.setLevel(level)
     save_model(toposort(_load(dst)), dst)  # rewrite so the external data follows our naming and threshold
     return {"method": "onnxruntime.quantization.quantize_dynamic", "op_types": ["MatMul"], "weight_type": "int8",
             "activations": "uint8, dynamic per tensor", "lm_head": "untied, quantized"}
@@ -171,7 +180,8 @@ def _quantize_int4(src: Path, dst: Path) -> dict:
 
     q = MatMulNBitsQuantizer(_load(src), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=4,
                              op_types_to_quantize=("MatMul",))
-    q.process()
+    with _quiet_onnxruntime_tools():
+        q.process()
     save_model(toposort(q.model.model), dst)
     return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": 4, "block_size": INT4_BLOCK_SIZE,
             "symmetric": True, "accuracy_level": 4, "lm_head": "untied, quantized"}
