@@ -137,15 +137,19 @@ def check_io(expected: list[str], actual: list[str], what: str, where: str) -> N
                             f"missing {missing or 'none'}, unexpected {extra or 'none'}")
 
 
-def resolve_onnx(path: str | Path) -> Path:
-    """`DIR` or `DIR/model.onnx` -> the model.onnx path, with a clear error when it is not there."""
+def resolve_file(path: str | Path, name: str, how_to_make: str) -> Path:
+    """`DIR` or `DIR/<name>` -> that file's path, with a clear error (saying how to make one) when it is not there."""
     p = Path(path).expanduser()
     if p.is_dir():
-        p = p / "model.onnx"
+        p = p / name
     if not p.is_file():
-        raise ArtifactError(f"{p} does not exist; give an exported folder or its model.onnx "
-                            f"(create one with `nanogpt-deploy export SOURCE --out DIR`)")
+        raise ArtifactError(f"{p} does not exist; give the file or the folder holding {name} ({how_to_make})")
     return p
+
+
+def resolve_onnx(path: str | Path) -> Path:
+    """`DIR` or `DIR/model.onnx` -> the model.onnx path."""
+    return resolve_file(path, "model.onnx", "create one with `nanogpt-deploy export SOURCE --out DIR`")
 
 
 def read_onnx_artifact(path: str | Path) -> Artifact:

@@ -120,7 +120,7 @@ def _copy_with_metadata(src: Path, dst: Path, edit) -> Path:
 
 
 def test_load_errors_are_clear(tiny_onnx_dir, tmp_path):
-    with pytest.raises(ArtifactError, match="does not exist; give an exported folder"):
+    with pytest.raises(ArtifactError, match="does not exist; give the file or the folder holding model.onnx"):
         load_backend("onnxruntime", str(tmp_path / "nowhere"))
     with pytest.raises(BackendError, match=r"unknown backend 'onnx'; choose one of \['onnxruntime', 'tensorrt', 'torch'\]"):
         load_backend("onnx", str(tiny_onnx_dir))

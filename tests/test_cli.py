@@ -68,7 +68,7 @@ def test_generate_bad_inputs_are_one_line_errors(tiny_onnx_dir, capsys, argv, me
 
 def test_generate_refuses_missing_model_and_unknown_backend(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "none"), "--prompt-ids", "1"]) == 1
-    assert "does not exist; give an exported folder" in capsys.readouterr().err
+    assert "does not exist; give the file or the folder holding model.onnx" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", str(tmp_path), "--prompt-ids", "1", "--backend", "bogus"])
     assert "invalid choice: 'bogus'" in capsys.readouterr().err

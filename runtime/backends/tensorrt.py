@@ -30,7 +30,7 @@ import numpy as np
 
 from model.config import GPTConfig
 
-from ..artifact import Artifact, ArtifactError, check_io, input_names
+from ..artifact import Artifact, ArtifactError, check_io, input_names, resolve_file
 from ..files import atomic_write_text
 from . import BackendError, check_step
 
@@ -221,13 +221,7 @@ class EngineMeta:
 
 def resolve_engine(path: str | Path) -> Path:
     """`DIR` or `DIR/model.engine` -> the engine path, with a clear error when it is not there."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / ENGINE_NAME
-    if not p.is_file():
-        raise ArtifactError(f"{p} does not exist; give an engine or the folder holding {ENGINE_NAME} (build one "
-                            f"with `nanogpt-deploy build-engine MODEL_DIR --out {p}`)")
-    return p
+    return resolve_file(path, ENGINE_NAME, "build one with `nanogpt-deploy build-engine MODEL_DIR --out ENGINE`")
 
 
 def sidecar_path(engine: str | Path) -> Path:
