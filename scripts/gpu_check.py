@@ -10,8 +10,8 @@ wheel to the lent device):
    fp32 and fp16, driven step by step through the runtime's backend (prefill then one-token decode),
    checking that every present/past OrtValue stays on the GPU; greedy token identity over 64 tokens.
 2. Speed: TTFT, decode tok/s, per-token latency p50/p95; batch 1 and 8; fp32 and fp16; torch eager
-   CUDA vs onnxruntime CUDA EP (IO binding). Warm-up, then the median of --repeats runs. Timings come
-   from runtime.generate's own clocks; both backends return host logits, which synchronizes each step.
+   CUDA vs onnxruntime CUDA EP (IO binding), timed by runtime.bench.time_case (the `bench` command's
+   method: warm-up, medians); both backends return host logits, which synchronizes each step.
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def main() -> int:
     from model import GPT
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.backends.torch import TorchBackend
+    from runtime.bench import Case, time_case
     from runtime.generate import SamplingParams, generate
 
     out = Path(args.out)
@@ -131,21 +132,14 @@ def main() -> int:
     print("greedy identical:", res["greedy_identical_64"], flush=True)
 
     # -- speed ------------------------------------------------------------------------------------
-    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, stop_token_ids=())
-    bench = []
+    bench = []  # runtime.bench's own timing: warm-up, medians, per-token latency percentiles
     for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = rng.integers(0, model.config.real_vocab_size, (batch, args.prompt_len)).tolist()
+        case = Case(batch=batch, prompt=args.prompt_len, new=args.new_tokens)
         for label, make in targets.items():
             be = make()
-            generate(be, None, prompts, params)  # warm-up: kernels, allocator, cuDNN/cuBLAS plans
-            runs = []
-            for _ in range(args.repeats):
-                c = generate(be, None, prompts, params)[0].timing
-                lat = np.array(c.decode_latencies_s)
-                runs.append((c.ttft_s, batch * len(lat) / lat.sum(), np.percentile(lat, 50), np.percentile(lat, 95)))
-            m = np.median(np.array(runs), axis=0)
-            row = {"backend": label, "batch": batch, "ttft_ms": m[0] * 1e3, "decode_tok_s": m[1],
-                   "p50_ms": m[2] * 1e3, "p95_ms": m[3] * 1e3}
+            t = time_case(be, case, warmup=1, repeats=args.repeats)
+            row = {"backend": label, "batch": batch, "ttft_ms": t["ttft_ms"], "decode_tok_s": t["decode_tok_s"],
+                   "p50_ms": t["latency_p50_ms"], "p95_ms": t["latency_p95_ms"]}
             bench.append(row)
             print(row, flush=True)
             del be

@@ -12,17 +12,14 @@ import pytest
 from conftest import ROOT
 from runtime.cli import main
 from runtime.generate import SamplingParams, generate
-from runtime.tokenizer import TokenizerError, load_tokenizer
+from runtime.tokenizer import load_tokenizer
 
 SUMMARY = re.compile(r"^(\d+) tokens in [\d.]+ s, [\d.]+ tok/s \[(\w+), (\S+), (\w+)\]$")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ranks():
-    try:
-        load_tokenizer()
-    except TokenizerError as e:
-        pytest.skip(f"GPT-2 ranks not installed ({e})")
+def ranks(tokenizer):
+    """The CLI loads the tokenizer itself: the ranks must be installed (conftest fails loudly if not)."""
 
 
 def test_generate_json_end_to_end(tiny_onnx_dir, capsys):
