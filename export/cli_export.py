@@ -4,6 +4,7 @@
     nanogpt-deploy export model/weights/pycode --out out/pycode-int8 --quantize int8
     nanogpt-deploy export gpt2 --out out/gpt2-fp16 --dtype fp16
     nanogpt-deploy export gpt2 --out out/gpt2-serve --opset 23 --logits last     # serving: faster time to first token
+    nanogpt-deploy export gpt2 --out out/gpt2-ort --opset 23 --logits last --kv-cache shared   # fastest on onnxruntime
 
 Stages go to stderr as they run; the summary (file, size, max|Δ| per shape, variant agreement,
 seconds) to stdout, or one JSON object with --json. Heavy imports happen inside `run`.
@@ -27,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logits", choices=("all", "last"), default="all",
                    help="all: logits [batch, sequence, vocab] (default; what other tools expect); last: only the last "
                         "position's logits, faster prefill/TTFT; perplexity then needs step-by-step decoding")
+    p.add_argument("--kv-cache", choices=("concat", "shared"), default="concat",
+                   help="concat: present = Concat(past, new), standard ONNX that TensorRT and other runtimes run "
+                        "(default); shared: onnxruntime's GroupQueryAttention updates one cache buffer in place "
+                        "(faster decode, most at batch > 1; onnxruntime only, CUDA needs --dtype fp16)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
     p.add_argument("--force", action="store_true", help="write into a DIR that holds unrelated files")
     p.add_argument("--no-gate", action="store_true",
@@ -52,7 +57,7 @@ def run(args) -> int:
 
     model = GPT.from_pretrained(args.source)
     path = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize,
-                       logits=args.logits, source=args.source, force=args.force,
+                       logits=args.logits, kv_cache=args.kv_cache, source=args.source, force=args.force,
                        gate=False if args.no_gate else None, progress=stage)
     summary = summarize(path, time.perf_counter() - t0)
     print(json.dumps(summary, sort_keys=True) if args.json else format_summary(summary))
@@ -65,13 +70,14 @@ def summarize(path, seconds: float) -> dict:
     art = read_onnx_artifact(path)
     files = {f.name: f.stat().st_size for f in sorted(path.parent.iterdir()) if f.name.startswith("model.onnx")}
     return {"path": str(path), "precision": art.precision, "opset": art.versions.get("opset"), "logits": art.logits,
+            "kv_cache": art.kv_cache,
             "bytes": sum(files.values()), "files": files, "seconds": round(seconds, 2),
             "parity": art.extra.get("parity"), "variant": art.extra.get("variant")}
 
 
 def format_summary(s: dict) -> str:
     lines = [f"wrote {s['path']} ({', '.join(s['files'])}): {s['bytes'] / 1e6:.1f} MB "
-             f"[{s['precision']}, opset {s['opset']}, logits {s.get('logits', 'all')}] in {s['seconds']:.1f} s"]
+             f"[{s['precision']}, opset {s['opset']}, logits {s.get('logits', 'all')}, kv_cache {s.get('kv_cache', 'concat')}] in {s['seconds']:.1f} s"]
     if s["parity"]:
         p = s["parity"]
         shapes = "  ".join(f"{k} {max(v.values()):.1e}" for k, v in p["shapes"].items())

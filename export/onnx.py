@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from model import GPT
-from runtime.artifact import LOGITS, Artifact, ArtifactError, input_names, output_names, read_onnx_artifact
+from runtime.artifact import KV_CACHES, LOGITS, Artifact, ArtifactError, input_names, output_names, read_onnx_artifact
 
 MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
@@ -92,7 +92,8 @@ def logits_to_keep(logits: str) -> int:
 
 
 def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
-                quantize: str | None = None, logits: str = "all", source: str = "", force: bool = False,
+                quantize: str | None = None, logits: str = "all", kv_cache: str = "concat", source: str = "",
+                force: bool = False,
                 validate: bool = True,
                 eval_ids: np.ndarray | None = None, gate: bool | None = None, progress=lambda msg: None) -> Path:
     """Trace `model`, validate it, and write DIR/model.onnx (+ model.onnx.data) atomically.
@@ -106,6 +107,9 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         logits: "all" (logits [batch, sequence, vocab], what other tools expect) or "last" ([batch, 1,
             vocab]: the last position only; faster prefill / time to first token, and perplexity then
             needs step-by-step decoding).
+        kv_cache: "concat" (present = Concat(past, new): standard ONNX, runs anywhere, TensorRT included) or
+            "shared" (onnxruntime's GroupQueryAttention updates one cache buffer in place: faster decode on
+            onnxruntime, see export/kv_shared.py; not for TensorRT).
         source: what the model was loaded from, recorded in the metadata.
         force: write into a DIR holding unrelated files.
         validate: run the onnxruntime-vs-torch parity check (fp32 gate PARITY_ATOL).
@@ -127,12 +131,15 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
     if logits not in LOGITS:
         raise ExportError(f"logits {logits!r} is not supported; choose one of {', '.join(LOGITS)}")
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"kv_cache {kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}")
     out_dir = prepare_out_dir(out_dir, force)
     if model.lm_head.weight.dtype != torch.float32:
         model = copy.deepcopy(model).float()
     model = model.eval()
     files = [Path(f) for f in getattr(model, "checkpoint_files", [])]
     artifact = Artifact(config=model.config, precision="fp32", tokenizer=model.config.tokenizer, logits=logits,
+                        kv_cache=kv_cache,
                         source=source, source_sha256=sha256_file(files[0]) if files else "", versions=_versions(opset),
                         extra={"source_files": {f.name: sha256_file(f) for f in files}} if files else {})
 
@@ -146,9 +153,17 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         check_symbolic_axes(path, logits)
         check_external_data(path)
         check_weight_bytes(path, model.num_params() * 4)
+        if kv_cache == "shared":
+            import onnx
+
+            from .kv_shared import share_kv_cache
+
+            progress("rewriting attention into GroupQueryAttention (KV cache updated in place)")
+            save_model(share_kv_cache(onnx.load(str(path)), model.config), path)
+            check_weight_bytes(path, model.num_params() * 4)
         if validate:
             progress(f"validating onnxruntime vs torch at {len(PARITY_SHAPES)} (batch, sequence, past) shapes")
-            parity = check_parity(model, path, logits=logits)
+            parity = check_parity(model, path, logits=logits, kv_cache=kv_cache)
             artifact = dataclasses.replace(artifact, extra=dict(artifact.extra, parity=parity))
         write_metadata(path, artifact)
 
@@ -385,10 +400,12 @@ def run_torch(model: GPT, feeds: dict[str, np.ndarray], logits: str = "all") -> 
 
 
 def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PARITY_ATOL, seed=None,
-                 logits: str = "all") -> dict:
+                 logits: str = "all", kv_cache: str = "concat") -> dict:
     """onnxruntime vs torch on fresh random inputs at each shape; raises naming each output's max|Δ| > atol.
 
     logits="last": the graph's (B, 1, V) logits against torch's last position (a shape mismatch is an error).
+    kv_cache="shared": the graph is fed the way the runtime feeds it (rows left-aligned; see
+    run_left_aligned) and its outputs are compared on the real positions.
 
     Returns {"atol", "max_abs_diff", "shapes": {"B2xT7xP5": {"logits": d, "present": d}, ...}}.
     """
@@ -398,8 +415,8 @@ def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PAR
     per_shape = {}
     for batch, seq, past, pad in shapes:
         feeds = parity_feeds(model.config, batch, seq, past, pad, rng)
-        got = session.run(None, feeds)
         want = run_torch(model, feeds, logits)
+        got = session.run(None, feeds) if kv_cache == "concat" else run_left_aligned(session, feeds, want, past, logits)
         wrong = [f"{n}: onnxruntime {g.shape}, torch {w.shape}" for n, g, w in zip(names, got, want) if g.shape != w.shape]
         if wrong:
             raise ExportError(f"{path}: output shapes differ from torch's (logits={logits!r}) at B{batch}xT{seq}xP{past}: "
@@ -415,6 +432,39 @@ def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PAR
                           + ", ".join(f"{n}: max|Δ|={d:.2e}" for n, d in bad.items())
                           + f" (per shape: {per_shape})")
     return {"atol": atol, "max_abs_diff": max(worst.values()), "shapes": per_shape}
+
+
+def run_left_aligned(session, feeds: dict[str, np.ndarray], want: list[np.ndarray], past: int,
+                     logits: str) -> list[np.ndarray]:
+    """Run a kv_cache="shared" graph on left-padded `feeds` as the runtime does, with outputs in their layout.
+
+    Its rows are left-aligned: row b's real past moves to slots [0, n_b), and a step whose new tokens
+    include padding, or a multi-token step after a past (GroupQueryAttention's batch-1 case), runs row by
+    row on the real tokens. Padded positions are not compared: they take `want`'s (torch's) values.
+    """
+    mask = feeds["attention_mask"]
+    B, T = feeds["input_ids"].shape
+    kv = [k for k in feeds if k.startswith("past_key_values.")]
+    got = [w.copy() for w in want]
+    pad_past = [int(past - mask[b, :past].sum()) for b in range(B)]  # parity_feeds pads on the left
+    pad_new = [int(T - mask[b, past:].sum()) for b in range(B)]
+    rows = [[b] for b in range(B)] if (any(pad_new) or (T > 1 and past)) else [list(range(B))]
+    for r in rows:
+        f = {"input_ids": np.stack([feeds["input_ids"][b, pad_new[b]:] for b in r]),
+             "position_ids": np.stack([feeds["position_ids"][b, pad_new[b]:] for b in r])}
+        f["attention_mask"] = mask[r] if len(r) > 1 else np.ones((1, past - pad_past[r[0]] + T - pad_new[r[0]]), np.int64)
+        for k in kv:
+            width = past if len(r) > 1 else past - pad_past[r[0]]
+            f[k] = np.zeros((len(r), *feeds[k].shape[1:2], width, feeds[k].shape[3]), feeds[k].dtype)
+            for j, b in enumerate(r):
+                f[k][j, :, :past - pad_past[b]] = feeds[k][b, :, pad_past[b]:]
+        out = session.run(None, f)
+        for j, b in enumerate(r):
+            n = T - pad_new[b]
+            got[0][b, -min(n, got[0].shape[1]):] = out[0][j, -min(n, out[0].shape[1]):]
+            for g, o in zip(got[1:], out[1:]):
+                g[b, :, pad_past[b] + pad_new[b]:] = o[j, :, :past - pad_past[b] + n]
+    return got
 
 
 def sample_eval_ids(model: GPT, batch: int = 4, seq: int = 64, seed: int = 0) -> np.ndarray:

@@ -52,6 +52,14 @@ def check_precision(precision: str) -> None:
                                f"fp16 variant (`nanogpt-deploy export SOURCE --out DIR --dtype fp16`)")
 
 
+def check_kv_cache(kv_cache: str) -> None:
+    """An in-place ("shared") KV cache is onnxruntime's GroupQueryAttention, which TensorRT's parser lacks."""
+    if kv_cache != "concat":
+        raise EngineBuildError(f"a kv_cache={kv_cache!r} model.onnx cannot become a TensorRT engine: its "
+                               f"GroupQueryAttention is onnxruntime's own operator; export again without "
+                               f"`--kv-cache {kv_cache}` (the engine keeps its KV cache in place by itself)")
+
+
 def resolve_limits(config: GPTConfig, max_batch: int = DEFAULT_MAX_BATCH, max_seq: int | None = None,
                    opt_batch: int = DEFAULT_OPT_BATCH, opt_seq: int | None = None,
                    workspace_gb: float = DEFAULT_WORKSPACE_GB) -> dict:
@@ -189,6 +197,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     trt, cudart = import_tensorrt(), import_cudart()  # before any work: the missing extra is the first thing said
     art = read_onnx_artifact(onnx_path)
     check_precision(art.precision)
+    check_kv_cache(art.kv_cache)
     limits = resolve_limits(art.config, max_batch, max_seq, opt_batch, opt_seq, workspace_gb)
     profiles = compute_profiles(art.config, limits["max_batch"], limits["max_seq"], limits["opt_batch"],
                                 limits["opt_seq"])
@@ -259,4 +268,4 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     return meta
 
 
-__all__ = ["EngineBuildError", "TensorRTError", "build_engine", "check_precision", "compute_profiles", "resolve_limits"]
+__all__ = ["EngineBuildError", "TensorRTError", "build_engine", "check_kv_cache", "check_precision", "compute_profiles", "resolve_limits"]

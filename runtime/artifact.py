@@ -24,6 +24,11 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LOGITS = ("all", "last")
 # KV cache layout of every past_key_values.{i}.* input and present.{i}.* output
 KV_LAYOUT = ("batch", "n_head", "past_sequence", "head_dim")
+# how a graph updates its KV cache: "concat" -> present = Concat(past, new), rows left-padded through the mask
+# (standard ONNX; TensorRT and other runtimes run it); "shared" -> onnxruntime's GroupQueryAttention writes the
+# new positions in place into one fixed-capacity buffer bound as both past and present, rows left-aligned
+# (export/kv_shared.py). Artifacts older than the field: "concat".
+KV_CACHES = ("concat", "shared")
 
 
 class ArtifactError(ValueError):
@@ -45,6 +50,7 @@ class Artifact:
     precision: str = "fp32"
     tokenizer: str = "gpt2"
     logits: str = "all"  # LOGITS: the runtime's contract on the logits output's sequence axis
+    kv_cache: str = "concat"  # KV_CACHES
     source: str = ""
     source_sha256: str = ""
     versions: dict = field(default_factory=dict)  # exporter versions: torch, onnx, onnxruntime, this project
@@ -55,6 +61,8 @@ class Artifact:
             raise ArtifactError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.logits not in LOGITS:
             raise ArtifactError(f"logits {self.logits!r} is not one of {LOGITS}")
+        if self.kv_cache not in KV_CACHES:
+            raise ArtifactError(f"kv_cache {self.kv_cache!r} is not one of {KV_CACHES}")
 
     @property
     def inputs(self) -> list[str]:
@@ -107,7 +115,7 @@ class Artifact:
                 continue
             k = k[len(PREFIX):]
             try:
-                d[k] = v if k in ("format", "precision", "tokenizer", "logits", "source", "source_sha256") else json.loads(v)
+                d[k] = v if k in ("format", "precision", "tokenizer", "logits", "kv_cache", "source", "source_sha256") else json.loads(v)
             except json.JSONDecodeError:
                 raise ArtifactError(f"{where}: metadata field {k!r} is not valid JSON") from None
         if not d:

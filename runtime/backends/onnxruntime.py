@@ -5,6 +5,13 @@ as this step's `past_key_values.*` inputs (IO binding) and lets onnxruntime allo
 the cache's device: host memory on CPU, GPU memory on CUDA, where the cache stays between steps. Only
 the ids / mask / positions go in from numpy and only the logits come out to numpy.
 
+A graph exported with `--kv-cache shared` (GroupQueryAttention, export/kv_shared.py) instead gets one
+buffer per cache tensor, (B, n_head, capacity, head_dim), bound once as both its past input and its
+present output: onnxruntime writes each step's keys and values into it in place, nothing is copied, and
+a decode step rebinds only ids / mask / positions / logits. Rows are left-aligned there (row b's tokens
+at slots [0, n_b)), so a left-padded prefill, or a multi-token step after a past, runs row by row on each
+row's real tokens (the graph's batch-1 case); the capacity doubles when a sequence outgrows it.
+
     backend = OnnxRuntimeBackend("out/tiny", provider="cpu", threads=2)
     backend.reset(batch_size=1)
     logits = backend.forward(ids, mask, positions)   # (B, T, V) float32; the cache grows by T
@@ -75,7 +82,16 @@ class OnnxRuntimeBackend:
         self._io = self.session.io_binding()
         self._past: list | None = None  # OrtValues, one per past_key_values.* input
         self._batch = 0
-        self._length = 0  # positions in the cache
+        self._length = 0  # positions in the cache (the mask's width so far)
+        self.kv_cache = self.artifact.kv_cache
+        if self.kv_cache == "shared" and provider == "cuda" and self.precision != "fp16":
+            raise BackendError(f"{path}: a kv_cache='shared' graph runs GroupQueryAttention, which onnxruntime's CUDA "
+                               f"provider has in fp16 only (this graph is {self.precision}); export it with "
+                               f"`--dtype fp16 --kv-cache shared`, or use --provider cpu")
+        self._cache: list = []  # shared: one buffer per past/present pair (numpy on CPU, OrtValue on CUDA)
+        self._rows = np.zeros(0, np.int64)  # shared: real tokens cached per row
+        self._capacity = 0  # shared: positions each buffer holds
+        self._bound = None  # shared: which rows the cache bindings point at (None: none, -1: all, b: row b)
 
     @property
     def past_length(self) -> int:
@@ -83,6 +99,11 @@ class OnnxRuntimeBackend:
 
     def reset(self, batch_size: int) -> None:
         c = self.config
+        if self.kv_cache == "shared":
+            self._batch, self._length, self._bound = batch_size, 0, None
+            self._rows = np.zeros(batch_size, np.int64)
+            self._cache = []  # allocated by the first forward, sized to it
+            return
         # Step 0's empty past (B, nh, 0, hs): zero-length host tensors; zero bytes to copy even on CUDA
         empty = np.zeros((batch_size, c.n_head, 0, c.head_dim), dtype=self._kv_dtype)
         ov = self._ort.OrtValue.ortvalue_from_numpy(empty)
@@ -91,11 +112,13 @@ class OnnxRuntimeBackend:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         B, T = input_ids.shape
-        if self._past is None or B != self._batch:
+        if B != self._batch:  # 0 before the first reset
             if self._length:
                 raise BackendError(f"batch size changed from {self._batch} to {B} mid-sequence; call reset({B}) first")
             self.reset(B)
         check_step(self.config, input_ids, attention_mask, position_ids, self._length)
+        if self.kv_cache == "shared":
+            return self._forward_shared(input_ids, attention_mask, position_ids)
 
         io = self._io
         io.clear_binding_inputs()
@@ -117,6 +140,76 @@ class OnnxRuntimeBackend:
         self._past = list(outputs[1:])  # stays on the device: next step's past
         self._length += T
         return outputs[0].numpy().astype(np.float32, copy=False)  # (B, T, V); (B, 1, V) for logits="last"
+
+
+    # ------------------------------------------------------------------ kv_cache="shared"
+
+    def _forward_shared(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        B, T = input_ids.shape
+        new = attention_mask[:, -T:] != 0  # (B, T): which new positions are real (padding is on the left)
+        n_new = new.sum(1)
+        if not all(new[b, T - n:].all() for b, n in enumerate(n_new)):
+            raise BackendError("attention_mask pads inside the new tokens; a kv_cache='shared' graph takes padding "
+                               "on the left of a prompt only")
+        if not np.array_equal(attention_mask.sum(1), self._rows + n_new):
+            raise BackendError("attention_mask disagrees with the cache (its ones must count each row's cached + new "
+                               "tokens); pass the same growing mask every step, or reset()")
+        self._reserve(self._length + T)
+        if T == 1 or (self._length == 0 and new.all()):  # decode (rows may differ in length) or an unpadded prefill
+            if not new.all():
+                raise BackendError("a decode step's newest mask column must be 1 for every row")
+            logits = self._run_shared(input_ids, attention_mask, position_ids, rows=-1)
+        else:  # left-padded prefill, or a chunk after a past: row by row, real tokens only
+            V, P = self.config.vocab_size, self.artifact.logits_positions(T)
+            logits = np.zeros((B, P, V), np.float32)
+            for b, n in enumerate(int(n) for n in n_new):
+                if n:
+                    row = self._run_shared(input_ids[b:b + 1, T - n:], np.ones((1, self._rows[b] + n), np.int64),
+                                           position_ids[b:b + 1, T - n:], rows=b)
+                    logits[b, P - row.shape[1]:] = row[0]
+        self._rows += n_new
+        self._length += T
+        return logits
+
+    def _run_shared(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, rows: int) -> np.ndarray:
+        io, B, T = self._io, ids.shape[0], ids.shape[1]
+        if self._bound != rows:  # the cache bindings change only between prefill rows and the batch
+            c, cap = self.config, self._capacity
+            shape, row_bytes = [B, c.n_head, cap, c.head_dim], c.n_head * cap * c.head_dim * self._kv_dtype.itemsize
+            for past, present, buf in zip(self._past_names, self._present_names, self._cache):
+                ptr = _data_ptr(buf) + (row_bytes * rows if rows >= 0 else 0)
+                io.bind_input(past, self._device, self._device_id, self._kv_dtype, shape, ptr)
+                io.bind_output(present, self._device, self._device_id, self._kv_dtype, shape, ptr)
+            self._bound = rows
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
+        logits = np.empty((B, self.artifact.logits_positions(T), self.config.vocab_size), self._kv_dtype)
+        io.bind_output("logits", "cpu", 0, self._kv_dtype, list(logits.shape), logits.ctypes.data)
+        self._keep = (ids, mask, pos)  # bind_cpu_input reads these in place during run
+        self.session.run_with_iobinding(io)
+        return logits.astype(np.float32, copy=False)
+
+    def _reserve(self, length: int) -> None:
+        """Make the shared buffers hold `length` positions: allocate, or grow (x2, copying what they hold)."""
+        cap = self._capacity if self._cache else 0
+        if length <= cap:
+            return
+        c = self.config
+        new_cap = min(c.block_size, max(length, 2 * cap, 128))
+        shape = (self._batch, c.n_head, new_cap, c.head_dim)
+        grown = []
+        for old in self._cache or [None] * len(self._past_names):
+            host = np.zeros(shape, self._kv_dtype)
+            if old is not None:
+                host[:, :, :cap] = old if self._device == "cpu" else old.numpy()
+            grown.append(host if self._device == "cpu" else
+                         self._ort.OrtValue.ortvalue_from_numpy(host, self._device, self._device_id))
+        self._cache, self._capacity, self._bound = grown, new_cap, None
+
+
+def _data_ptr(buf) -> int:
+    return buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
 
 
 def _open_session(ort, path: Path, so, providers):
