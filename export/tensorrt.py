@@ -57,7 +57,7 @@ def check_kv_cache(kv_cache: str) -> None:
     if kv_cache != "concat":
         raise EngineBuildError(f"a kv_cache={kv_cache!r} model.onnx cannot become a TensorRT engine: its "
                                f"GroupQueryAttention is onnxruntime's own operator; export again without "
-                               f"`--kv-cache {kv_cache}` (the engine keeps its KV cache in place by itself)")
+                               f"`--kv-cache {kv_cache}` (TensorRT builds from the standard concat graph)")
 
 
 def resolve_limits(config: GPTConfig, max_batch: int = DEFAULT_MAX_BATCH, max_seq: int | None = None,

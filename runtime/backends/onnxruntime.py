@@ -27,6 +27,7 @@ from ..artifact import Artifact, ArtifactError, check_io, resolve_onnx
 from . import BackendError, check_step
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+MIN_CAPACITY = 128  # kv_cache="shared": positions a cache buffer holds at least (it doubles when outgrown)
 
 
 class OnnxRuntimeBackend:
@@ -196,7 +197,7 @@ class OnnxRuntimeBackend:
         if length <= cap:
             return
         c = self.config
-        new_cap = min(c.block_size, max(length, 2 * cap, 128))
+        new_cap = min(c.block_size, max(length, 2 * cap, MIN_CAPACITY))
         shape = (self._batch, c.n_head, new_cap, c.head_dim)
         grown = []
         for old in self._cache or [None] * len(self._past_names):
