@@ -5,7 +5,9 @@ Peers: Hugging Face transformers `generate` (torch eager, KV cache, greedy) and 
 `runtime.generate` on the onnxruntime backend, fp32 / int8 / int4 exports of that folder with `--opset 23`
 (a validated export option: SDPA becomes one ONNX Attention node; 327 graph nodes instead of 577) and
 `--logits last` (logits of the last position only, as transformers' generate computes in prefill;
-`--logits all` measures the full-logits exports). The checkpoint is GPT-2 124M-shaped with random weights
+`--logits all` measures the full-logits exports) and `--kv-cache shared` (the KV cache updated in place by
+onnxruntime's GroupQueryAttention; `ours-fp32-concat` runs the standard concat graph beside it, so one
+run shows before and after). The checkpoint is GPT-2 124M-shaped with random weights
 (torch seed fixed), written once with save_pretrained.
 
 Every engine runs in its own process with the same thread count and the same seeded prompt ids; greedy,
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("transformers", "optimum", "ours-fp32", "ours-int8", "ours-int4")
+ENGINES = ("transformers", "optimum", "ours-fp32", "ours-int8", "ours-int4", "ours-fp32-concat")
 VOCAB = 50257
 # the issue's goals: (engine, measure, against, min ratio)
 GOALS = (("ours-fp32", "decode_tok_s", "transformers", 1.8), ("ours-fp32", "decode_tok_s", "optimum", 1.5),
@@ -50,11 +52,17 @@ def prompt_ids(batch: int, length: int, seed: int = 0) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------------- preparing the checkpoint
 
-def export_dir(work: Path, opset: int, quant: str, logits: str) -> Path:
-    return work / (f"onnx{opset}-{quant}" + ("-last" if logits == "last" else ""))
+def export_dir(work: Path, opset: int, quant: str, logits: str, kv_cache: str = "concat") -> Path:
+    return work / (f"onnx{opset}-{quant}" + ("-last" if logits == "last" else "") + ("-shared" if kv_cache == "shared" else ""))
 
 
-def prepare(work: Path, engines: list[str], project_python: str, opset: int, logits: str, log) -> None:
+def ours(name: str, kv_cache: str) -> tuple[str, str]:
+    """"ours-int8" -> ("int8", kv_cache); "ours-fp32-concat" -> ("fp32", "concat"): the standard graph, for before/after."""
+    parts = name.split("-")
+    return parts[1], parts[2] if len(parts) > 2 else kv_cache
+
+
+def prepare(work: Path, engines: list[str], project_python: str, opset: int, logits: str, kv_cache: str, log) -> None:
     """The HF folder (random 124M, seed 0), and the exports `engines` need (ours, optimum's); each made once."""
     hf = work / "hf"
     if not (hf / "config.json").is_file():
@@ -64,8 +72,8 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
         log(f"writing a random GPT-2 124M checkpoint (torch seed 0) to {hf}")
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config()).save_pretrained(hf)
-    for q in [e.split("-")[1] for e in engines if e.startswith("ours-")]:
-        out = export_dir(work, opset, q, logits)
+    for q, kv in [ours(e, kv_cache) for e in engines if e.startswith("ours-")]:
+        out = export_dir(work, opset, q, logits, kv)
         if (out / "model.onnx").is_file():
             continue
         log(f"exporting ours ({q}) to {out} with {project_python}")
@@ -73,7 +81,7 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
         # judged on the trained model by `nanogpt-deploy verify`)
         extra = [] if q == "fp32" else ["--quantize", q, "--no-gate"]
         subprocess.run([project_python, "-m", "runtime.cli", "export", str(hf), "--out", str(out), "--opset", str(opset),
-                        "--logits", logits, *extra],
+                        "--logits", logits, "--kv-cache", kv, *extra],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     opt = work / "optimum"
     if "optimum" in engines and not (opt / "model.onnx").is_file():
@@ -88,7 +96,7 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
 class Engine:
     """generate(ids, new) -> (token ids per row, seconds to the first token, seconds of each later token)."""
 
-    def __init__(self, name: str, work: Path, threads: int, opset: int, logits: str):
+    def __init__(self, name: str, work: Path, threads: int, opset: int, logits: str, kv_cache: str):
         self.name = name
         if name in ("transformers", "optimum"):
             import torch
@@ -111,7 +119,8 @@ class Engine:
             sys.path.insert(0, str(ROOT))
             from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-            self.backend = OnnxRuntimeBackend(export_dir(work, opset, name.split("-")[1], logits), threads=threads)
+            quant, kv = ours(name, kv_cache)
+            self.backend = OnnxRuntimeBackend(export_dir(work, opset, quant, logits, kv), threads=threads)
 
     def generate(self, ids: list[list[int]], new: int):
         if self.name.startswith("ours"):
@@ -162,10 +171,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(name: str, work: Path, threads: int, opset: int, logits: str) -> None:
+def run_worker(name: str, work: Path, threads: int, opset: int, logits: str, kv_cache: str) -> None:
     """Load one engine, then serve the parent: one JSON line in (a workload name), one JSON line out (its timing)."""
     t0 = time.perf_counter()
-    engine = Engine(name, work, threads, opset, logits)
+    engine = Engine(name, work, threads, opset, logits, kv_cache)
     print(json.dumps({"engine": name, "load_s": time.perf_counter() - t0, "versions": versions(name)}), flush=True)
     prompts = {k: prompt_ids(b, p, seed) for k, (b, p, n, seed) in WORKLOADS.items()}
     for line in sys.stdin:
@@ -242,7 +251,7 @@ def format_table(report: dict) -> str:
                    else f"goal {g['goal']}: not measured")
     m = report["machine"]
     out.append(f"[{m['cpu']}, {m['cores']} cores, {report['threads']} threads, ours: opset {report['opset']}, logits "
-               f"{report.get('logits', 'all')}; load {m['load_before']} -> {m['load_after']}]")
+               f"{report.get('logits', 'all')}, kv_cache {report.get('kv_cache', 'concat')}; load {m['load_before']} -> {m['load_after']}]")
     return "\n".join(out)
 
 
@@ -272,6 +281,9 @@ def main(argv=None) -> int:
     p.add_argument("--logits", choices=("all", "last"), default="last",
                    help="our exports' logits (default last: the last position only, faster time to first token, as "
                         "transformers' generate computes in prefill; all: every position, the export default)")
+    p.add_argument("--kv-cache", choices=("concat", "shared"), default="shared",
+                   help="our exports' KV cache (default shared: updated in place by GroupQueryAttention; the "
+                        "ours-fp32-concat engine always runs the standard concat graph, for before/after)")
     p.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"),
                    help="the project's Python, used to export (needs torch + onnxscript)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
@@ -279,7 +291,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     if args.worker:
-        run_worker(args.worker, work, args.threads, args.opset, args.logits)
+        run_worker(args.worker, work, args.threads, args.opset, args.logits, args.kv_cache)
         return 0
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -287,7 +299,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
         p.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
-    prepare(work, engines, args.project_python, args.opset, args.logits, log)
+    prepare(work, engines, args.project_python, args.opset, args.logits, args.kv_cache, log)
     load_before = [round(x, 2) for x in os.getloadavg()]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false")
@@ -297,7 +309,8 @@ def main(argv=None) -> int:
     for name in engines:
         log(f"loading {name}")
         workers[name] = subprocess.Popen([sys.executable, __file__, "--worker", name, "--work", str(work), "--threads",
-                                          str(args.threads), "--opset", str(args.opset), "--logits", args.logits],
+                                          str(args.threads), "--opset", str(args.opset), "--logits", args.logits,
+                                          "--kv-cache", args.kv_cache],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          text=True, env=env, cwd=ROOT)
         loads[name] = _reply(workers[name], name)
@@ -317,7 +330,7 @@ def main(argv=None) -> int:
         proc.wait()
     results = [summarize(name, runs[name], loads[name]) for name in engines]
     report = {"machine": machine(load_before), "threads": args.threads, "repeats": args.repeats, "opset": args.opset,
-              "logits": args.logits,
+              "logits": args.logits, "kv_cache": args.kv_cache,
               "workload": {"batch1": "prompt 32, 128 new", "ttft": "prompt 512, 1 new", "batch8": "8 x (prompt 32, 128 new)",
                            "sampling": "greedy, no early stop"},
               "results": results, "goals": check_goals(results)}

@@ -94,26 +94,29 @@ def main() -> int:
     work = Path(args.work)
     model = GPT.from_pretrained(args.checkpoint)
     dirs = {}
-    for dt in ("fp32", "fp16"):
-        t = time.perf_counter()
-        dirs[dt] = export_onnx(model, work / dt, dtype=dt, source=args.checkpoint, force=True).parent
-        print(f"exported {dt} in {time.perf_counter() - t:.1f}s", flush=True)
+    for dt, kv in (("fp32", "concat"), ("fp16", "concat"), ("fp16", "shared")):
+        t, name = time.perf_counter(), dt if kv == "concat" else f"{dt} shared"
+        dirs[name] = export_onnx(model, work / name.replace(" ", "-"), dtype=dt, kv_cache=kv, source=args.checkpoint,
+                                 force=True).parent
+        print(f"exported {name} in {time.perf_counter() - t:.1f}s", flush=True)
 
     # -- correctness ------------------------------------------------------------------------------
     rng = np.random.default_rng(0)
     ids = rng.integers(0, model.config.real_vocab_size, (2, 64), dtype=np.int64)
     ref = step_logits(TorchBackend(args.checkpoint, device="cpu"), ids, 32)
-    # the four GPU targets: label -> a function opening a fresh backend
+    # the GPU targets: label -> a function opening a fresh backend ("fp16 shared": KV cache updated in place by
+    # GroupQueryAttention, export --kv-cache shared)
     targets = {f"{kind} cuda {dt}": (lambda kind=kind, dt=dt: TorchBackend(args.checkpoint, device=dev, dtype=dt)
                                      if kind == "torch" else OnnxRuntimeBackend(dirs[dt], provider=dev))
-               for kind in ("torch", "onnxruntime") for dt in ("fp32", "fp16")}
+               for kind in ("torch", "onnxruntime") for dt in ("fp32", "fp16", "fp16 shared") if (kind, dt) != ("torch", "fp16 shared")}
     par = {}
     for label, make in targets.items():
         be = make()
         lg = step_logits(be, ids, 32)
         row = {"max_abs_diff": float(np.abs(lg - ref).max()), "top1_agreement": top1(lg, ref)}
         if isinstance(be, OnnxRuntimeBackend):  # the cache must live on the GPU between steps
-            row["kv_device"] = sorted({v.device_name().lower() for v in be._past})
+            row["kv_device"] = sorted({"cpu" if isinstance(v, np.ndarray) else v.device_name().lower()
+                                       for v in (be._cache if be.kv_cache == "shared" else be._past)})
         par[label] = row
         print(label, row, flush=True)
     res["parity_vs_cpu_fp32"] = par
@@ -147,8 +150,10 @@ def main() -> int:
                 torch.cuda.empty_cache()
     res["bench"] = bench
     b1 = {r["backend"]: r["decode_tok_s"] for r in bench if r["batch"] == 1}
-    res["goal_ort_fp16_vs_torch_eager_b1"] = b1["onnxruntime cuda fp16"] / b1["torch cuda fp32"]
-    res["goal_ort_fp16_vs_torch_eager_fp16_b1"] = b1["onnxruntime cuda fp16"] / b1["torch cuda fp16"]
+    for kv in ("fp16", "fp16 shared"):
+        key = kv.replace(" ", "_")
+        res[f"goal_ort_{key}_vs_torch_eager_b1"] = b1[f"onnxruntime cuda {kv}"] / b1["torch cuda fp32"]
+        res[f"goal_ort_{key}_vs_torch_eager_fp16_b1"] = b1[f"onnxruntime cuda {kv}"] / b1["torch cuda fp16"]
 
     if dev == "cpu":  # labels say cuda; this was the CPU dry run
         res["note"] = "dry run on the CPU: every 'cuda' label ran on the CPU"
@@ -163,6 +168,7 @@ def main() -> int:
     (out / "gpu_results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     ok = (par["onnxruntime cuda fp32"]["max_abs_diff"] <= 1e-3 and par["onnxruntime cuda fp16"]["top1_agreement"] >= 0.99
+          and par["onnxruntime cuda fp16 shared"]["top1_agreement"] >= 0.99
           and par["torch cuda fp16"]["top1_agreement"] >= 0.99 and all(res["greedy_identical_64"].values()))
     print("correctness:", "PASS" if ok else "FAIL")
     return 0 if ok else 1

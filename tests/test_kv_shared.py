@@ -146,3 +146,43 @@ def test_tensorrt_refuses_shared_graphs():
     check_kv_cache("concat")
     with pytest.raises(EngineBuildError, match="GroupQueryAttention.*without `--kv-cache shared`"):
         check_kv_cache("shared")
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_shared_cache_lives_on_the_device_and_follows_cpu(tiny_model, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider (pip install 'nanogpt-deploy[gpu]')")
+    out = export_onnx(tiny_model, tmp_path / "fp16", dtype="fp16", kv_cache="shared").parent
+    cuda, cpu = (load_backend("onnxruntime", str(out), provider=p) for p in ("cuda", "cpu"))
+    a = [c.token_ids for c in generate(cuda, None, PROMPTS, GREEDY_VARIED)]
+    b = [c.token_ids for c in generate(cpu, None, PROMPTS, GREEDY_VARIED)]
+    agree = np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)])
+    assert agree >= 0.9, f"fp16 CUDA vs CPU greedy agreement {agree:.2f}"
+    assert all(v.device_name().lower() == "cuda" for v in cuda._cache)
+    fp32 = export_onnx(tiny_model, tmp_path / "fp32", kv_cache="shared").parent
+    with pytest.raises(BackendError, match="CUDA provider has in fp16 only"):
+        load_backend("onnxruntime", str(fp32), provider="cuda")
+
+
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_long_prompts_prefill_in_chunks_with_the_same_logits(tiny_model, torch_tiny, tmp_path, monkeypatch, logits):
+    import runtime.backends.onnxruntime as ortb
+
+    out = export_onnx(tiny_model, tmp_path / logits, logits=logits, kv_cache="shared").parent
+    be = load_backend("onnxruntime", str(out), threads=1)
+    monkeypatch.setattr(ortb, "PREFILL_CHUNK", 3)  # 11 tokens: chunks 3 + 3 + 3 + 2; the padded row: 3 + 3 + 1
+    ids = np.random.default_rng(2).integers(0, 512, (2, 11))
+    mask = np.ones((2, 11), np.int64)
+    mask[1, :4] = 0
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    for rows in ([0], [0, 1]):
+        be.reset(len(rows)), torch_tiny.reset(len(rows))
+        got, want = be.forward(ids[rows], mask[rows], pos[rows]), torch_tiny.forward(ids[rows], mask[rows], pos[rows])
+        want = want[:, -got.shape[1]:]
+        real = mask[rows][:, -got.shape[1]:] == 1
+        assert max_abs_diff(got[real], want[real]) <= PARITY_ATOL
+        nxt = np.array([[7]] * len(rows))  # and the cache the chunks left behind decodes right
+        m2, p2 = np.concatenate([mask[rows], np.ones((len(rows), 1), np.int64)], 1), pos[rows][:, -1:] + 1
+        assert max_abs_diff(be.forward(nxt, m2, p2), torch_tiny.forward(nxt, m2, p2)[:, -1:]) <= PARITY_ATOL
