@@ -49,7 +49,6 @@ def share_kv_cache(proto, config):
     for n in g.node:
         for i in n.input:
             consumers[i].append(n)
-    outputs = {o.name for o in g.output}
 
     def need(node, op, what):
         if node is None or node.op_type != op:
@@ -83,7 +82,7 @@ def share_kv_cache(proto, config):
         if sp_k is not sp_v or (ik, iv) != (1, 2) or len(sp_k.output) != 3:
             raise GraphPatternError(f"layer {i}: keys and values do not come from one 3-way split of c_attn's output")
         # the attention core reads present.{i}.value (Attention input 2, or the probs @ V MatMul's input 1)
-        core = [n for n in consumers[pres_v]]
+        core = consumers[pres_v]
         if len(core) != 1 or core[0].op_type not in ("Attention", "MatMul"):
             raise GraphPatternError(f"layer {i}: {pres_v} feeds {[n.op_type for n in core]}, expected one Attention / MatMul")
         after = consumers[core[0].output[0]]
@@ -92,8 +91,7 @@ def share_kv_cache(proto, config):
             raise GraphPatternError(f"layer {i}: attention output transposed by {perm(tr)}, expected [0, 2, 1, 3]")
         after = consumers[tr.output[0]]
         rs = need(after[0] if len(after) == 1 else None, "Reshape", f"layer {i} attention output merge")
-        if pres_k in outputs and pres_v in outputs:
-            remove += [cat_k, cat_v, rs]
+        remove += [cat_k, cat_v, rs]  # GroupQueryAttention produces their outputs; the rest is pruned
         new_nodes.append(helper.make_node(
             "GroupQueryAttention", [sp_k.input[0], "", "", past_k, past_v, SEQLENS, TOTAL], [rs.output[0], pres_k, pres_v],
             name=f"gqa_{i}", domain=MS_DOMAIN, num_heads=config.n_head, kv_num_heads=config.n_head,

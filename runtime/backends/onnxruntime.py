@@ -105,7 +105,7 @@ class OnnxRuntimeBackend:
     def reset(self, batch_size: int) -> None:
         c = self.config
         if self.kv_cache == "shared":
-            self._batch, self._length, self._bound = batch_size, 0, None
+            self._batch, self._length, self._bound, self._capacity = batch_size, 0, None, 0
             self._rows = np.zeros(batch_size, np.int64)
             self._cache = []  # allocated by the first forward, sized to it
             return
@@ -145,7 +145,6 @@ class OnnxRuntimeBackend:
         self._past = list(outputs[1:])  # stays on the device: next step's past
         self._length += T
         return outputs[0].numpy().astype(np.float32, copy=False)  # (B, T, V); (B, 1, V) for logits="last"
-
 
     # ------------------------------------------------------------------ kv_cache="shared"
 
@@ -192,18 +191,18 @@ class OnnxRuntimeBackend:
                 io.bind_input(past, self._device, self._device_id, self._kv_dtype, shape, ptr)
                 io.bind_output(present, self._device, self._device_id, self._kv_dtype, shape, ptr)
             self._bound = rows
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
+        # bind_cpu_input reads the arrays in place: they stay referenced here until run returns
+        feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos)]
+        for name, a in zip(("input_ids", "attention_mask", "position_ids"), feeds):
+            io.bind_cpu_input(name, a)
         logits = np.empty((B, self.artifact.logits_positions(T), self.config.vocab_size), self._kv_dtype)
         io.bind_output("logits", "cpu", 0, self._kv_dtype, list(logits.shape), logits.ctypes.data)
-        self._keep = (ids, mask, pos)  # bind_cpu_input reads these in place during run
         self.session.run_with_iobinding(io)
         return logits.astype(np.float32, copy=False)
 
     def _reserve(self, length: int) -> None:
         """Make the shared buffers hold `length` positions: allocate, or grow (x2, copying what they hold)."""
-        cap = self._capacity if self._cache else 0
+        cap = self._capacity
         if length <= cap:
             return
         c = self.config
