@@ -25,9 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="CPU variant: int8 (dynamic, MatMul weights) or int4 (MatMulNBits, onnxruntime only); "
                         "DIR then holds the quantized graph, validated against fp32")
-    p.add_argument("--logits", choices=("all", "last"), default="all",
+    p.add_argument("--logits", type=logits_mode, default="all", metavar="{all,last,last:N}",
                    help="all: logits [batch, sequence, vocab] (default; what other tools expect); last: only the last "
-                        "position's logits, faster prefill/TTFT; perplexity then needs step-by-step decoding")
+                        "position's logits, faster prefill/TTFT; perplexity then needs step-by-step decoding; "
+                        "last:N: the last N positions, for a speculative-decoding target (generate --draft), "
+                        "e.g. last:5 for --speculate 4")
     p.add_argument("--kv-cache", choices=("concat", "shared"), default="concat",
                    help="concat: present = Concat(past, new), standard ONNX that TensorRT and other runtimes run "
                         "(default); shared: onnxruntime's GroupQueryAttention updates one cache buffer in place "
@@ -75,13 +77,25 @@ def summarize(path, seconds: float) -> dict:
             "parity": art.extra.get("parity"), "variant": art.extra.get("variant")}
 
 
+def logits_mode(value: str) -> str:
+    """argparse type of --logits: all, last, or last:N."""
+    from runtime.artifact import ArtifactError, logits_keep
+
+    try:
+        logits_keep(value)
+    except ArtifactError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def format_summary(s: dict) -> str:
     lines = [f"wrote {s['path']} ({', '.join(s['files'])}): {s['bytes'] / 1e6:.1f} MB "
              f"[{s['precision']}, opset {s['opset']}, logits {s.get('logits', 'all')}, kv_cache {s.get('kv_cache', 'concat')}] in {s['seconds']:.1f} s"]
     if s["parity"]:
         p = s["parity"]
         shapes = "  ".join(f"{k} {max(v.values()):.1e}" for k, v in p["shapes"].items())
-        last = " (last position)" if s.get("logits") == "last" else ""
+        mode = s.get("logits", "all")
+        last = " (last position)" if mode == "last" else f" (last {mode[5:]} positions)" if mode != "all" else ""
         lines.append(f"fp32 onnxruntime vs torch{last}, max|Δ| (atol {p['atol']:.0e}): {shapes}")
     if s["variant"]:
         v = s["variant"]

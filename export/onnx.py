@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from model import GPT
-from runtime.artifact import KV_CACHES, LOGITS, Artifact, ArtifactError, input_names, output_names, read_onnx_artifact
+from runtime.artifact import (KV_CACHES, Artifact, ArtifactError, input_names, logits_keep, output_names,
+                              read_onnx_artifact)
 
 MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
@@ -44,6 +45,7 @@ PARITY_SHAPES = ((1, 1, 0, 0), (1, 7, 0, 0), (2, 1, 0, 0), (2, 7, 0, 0), (1, 1, 
                  (1, 7, 5, 0), (2, 7, 5, 0), (2, 7, 0, 3), (2, 1, 5, 2))
 EXTERNAL_DATA_THRESHOLD = 1024  # bytes; larger tensors live in model.onnx.data (protobuf stops at 2 GB)
 OURS = ("model.onnx", "model.onnx.data")
+LOGITS_AXIS = "logits_sequence"  # the logits sequence axis of a logits="last:N" graph: min(sequence, N)
 
 
 class ExportError(RuntimeError):
@@ -87,8 +89,8 @@ def dynamic_shapes(n_layer: int) -> dict:
 
 
 def logits_to_keep(logits: str) -> int:
-    """The artifact's logits mode -> GPT.forward's logits_to_keep."""
-    return 1 if logits == "last" else 0
+    """The artifact's logits mode -> GPT.forward's logits_to_keep (0 all, 1 "last", N "last:N")."""
+    return logits_keep(logits)
 
 
 def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
@@ -106,7 +108,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         quantize: None, "int8" or "int4" (CPU variants); DIR then holds the quantized graph only.
         logits: "all" (logits [batch, sequence, vocab], what other tools expect) or "last" ([batch, 1,
             vocab]: the last position only; faster prefill / time to first token, and perplexity then
-            needs step-by-step decoding).
+            needs step-by-step decoding) or "last:N" (the last min(sequence, N) positions: a
+            speculative-decoding target, runtime/speculative.py, scores N - 1 drafted tokens per step).
         kv_cache: "concat" (present = Concat(past, new): standard ONNX, runs anywhere, TensorRT included) or
             "shared" (onnxruntime's GroupQueryAttention updates one cache buffer in place: faster decode on
             onnxruntime, see export/kv_shared.py; not for TensorRT).
@@ -129,8 +132,10 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         raise ExportError(f"quantize {quantize!r} is not supported; choose int8 or int4")
     if quantize and dtype != "fp32":
         raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
-    if logits not in LOGITS:
-        raise ExportError(f"logits {logits!r} is not supported; choose one of {', '.join(LOGITS)}")
+    try:
+        logits_keep(logits)
+    except ArtifactError as e:
+        raise ExportError(f"{e}; choose all, last, or last:N for a speculative-decoding target") from None
     if kv_cache not in KV_CACHES:
         raise ExportError(f"kv_cache {kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}")
     out_dir = prepare_out_dir(out_dir, force)
@@ -202,6 +207,9 @@ def _trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> N
             output_names=output_names(n_layer), verbose=False)
     for k, v in artifact.to_metadata().items():
         program.model.metadata_props[k] = v
+    if logits_keep(artifact.logits) > 1:  # the exporter names the axis "Max(0, sequence - Max(0, sequence - N))"
+        logits_out = program.model.graph.outputs[0]
+        logits_out.shape = ir.Shape([logits_out.shape[0], LOGITS_AXIS, logits_out.shape[2]])
     ir.save(program.model, path, external_data=path.name + ".data", size_threshold_bytes=EXTERNAL_DATA_THRESHOLD)
 
 
@@ -346,7 +354,8 @@ def _versions(opset: int) -> dict:
 def check_symbolic_axes(path: Path, logits: str = "all") -> None:
     """Every batch / sequence / past axis of the saved graph's I/O is a named symbol, not a number.
 
-    With logits="last" the logits' sequence axis must instead be the number 1.
+    With logits="last" the logits' sequence axis must instead be the number 1; with "last:N" it is the
+    symbol LOGITS_AXIS, min(sequence, N).
     """
     import onnx
 
@@ -355,6 +364,9 @@ def check_symbolic_axes(path: Path, logits: str = "all") -> None:
     for v in list(m.graph.input) + list(m.graph.output):
         dims = v.type.tensor_type.shape.dim
         axes = (0, 1) if v.name in ("input_ids", "attention_mask", "position_ids", "logits") else (0, 2)
+        if v.name == "logits" and logits_keep(logits) > 1 and (len(dims) < 2 or dims[1].dim_param != LOGITS_AXIS):
+            fixed.append(f"logits[1]={dims[1].dim_param or dims[1].dim_value if len(dims) > 1 else 'missing'} "
+                         f"(a logits={logits!r} graph must have {LOGITS_AXIS!r} there)")
         if v.name == "logits" and logits == "last":
             axes = (0,)
             if len(dims) < 2 or dims[1].dim_param or dims[1].dim_value != 1:

@@ -226,7 +226,8 @@ def _logits(session, ids: np.ndarray, kv_dtype, decode_steps: int) -> np.ndarray
     from the first position, so every position's logits are still produced.
     """
     B, T = ids.shape
-    if session.get_outputs()[0].shape[1] == 1:  # logits="last": a chunk's call returns its last position only
+    if session.get_outputs()[0].shape[1] != session.get_inputs()[0].shape[1]:  # logits="last" / "last:N": a
+        # chunk's call returns its last position(s) only
         decode_steps = T - 1
     kv_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     shape = next(i.shape for i in session.get_inputs() if i.name.startswith("past_key_values."))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,26 @@ FORMAT = "nanogpt-deploy/1"
 PREFIX = "nanogpt_deploy."
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # which positions the `logits` output holds: "all" -> (batch, sequence, vocab); "last" -> (batch, 1, vocab),
-# the last position only (faster prefill; generation reads nothing else). Artifacts older than the field: "all".
-LOGITS = ("all", "last")
+# the last position only (faster prefill; generation reads nothing else); "last:N" -> the last min(sequence, N)
+# positions (a speculative-decoding target scores N - 1 drafted tokens in one step and still prefills cheaply).
+# Artifacts older than the field: "all".
+LOGITS = ("all", "last", "last:N")
+MAX_LOGITS_KEEP = 64
+
+
+def logits_keep(logits: str) -> int:
+    """A logits mode -> how many trailing positions it keeps: 0 for "all", 1 for "last", N for "last:N".
+
+    Raises ArtifactError for anything else ("last:N" needs 2 <= N <= MAX_LOGITS_KEEP).
+    """
+    if logits == "all":
+        return 0
+    if logits == "last":
+        return 1
+    m = re.fullmatch(r"last:(\d+)", logits or "")
+    if m and 2 <= int(m.group(1)) <= MAX_LOGITS_KEEP:
+        return int(m.group(1))
+    raise ArtifactError(f"logits {logits!r} is not one of all, last, last:N (2 <= N <= {MAX_LOGITS_KEEP})")
 # KV cache layout of every past_key_values.{i}.* input and present.{i}.* output
 KV_LAYOUT = ("batch", "n_head", "past_sequence", "head_dim")
 # how a graph updates its KV cache: "concat" -> present = Concat(past, new), rows left-padded through the mask
@@ -59,8 +78,7 @@ class Artifact:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ArtifactError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if self.logits not in LOGITS:
-            raise ArtifactError(f"logits {self.logits!r} is not one of {LOGITS}")
+        logits_keep(self.logits)  # raises for an unknown mode
         if self.kv_cache not in KV_CACHES:
             raise ArtifactError(f"kv_cache {self.kv_cache!r} is not one of {KV_CACHES}")
 
@@ -78,8 +96,9 @@ class Artifact:
         return "float16" if self.precision == "fp16" else "float32"
 
     def logits_positions(self, seq: int) -> int:
-        """How many positions the logits of a `seq`-token step hold: seq, or 1 for a "last" graph."""
-        return 1 if self.logits == "last" else seq
+        """How many positions the logits of a `seq`-token step hold: seq, 1 for "last", min(seq, N) for "last:N"."""
+        keep = logits_keep(self.logits)
+        return min(seq, keep) if keep else seq
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

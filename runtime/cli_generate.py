@@ -3,6 +3,8 @@
     nanogpt-deploy generate out/tiny --prompt-ids 1,2,3 --temperature 0 --json
     nanogpt-deploy generate out/demo --prompt "def fib(n):" --max-new-tokens 128 --stop "\\n\\n"
     nanogpt-deploy generate random:tiny@0 --backend torch --prompt-ids 1,2,3
+    nanogpt-deploy generate out/gpt2-last5 --draft out/gpt2-int8 --prompt "..."   # speculative: the target's
+                                                                # output, decoded faster (runtime/speculative.py)
 
 Text goes to stdout (streamed by default on a terminal); the summary line goes to stderr, so
 `> out.txt` keeps only the text and `--json` keeps stdout one JSON document.
@@ -36,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print text as it is produced (default: on when stdout is a terminal)")
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="speculative decoding: a cheaper export of the same checkpoint (e.g. its --quantize int8 / "
+                        "int4 folder) guesses tokens and MODEL checks them in one step; the output is MODEL's own. "
+                        "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); one prompt")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="tokens the draft guesses per round (default: 4)")
     p.add_argument("--json", action="store_true", help="print one JSON document: tokens, text, timing")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
                                                           "then the cache)")
@@ -52,7 +60,7 @@ def run(args) -> int:
     import time
 
     from .backends import load_backend
-    from .generate import Generation, SamplingParams, summary_line
+    from .generate import SamplingParams, make_generation, summary_line
     from .tokenizer import load_tokenizer
 
     params = SamplingParams(
@@ -67,8 +75,13 @@ def run(args) -> int:
         options = {}
     else:
         options = dict(provider=args.provider or "cpu", threads=args.threads)
+    if args.speculate is not None and not args.draft:
+        raise ValueError("--speculate needs --draft DIR (the model that guesses the tokens)")
+    if args.draft and args.backend == "onnxruntime":
+        options["spinning"] = False  # draft and target take turns on the same cores: idle threads must not spin
     backend = load_backend(args.backend, args.model, **options)
-    gen = Generation(backend, tokenizer, prompts, params)
+    draft = load_backend(args.backend, args.draft, **options) if args.draft else None
+    gen = make_generation(backend, tokenizer, prompts, params, draft, args.speculate)
 
     streaming = (sys.stdout.isatty() if args.stream is None else args.stream) and not args.json
     t0 = time.perf_counter()
@@ -78,8 +91,11 @@ def run(args) -> int:
     seconds = time.perf_counter() - t0
     completions = gen.completions
     if args.json:
-        json.dump({"backend": backend.name, "provider": backend.provider, "precision": backend.precision,
-                   "seconds": seconds, "completions": [c.to_dict() for c in completions]}, sys.stdout, indent=1)
+        doc = {"backend": backend.name, "provider": backend.provider, "precision": backend.precision,
+               "seconds": seconds, "completions": [c.to_dict() for c in completions]}
+        if getattr(gen, "stats", None):
+            doc["speculative"] = dict(gen.stats, draft=args.draft, draft_precision=draft.precision)
+        json.dump(doc, sys.stdout, indent=1)
         print()
     elif streaming and len(prompts) == 1:
         print()
@@ -88,5 +104,10 @@ def run(args) -> int:
             if len(completions) > 1:
                 print(f"--- {i} ---")
             print(c.text)
-    print(summary_line(completions, backend, seconds), file=sys.stderr)
+    line = summary_line(completions, backend, seconds)
+    stats = getattr(gen, "stats", None)
+    if stats:
+        line += (f"; speculative with {args.draft}: {stats['accepted']}/{stats['drafted']} guesses accepted "
+                 f"({stats['acceptance']:.0%}), {stats['tokens_per_target_step']:.2f} tokens per target step")
+    print(line, file=sys.stderr)
     return 0

@@ -34,7 +34,7 @@ import numpy as np
 
 from .sampling import Sampler, SamplingParams
 
-__all__ = ["SamplingParams", "Timing", "Completion", "Delta", "Generation", "generate", "stream",
+__all__ = ["SamplingParams", "Timing", "Completion", "Delta", "Generation", "generate", "stream", "make_generation",
            "GenerationError", "summary_line"]
 
 Prompt = str | Sequence[int]
@@ -262,12 +262,25 @@ class Generation:
         return delta
 
 
-def stream(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Delta]:
-    """Yield per-row Deltas as tokens are produced (see Generation for the arguments)."""
-    return iter(Generation(backend, tokenizer, prompts, params))
+def make_generation(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams],
+                    draft=None, speculate: int | None = None) -> Generation:
+    """A Generation, or with a `draft` backend a runtime.speculative.SpeculativeGeneration (same output)."""
+    if draft is None:
+        return Generation(backend, tokenizer, prompts, params)
+    from .speculative import DEFAULT_SPECULATE, SpeculativeGeneration
+
+    return SpeculativeGeneration(backend, tokenizer, prompts, params, draft,
+                                 DEFAULT_SPECULATE if speculate is None else speculate)
 
 
-def generate(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+def stream(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams],
+           draft=None, speculate: int | None = None) -> Iterator[Delta]:
+    """Yield per-row Deltas as tokens are produced (see Generation for the arguments, make_generation for draft)."""
+    return iter(make_generation(backend, tokenizer, prompts, params, draft, speculate))
+
+
+def generate(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams],
+             draft=None, speculate: int | None = None) -> list[Completion]:
     """Run prompts to completion in one batch; one Completion per prompt, in order.
 
     Args:
@@ -275,10 +288,12 @@ def generate(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingPara
         tokenizer: a tiktoken Encoding, or None for token-id prompts.
         prompts: texts or token-id lists, of any lengths (left-padded into one batch).
         params: one SamplingParams for every row, or one per row.
+        draft: a draft Backend for speculative decoding (one prompt; the output stays the target's).
+        speculate: tokens the draft guesses per round (default runtime.speculative.DEFAULT_SPECULATE).
     Returns:
         list of Completion(prompt_ids, token_ids, text, finish_reason, stop, timing).
     """
-    g = Generation(backend, tokenizer, prompts, params)
+    g = make_generation(backend, tokenizer, prompts, params, draft, speculate)
     for _ in g:
         pass
     return g.completions

@@ -120,9 +120,9 @@ def prompt_ids(tokenizer, config) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------------- measurements
 
 def last_only(backend) -> bool:
-    """Whether the backend's artifact returns the last position's logits only (exported with --logits last)."""
+    """Whether the backend's artifact returns only the last position(s)' logits (--logits last or last:N)."""
     art = getattr(backend, "artifact", None)
-    return getattr(art, "logits", "all") == "last"
+    return getattr(art, "logits", "all") != "all"
 
 
 def full_logits(backend, ids: np.ndarray) -> np.ndarray:

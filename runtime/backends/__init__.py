@@ -32,6 +32,13 @@ class Backend(Protocol):
         Appends the T new positions to the cache.
         """
 
+    def rewind(self, length: int) -> None:
+        """Keep the first `length` cached positions of every row, drop the rest (0 <= length <= past_length).
+
+        Speculative decoding (runtime/speculative.py) takes back the drafted tokens the target rejected;
+        the next forward's mask is then `length` + T wide again.
+        """
+
 
 # a backend's missing dependency -> how to install it
 MISSING_HINTS = {
@@ -63,6 +70,14 @@ def check_step(config, input_ids: np.ndarray, attention_mask: np.ndarray, positi
     if hi >= config.vocab_size or lo < 0:
         bad = hi if hi >= config.vocab_size else lo
         raise BackendError(f"token id {bad} is outside this model's vocabulary 0..{config.vocab_size - 1}")
+
+
+def check_rewind(length: int, past_length: int) -> int:
+    """The check every backend's rewind makes; returns how many positions are dropped."""
+    if not 0 <= length <= past_length:
+        raise BackendError(f"cannot rewind the KV cache to {length} positions: it holds {past_length}; "
+                           f"rewind only drops positions (0 <= length <= past_length)")
+    return past_length - length
 
 
 BACKENDS = {

@@ -32,6 +32,7 @@ from model.config import GPTConfig
 
 from ..artifact import Artifact, ArtifactError, check_io, input_names, resolve_file
 from ..files import atomic_write_text
+from . import check_rewind
 from . import BackendError, check_step
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
@@ -321,6 +322,13 @@ class BufferPlan:
         return {**dict(zip(self.past_names, past)), **dict(zip(self.present_names, present))}
 
 
+def rewind_copy(batch: int, n_head: int, head_dim: int, itemsize: int, past: int, length: int) -> tuple[int, int, int, int]:
+    """cudaMemcpy2D's (dst pitch, src pitch, width, height), all in bytes but height, that repack a packed
+    (batch, n_head, past, head_dim) cache into a packed (batch, n_head, length, head_dim) one: one row per
+    (batch, head), keeping its first `length` positions."""
+    return length * head_dim * itemsize, past * head_dim * itemsize, length * head_dim * itemsize, batch * n_head
+
+
 def plan_buffers(artifact: Artifact, max_batch: int, max_seq: int) -> BufferPlan:
     c = artifact.config
     ids = [BufferSpec(n, (max_batch, max_seq), "int64") for n in artifact.inputs[:3]]  # mask: P+T <= max_seq
@@ -455,6 +463,23 @@ class TensorRTBackend:
         cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self._current, self._length = 1 - self._current, P + T  # this step's present is the next step's past
         return logits.astype(np.float32, copy=False)
+
+    def rewind(self, length: int) -> None:
+        """Drop the cache's positions past `length`: a device-to-device repack of the current past set into the
+        other ping-pong set (the packed layout's row pitch changes), which becomes the past."""
+        if not check_rewind(length, self._length):
+            return
+        cudart, c = self._cudart, self.config
+        dpitch, spitch, width, height = rewind_copy(self._batch, c.n_head, c.head_dim,
+                                                    np.dtype(self.artifact.kv_dtype).itemsize, self._length, length)
+        src, dst = self._kv[self._current], self._kv[1 - self._current]
+        if width:
+            for s_ptr, d_ptr in zip(src, dst):
+                cuda_call(cudart, cudart.cudaMemcpy2DAsync(d_ptr, dpitch, s_ptr, spitch, width, height,
+                                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream),
+                          "rewind the KV cache (cudaMemcpy2DAsync)")
+            cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        self._current, self._length = 1 - self._current, length
 
     def close(self) -> None:
         """Free the device buffers and the stream (also done when the backend is garbage-collected)."""

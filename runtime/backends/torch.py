@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..artifact import read_onnx_artifact
-from . import BackendError, check_step
+from . import BackendError, check_rewind, check_step
 
 DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
           "float16": (torch.float16, "fp16"), "fp16": (torch.float16, "fp16")}
@@ -76,6 +76,12 @@ class TorchBackend:
     def reset(self, batch_size: int) -> None:
         self._past = self.model.empty_past(batch_size, device=self.device)
         self._length = 0
+
+    def rewind(self, length: int) -> None:
+        """Drop the cache's positions past `length` (views of the kept part; the next forward concatenates)."""
+        if check_rewind(length, self._length):
+            self._past = tuple((k[:, :, :length], v[:, :, :length]) for k, v in self._past)
+            self._length = length
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:

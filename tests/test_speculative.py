@@ -1,0 +1,242 @@
+"""Speculative decoding (runtime/speculative.py), Backend.rewind and logits="last:N" exports.
+
+The claim under test: with any draft, the output is the target's own output (greedy, seeded sampling,
+repetition penalty, stops, length limits), because the target's sampler picks every token. A draft with
+other weights (acceptance low: the rejection path runs every round) and the target's own int8 export
+(acceptance high: whole rounds accepted, bonus tokens) must both give exactly the tokens of plain
+generation on the target.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.onnx import LOGITS_AXIS, ExportError, check_symbolic_axes, export_onnx
+from runtime.artifact import Artifact, ArtifactError, logits_keep, read_onnx_artifact
+from runtime.backends import BackendError, load_backend
+from runtime.generate import GenerationError, SamplingParams, generate
+from runtime.speculative import SpeculativeGeneration
+
+from model.config import PRESETS
+
+from conftest import max_abs_diff
+
+TINY_CONFIG = PRESETS["tiny"]
+
+PROMPT = [5, 17, 99, 3, 250, 41, 7]
+PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=()),
+    "penalty": SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0, stop_token_ids=()),
+    "sampled": SamplingParams(temperature=1.0, top_k=0, seed=7, max_new_tokens=40, stop_token_ids=()),
+    "top_p": SamplingParams(temperature=0.9, top_p=0.8, seed=3, max_new_tokens=33, stop_token_ids=()),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_model):
+    """Targets keeping 5 logits positions (shared and concat KV caches), and two drafts: the same weights in
+    int8, and another random model (seed 1)."""
+    from model import GPT
+
+    root = tmp_path_factory.mktemp("spec")
+    d = {
+        "target_shared": export_onnx(tiny_model, root / "t_shared", logits="last:5", kv_cache="shared").parent,
+        "target_concat": export_onnx(tiny_model, root / "t_concat", logits="last:5").parent,
+        "int8": export_onnx(tiny_model, root / "int8", quantize="int8", logits="last", kv_cache="shared").parent,
+        "other": export_onnx(GPT.from_pretrained("random:tiny@1"), root / "other", logits="last").parent,
+        "last": export_onnx(tiny_model, root / "last", logits="last", kv_cache="shared").parent,
+    }
+    return d
+
+
+def ort(path, **kw):
+    return load_backend("onnxruntime", str(path), threads=2, **kw)
+
+
+@pytest.mark.parametrize("target", ["target_shared", "target_concat"])
+@pytest.mark.parametrize("draft", ["int8", "other"])
+@pytest.mark.parametrize("mode", list(PARAMS))
+def test_output_is_the_targets_own(exports, target, draft, mode):
+    t, dr = ort(exports[target]), ort(exports[draft], spinning=False)
+    sp = PARAMS[mode]
+    [plain] = generate(t, None, [PROMPT], sp)
+    g = SpeculativeGeneration(t, None, [PROMPT], sp, dr, speculate=4)
+    deltas = list(g)
+    [spec] = g.completions
+    assert spec.token_ids == plain.token_ids and len(spec.token_ids) == sp.max_new_tokens
+    assert [tok for d in deltas for tok in d.token_ids] == spec.token_ids  # streamed as produced
+    assert spec.finish_reason == "length" and deltas[-1].finish_reason == "length"
+    assert len(spec.timing.decode_latencies_s) == len(spec.token_ids) - 1
+    s = g.stats
+    assert s["rounds"] >= 1 and 0 <= s["accepted"] <= s["drafted"]
+    assert s["tokens_per_target_step"] == pytest.approx((len(spec.token_ids) - 1) / s["rounds"])
+    if draft == "int8" and mode in ("greedy", "penalty"):
+        assert s["acceptance"] > 0.7, s  # the same weights guess the target's greedy picks
+        assert s["tokens_per_target_step"] > 2.5, s
+
+
+def test_a_bad_draft_is_only_slower(exports):
+    t, dr = ort(exports["target_shared"]), ort(exports["other"], spinning=False)
+    g = SpeculativeGeneration(t, None, [PROMPT], PARAMS["sampled"], dr, speculate=4)
+    list(g)
+    assert g.stats["acceptance"] < 0.5, g.stats  # the rejection path ran in most rounds
+
+
+@pytest.mark.parametrize("speculate", [1, 2, 4])
+def test_any_speculation_depth(exports, speculate):
+    t, dr = ort(exports["target_shared"]), ort(exports["int8"], spinning=False)
+    sp = PARAMS["penalty"]
+    [plain] = generate(t, None, [PROMPT], sp)
+    [spec] = generate(t, None, [PROMPT], sp, draft=dr, speculate=speculate)
+    assert spec.token_ids == plain.token_ids
+
+
+def test_stops_and_the_block_size_edge(exports, tokenizer):
+    t, dr = ort(exports["target_shared"]), ort(exports["int8"], spinning=False)
+    [plain] = generate(t, None, [PROMPT], PARAMS["greedy"])
+    stop_id = plain.token_ids[9]
+    sp = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=(stop_id,))
+    [a], [b] = generate(t, None, [PROMPT], sp), generate(t, None, [PROMPT], sp, draft=dr)
+    assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason == "stop" and b.stop == stop_id
+    # a stop string, with the tokenizer: cut at the same place
+    text_params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=())
+    [full] = generate(t, tokenizer, [PROMPT], text_params)
+    stop = full.text[len(full.text) // 2:][:3]
+    if stop:
+        sp = SamplingParams(temperature=0, max_new_tokens=40, stop=(stop,), stop_token_ids=())
+        [a], [b] = generate(t, tokenizer, [PROMPT], sp), generate(t, tokenizer, [PROMPT], sp, draft=dr)
+        assert (b.text, b.token_ids, b.finish_reason) == (a.text, a.token_ids, a.finish_reason)
+    # the last positions of the context: rounds shrink so target and draft stay within block_size
+    block = t.config.block_size
+    long_prompt = (PROMPT * 40)[: block - 6]
+    sp = SamplingParams(temperature=0, max_new_tokens=6, stop_token_ids=())
+    [a], [b] = generate(t, None, [long_prompt], sp), generate(t, None, [long_prompt], sp, draft=dr)
+    assert b.token_ids == a.token_ids and len(b.token_ids) == 6
+    for one in (1, 2):  # a single new token: no round at all; two: a round with nothing to guess
+        sp = SamplingParams(temperature=0, max_new_tokens=one, stop_token_ids=())
+        assert generate(t, None, [PROMPT], sp, draft=dr)[0].token_ids == plain.token_ids[:one]
+
+
+def test_torch_target_and_draft(exports, tiny_model):
+    """Speculation sits above the backend interface: a torch target (all logits) with an onnxruntime draft."""
+    from runtime.backends.torch import TorchBackend
+
+    t = TorchBackend("random:tiny@0")
+    t.model = tiny_model
+    dr = ort(exports["int8"], spinning=False)
+    for sp in (PARAMS["greedy"], PARAMS["sampled"]):
+        [plain] = generate(t, None, [PROMPT], sp)
+        assert generate(t, None, [PROMPT], sp, draft=dr)[0].token_ids == plain.token_ids
+
+
+def test_refusals(exports):
+    t, dr = ort(exports["target_shared"]), ort(exports["int8"])
+    sp = PARAMS["greedy"]
+    with pytest.raises(GenerationError, match="--logits last:5"):
+        SpeculativeGeneration(ort(exports["last"]), None, [PROMPT], sp, dr, 4)
+    with pytest.raises(GenerationError, match="last:7"):
+        SpeculativeGeneration(t, None, [PROMPT], sp, dr, 6)
+    with pytest.raises(GenerationError, match="one prompt at a time"):
+        SpeculativeGeneration(t, None, [PROMPT, PROMPT], sp, dr, 4)
+    with pytest.raises(GenerationError, match="speculate must be"):
+        SpeculativeGeneration(t, None, [PROMPT], sp, dr, 0)
+
+    class OtherVocab:
+        config = TINY_CONFIG.__class__(**{**TINY_CONFIG.to_dict(), "vocab_size": 1024})
+
+    with pytest.raises(GenerationError, match="vocabulary"):
+        SpeculativeGeneration(t, None, [PROMPT], sp, OtherVocab(), 4)
+
+
+# ---------------------------------------------------------------------------------- rewind
+
+
+@pytest.mark.parametrize("backend", ["ort_shared", "ort_concat", "torch"])
+def test_rewind_equals_never_having_gone_there(exports, tiny_model, backend):
+    if backend == "torch":
+        from runtime.backends.torch import TorchBackend
+
+        be = TorchBackend("random:tiny@0")
+        be.model = tiny_model
+    else:
+        be = ort(exports["target_shared" if backend == "ort_shared" else "target_concat"])
+    ids = np.array([PROMPT + [60, 61, 62, 63, 64, 65]], np.int64)
+    ones = np.ones((1, 64), np.int64)
+    pos = np.arange(64, dtype=np.int64)[None]
+    n = len(PROMPT)
+
+    def step(a, z, tokens=None):
+        x = ids[:, a:z] if tokens is None else np.array([tokens], np.int64)
+        return be.forward(x, ones[:, :z], pos[:, a:z])
+
+    be.reset(1)
+    step(0, n)
+    step(n, n + 4, [300, 301, 302, 303])  # four guesses...
+    be.rewind(n + 1)  # ...of which one was right
+    assert be.past_length == n + 1
+    got = step(n + 1, n + 3, [400, 401])
+    be.reset(1)
+    step(0, n)
+    step(n, n + 1, [300])
+    want = step(n + 1, n + 3, [400, 401])
+    assert got.shape == want.shape and max_abs_diff(got, want) < 1e-5
+    be.rewind(be.past_length)  # a no-op
+    with pytest.raises(BackendError, match="rewind"):
+        be.rewind(be.past_length + 1)
+    with pytest.raises(BackendError, match="rewind"):
+        be.rewind(-1)
+
+
+def test_tensorrt_rewind_copy_repacks_the_packed_cache():
+    """The pitches runtime/backends/tensorrt.py hands cudaMemcpy2DAsync, replayed on host memory."""
+    from runtime.backends.tensorrt import rewind_copy
+
+    B, H, P, D, keep = 2, 3, 7, 4, 5
+    cache = np.arange(B * H * P * D, dtype=np.float32).reshape(B, H, P, D)
+    dpitch, spitch, width, height = rewind_copy(B, H, D, 4, P, keep)
+    src, dst = cache.tobytes(), bytearray(B * H * keep * D * 4)
+    for r in range(height):
+        dst[r * dpitch: r * dpitch + width] = src[r * spitch: r * spitch + width]
+    assert np.array_equal(np.frombuffer(bytes(dst), np.float32).reshape(B, H, keep, D), cache[:, :, :keep])
+
+
+# ---------------------------------------------------------------------------------- logits="last:N"
+
+
+def test_last_n_artifact_and_graph(exports):
+    art = read_onnx_artifact(exports["target_shared"])
+    assert art.logits == "last:5" and [art.logits_positions(t) for t in (1, 3, 5, 9)] == [1, 3, 5, 5]
+    m = onnx.load(str(exports["target_concat"] / "model.onnx"), load_external_data=False)
+    assert m.graph.output[0].type.tensor_type.shape.dim[1].dim_param == LOGITS_AXIS
+    check_symbolic_axes(exports["target_concat"] / "model.onnx", "last:5")
+    with pytest.raises(ExportError, match="logits_sequence"):
+        check_symbolic_axes(exports["last"] / "model.onnx", "last:5")
+    assert [logits_keep(m) for m in ("all", "last", "last:2", "last:64")] == [0, 1, 2, 64]
+    for bad in ("last:1", "last:0", "last:65", "last:x", "first", ""):
+        with pytest.raises(ArtifactError, match="last:N"):
+            logits_keep(bad)
+    with pytest.raises(ArtifactError):
+        Artifact(config=TINY_CONFIG, logits="last:1")
+
+
+def test_cli(exports, capsys):
+    from runtime.cli import main
+
+    common = ["generate", str(exports["target_shared"]), "--prompt-ids", ",".join(map(str, PROMPT)),
+              "--temperature", "0", "--max-new-tokens", "24", "--ignore-eos", "--json"]
+    assert main(common) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(common + ["--draft", str(exports["int8"]), "--speculate", "3"]) == 0
+    out = capsys.readouterr()
+    spec = json.loads(out.out)
+    assert spec["completions"][0]["token_ids"] == plain["completions"][0]["token_ids"]
+    assert spec["speculative"]["draft_precision"] == "int8" and spec["speculative"]["rounds"] >= 1
+    assert "guesses accepted" in out.err
+    with pytest.raises(SystemExit) as e:  # argparse: usage error before anything loads
+        main(["export", "random:tiny@0", "--out", "unused", "--logits", "last:1"])
+    assert e.value.code == 2 and "last:N" in capsys.readouterr().err
+    assert main(common + ["--speculate", "3"]) != 0
+    assert "--speculate needs --draft" in capsys.readouterr().err
