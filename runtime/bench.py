@@ -46,6 +46,8 @@ class Target:
     provider: str = "cpu"
     precision: str = "fp32"
     name: str = ""  # the label, when backend/provider/precision alone would be ambiguous
+    draft: str = ""  # speculative decoding: the draft export (batch 1; a batch runs on the target alone)
+    speculate: int = 0  # guesses per round with a draft
 
     @property
     def label(self) -> str:
@@ -69,12 +71,15 @@ def cases(prompt_lens, new_tokens, batches) -> list[Case]:
 
 # ---------------------------------------------------------------------------------- what to time
 
-def find_targets(models, backends=BACKENDS, providers=PROVIDERS) -> tuple[list[Target], list[str]]:
+def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | None = None,
+                 speculate: int = 4) -> tuple[list[Target], list[str]]:
     """Targets for every requested backend/provider on every artifact under `models`, and notes on what was skipped.
 
     A model is an exported folder (its model.onnx), a folder of exported folders (one per variant), an
     engine file / folder holding model.engine (TensorRT), or, for torch, any checkpoint source. The
-    torch target runs the checkpoint the first fp32 export came from.
+    torch target runs the checkpoint the first fp32 export came from. With `draft` (an exported folder),
+    every onnxruntime target that keeps speculate + 1 logits positions is also timed with that draft
+    (runtime/speculative.py).
     """
     from .artifact import ArtifactError, read_onnx_artifact
 
@@ -136,6 +141,8 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS) -> tuple[list[T
                     notes.append(f"onnxruntime cpu fp16: skipped {p}, fp16 graphs are for GPUs")
                     continue
                 targets.append(Target("onnxruntime", str(p), prov, a.precision))
+    if draft:
+        targets += _speculative_targets(targets, draft, speculate, notes)
     if "tensorrt" in backends:
         if not engines:
             notes.append("tensorrt: skipped, no engine given (nanogpt-deploy build-engine MODEL_DIR --out ENGINE)")
@@ -149,6 +156,29 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS) -> tuple[list[T
     if len(set(labels)) < len(labels):  # the same variant from two folders: name the folder too
         targets = [dataclasses.replace(t, name=f"{t.label} [{_short(t.model)}]") for t in targets]
     return targets, notes
+
+
+def _speculative_targets(targets: list[Target], draft: str, speculate: int, notes: list[str]) -> list[Target]:
+    from .artifact import ArtifactError, read_onnx_artifact
+
+    try:
+        d = read_onnx_artifact(draft)
+    except (ArtifactError, OSError) as e:
+        raise BenchError(f"--draft {draft}: {e}") from None
+    out = []
+    for t in targets:
+        if t.backend != "onnxruntime" or Path(t.model).resolve() == Path(draft).resolve():
+            continue
+        if read_onnx_artifact(t.model).logits_positions(speculate + 1) < speculate + 1:
+            notes.append(f"speculative: skipped {t.label} [{_short(t.model)}], its logits keep fewer than "
+                         f"{speculate + 1} positions (export it with --logits last:{speculate + 1})")
+            continue
+        out.append(dataclasses.replace(t, draft=str(draft), speculate=speculate,
+                                       name=f"{t.label} + {d.precision} draft (K={speculate})"))
+    if not out:
+        notes.append(f"speculative: no target keeps {speculate + 1} logits positions; export one with "
+                     f"--logits last:{speculate + 1}")
+    return out
 
 
 def _short(model: str) -> str:
@@ -211,26 +241,36 @@ def prompt_ids(case: Case, vocab: int, seed: int = 0) -> list[list[int]]:
     return rng.integers(0, vocab, (case.batch, case.prompt)).tolist()
 
 
-def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: None) -> dict:
-    """Run `case` warmup + repeats times through generate(); medians and latency percentiles."""
-    from .generate import SamplingParams, generate
+def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: None, draft=None,
+              speculate: int | None = None) -> dict:
+    """Run `case` warmup + repeats times through generate(); medians and latency percentiles.
+
+    With a `draft`, batch-1 cases decode speculatively (acceptance reported); batches run the target alone.
+    """
+    from .generate import SamplingParams, make_generation
 
     params = SamplingParams(max_new_tokens=case.new, temperature=0.0, stop_token_ids=())
     ids = prompt_ids(case, backend.config.real_vocab_size)
-    runs = []
+    draft = draft if case.batch == 1 else None
+    runs, stats = [], []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        [c, *_] = generate(backend, None, ids, params)
+        g = make_generation(backend, None, ids, params, draft, speculate)
+        for _ in g:
+            pass
         wall = time.perf_counter() - t0
         on_run()
         if i >= warmup:
-            runs.append((c.timing, wall))
+            runs.append((g.completions[0].timing, wall))
+            stats.append(getattr(g, "stats", None))
     lat = np.array([t.decode_latencies_s for t, _ in runs])  # (repeats, new - 1)
     med = lambda xs: float(np.median(xs))  # noqa: E731
     out = {"ttft_ms": med([t.ttft_s for t, _ in runs]) * 1e3,
            "prefill_ms": med([t.prefill_s for t, _ in runs]) * 1e3,
            "e2e_tok_s": med([case.batch * case.new / w for _, w in runs]),
            "repeats": repeats, "warmup": warmup}
+    if draft is not None:
+        out["speculative"] = {k: med([s[k] for s in stats]) for k in ("acceptance", "tokens_per_target_step")}
     if lat.shape[1]:
         out.update({
             "decode_tok_s": med(case.batch * lat.shape[1] / lat.sum(1)),
@@ -248,7 +288,11 @@ def run_worker(spec: dict, emit=print) -> None:
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()
-    backend = load_backend(target.backend, target.model, provider=target.provider, threads=spec.get("threads"))
+    options = dict(provider=target.provider, threads=spec.get("threads"))
+    if target.draft:  # target and draft take turns on the same cores: their threads stop spinning between runs
+        options["spinning"] = False
+    backend = load_backend(target.backend, target.model, **options)
+    draft = load_backend(target.backend, target.draft, **options) if target.draft else None
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
     results = []
@@ -259,7 +303,8 @@ def run_worker(spec: dict, emit=print) -> None:
             for _ in range(spec["warmup"] + spec["repeats"]):
                 emit(json.dumps({"event": "run"}))
             continue
-        m = time_case(backend, case, spec["warmup"], spec["repeats"], lambda: emit(json.dumps({"event": "run"})))
+        m = time_case(backend, case, spec["warmup"], spec["repeats"], lambda: emit(json.dumps({"event": "run"})),
+                      draft, target.speculate or None)
         results.append({"case": dataclasses.asdict(case), **m})
     emit(json.dumps({"event": "result", "target": dataclasses.asdict(target), "label": target.label,
                      "provider_name": backend.provider, "load_s": load_s, "rss_after_load_mb": rss_loaded,
@@ -366,7 +411,8 @@ def rows(report: dict) -> list[dict]:
 
 
 def format_table(report: dict) -> str:
-    head = ("target", "batch", "prompt", "new", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "e2e tok/s", "peak RSS MB")
+    head = ("target", "batch", "prompt", "new", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "e2e tok/s", "peak RSS MB",
+            "guesses accepted")
     lines = []
     for r in rows(report):
         if "skipped" in r:
@@ -375,7 +421,9 @@ def format_table(report: dict) -> str:
         f = lambda k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
         lines.append((r["target"], r["batch"], r["prompt"], r["new"], f("ttft_ms", ".1f"), f("decode_tok_s", ".1f"),
                       f("latency_p50_ms", ".2f"), f("latency_p95_ms", ".2f"), f("e2e_tok_s", ".1f"),
-                      f"{r['peak_rss_mb']:.0f}"))
+                      f"{r['peak_rss_mb']:.0f}",
+                      f"{r['speculative']['acceptance']:.0%}, {r['speculative']['tokens_per_target_step']:.2f}/step"
+                      if "speculative" in r else "-"))
     widths = [max(len(str(x[i])) for x in [head] + [ln for ln in lines if len(ln) == len(head)]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head)] + [fmt(ln) if len(ln) == len(head) else "  ".join(map(str, ln)) for ln in lines])

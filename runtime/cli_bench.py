@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case; medians are reported (default 3)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: each backend's choice)")
+    p.add_argument("--draft", metavar="DIR", default=None,
+                   help="also time speculative decoding with this draft export (e.g. the int8 folder) on every "
+                        "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batch 1")
+    p.add_argument("--speculate", type=int, default=4, metavar="K", help="guesses per round with --draft (default 4)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write tokens/s vs context and latency percentiles here")
     p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
 
@@ -72,7 +76,7 @@ def run(args) -> int:
 
     if args.repeats < 1 or args.warmup < 0:
         raise BenchError(f"--repeats {args.repeats} / --warmup {args.warmup}: need at least 1 repeat and 0+ warm-up runs")
-    targets, notes = find_targets(args.models, args.backends, args.providers)
+    targets, notes = find_targets(args.models, args.backends, args.providers, args.draft, args.speculate)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     todo = cases(args.prompt_len, args.new_tokens, args.batch)

@@ -78,9 +78,12 @@ def sample_next_token(logits: np.ndarray, params: SamplingParams, rng: np.random
     if params.greedy:
         return int(np.argmax(x))
     x /= params.temperature
-    ids = None  # candidate ids; None = the whole vocabulary
+    # Candidates stay in token-id order: the draw maps to a token through the cumulative sum, so an order
+    # that followed the values (argpartition's, a sort's) would let a 1e-6 difference between backends, or
+    # between a 1-token and a 5-token step, reorder near-equal candidates and change the token.
+    ids = None  # candidate ids, ascending; None = the whole vocabulary
     if 0 < params.top_k < x.size:
-        ids = np.argpartition(x, -params.top_k)[-params.top_k:]
+        ids = np.sort(np.argpartition(x, -params.top_k)[-params.top_k:])
         x = x[ids]
     p = np.exp(x - x.max())
     p /= p.sum()
@@ -88,7 +91,7 @@ def sample_next_token(logits: np.ndarray, params: SamplingParams, rng: np.random
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
         # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]
+        keep = np.sort(order[: int(np.searchsorted(cum, params.top_p)) + 1])
         ids = keep if ids is None else ids[keep]
         p = p[keep] / p[keep].sum()
     choice = int(np.searchsorted(np.cumsum(p), rng.random() * 1.0, side="right"))

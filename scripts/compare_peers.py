@@ -7,7 +7,10 @@ Peers: Hugging Face transformers `generate` (torch eager, KV cache, greedy) and 
 `--logits last` (logits of the last position only, as transformers' generate computes in prefill;
 `--logits all` measures the full-logits exports) and `--kv-cache shared` (the KV cache updated in place by
 onnxruntime's GroupQueryAttention; `ours-fp32-concat` runs the standard concat graph beside it, so one
-run shows before and after). The checkpoint is GPT-2 124M-shaped with random weights
+run shows before and after). `ours-fp32-spec-int8` / `-int4` decode the fp32 model's own output
+speculatively (runtime/speculative.py): the int8 / int4 export guesses 4 tokens, an fp32 export keeping 5
+logits positions (`--logits last:5`) checks them in one step; batch 8 runs that target alone (speculation
+is batch 1). The checkpoint is GPT-2 124M-shaped with random weights
 (torch seed fixed), written once with save_pretrained.
 
 Every engine runs in its own process with the same thread count and the same seeded prompt ids; greedy,
@@ -36,12 +39,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("transformers", "optimum", "ours-fp32", "ours-int8", "ours-int4", "ours-fp32-concat")
+ENGINES = ("transformers", "optimum", "ours-fp32", "ours-int8", "ours-int4", "ours-fp32-concat",
+           "ours-fp32-spec-int8", "ours-fp32-spec-int4")
+SPECULATE = 4  # ours-fp32-spec-*: guesses per round; the target keeps SPECULATE + 1 logits positions
 VOCAB = 50257
 # the issue's goals: (engine, measure, against, min ratio)
 GOALS = (("ours-fp32", "decode_tok_s", "transformers", 1.8), ("ours-fp32", "decode_tok_s", "optimum", 1.5),
          ("ours-int8", "decode_tok_s", "transformers", 4.0), ("ours-int4", "decode_tok_s", "transformers", 6.0),
-         ("ours-fp32", "batch8_tok_s", "transformers", 2.0))
+         ("ours-fp32", "batch8_tok_s", "transformers", 2.0),
+         # the fp32 model's own output, decoded speculatively (runtime/speculative.py): reported beside, not instead
+         ("ours-fp32-spec-int8", "decode_tok_s", "transformers", 1.8), ("ours-fp32-spec-int8", "decode_tok_s", "optimum", 1.5),
+         ("ours-fp32-spec-int4", "decode_tok_s", "transformers", 1.8), ("ours-fp32-spec-int4", "decode_tok_s", "optimum", 1.5))
 
 
 def prompt_ids(batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -53,13 +61,18 @@ def prompt_ids(batch: int, length: int, seed: int = 0) -> list[list[int]]:
 # ---------------------------------------------------------------------------------- preparing the checkpoint
 
 def export_dir(work: Path, opset: int, quant: str, logits: str, kv_cache: str = "concat") -> Path:
-    return work / (f"onnx{opset}-{quant}" + ("-last" if logits == "last" else "") + ("-shared" if kv_cache == "shared" else ""))
+    return work / (f"onnx{opset}-{quant}" + ("" if logits == "all" else "-" + logits.replace(":", ""))
+                   + ("-shared" if kv_cache == "shared" else ""))
 
 
-def ours(name: str, kv_cache: str) -> tuple[str, str]:
-    """"ours-int8" -> ("int8", kv_cache); "ours-fp32-concat" -> ("fp32", "concat"): the standard graph, for before/after."""
+def ours(name: str, kv_cache: str, logits: str) -> list[tuple[str, str, str]]:
+    """The exports an engine runs, as (quant, kv_cache, logits): "ours-int8" -> [("int8", kv_cache, logits)];
+    "ours-fp32-concat" -> the standard graph, for before/after; "ours-fp32-spec-int8" -> the fp32 target keeping
+    SPECULATE + 1 logits positions, then its int8 draft."""
     parts = name.split("-")
-    return parts[1], parts[2] if len(parts) > 2 else kv_cache
+    if parts[2:3] == ["spec"]:
+        return [("fp32", kv_cache, f"last:{SPECULATE + 1}"), (parts[3], kv_cache, logits)]
+    return [(parts[1], parts[2] if len(parts) > 2 else kv_cache, logits)]
 
 
 def prepare(work: Path, engines: list[str], project_python: str, opset: int, logits: str, kv_cache: str, log) -> None:
@@ -72,8 +85,8 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
         log(f"writing a random GPT-2 124M checkpoint (torch seed 0) to {hf}")
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config()).save_pretrained(hf)
-    for q, kv in [ours(e, kv_cache) for e in engines if e.startswith("ours-")]:
-        out = export_dir(work, opset, q, logits, kv)
+    for q, kv, lg in [x for e in engines if e.startswith("ours-") for x in ours(e, kv_cache, logits)]:
+        out = export_dir(work, opset, q, lg, kv)
         if (out / "model.onnx").is_file():
             continue
         log(f"exporting ours ({q}) to {out} with {project_python}")
@@ -81,7 +94,7 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
         # judged on the trained model by `nanogpt-deploy verify`)
         extra = [] if q == "fp32" else ["--quantize", q, "--no-gate"]
         subprocess.run([project_python, "-m", "runtime.cli", "export", str(hf), "--out", str(out), "--opset", str(opset),
-                        "--logits", logits, "--kv-cache", kv, *extra],
+                        "--logits", lg, "--kv-cache", kv, *extra],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     opt = work / "optimum"
     if "optimum" in engines and not (opt / "model.onnx").is_file():
@@ -119,16 +132,26 @@ class Engine:
             sys.path.insert(0, str(ROOT))
             from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-            quant, kv = ours(name, kv_cache)
-            self.backend = OnnxRuntimeBackend(export_dir(work, opset, quant, logits, kv), threads=threads)
+            paths = [export_dir(work, opset, q, lg, kv) for q, kv, lg in ours(name, kv_cache, logits)]
+            # a target and its draft take turns on the cores: their threads stop spinning when a run returns
+            spec = len(paths) > 1
+            self.backend, *drafts = [OnnxRuntimeBackend(p, threads=threads, spinning=not spec) for p in paths]
+            self.draft = drafts[0] if drafts else None
 
     def generate(self, ids: list[list[int]], new: int):
         if self.name.startswith("ours"):
-            from runtime.generate import SamplingParams, generate
+            from runtime.generate import SamplingParams, make_generation
 
             t0 = time.perf_counter()
-            cs = generate(self.backend, None, ids, SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()))
+            # speculation runs one prompt at a time: a batch runs on the target alone, as plain generation
+            draft = self.draft if len(ids) == 1 else None
+            g = make_generation(self.backend, None, ids, SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()),
+                                draft=draft, speculate=SPECULATE)
+            for _ in g:
+                pass
+            cs = g.completions
             wall = time.perf_counter() - t0
+            self.stats = getattr(g, "stats", None)
             return [c.token_ids for c in cs], cs[0].timing.ttft_s, cs[0].timing.decode_latencies_s, wall
         torch = self.torch
         x = torch.tensor(ids)
@@ -181,7 +204,7 @@ def run_worker(name: str, work: Path, threads: int, opset: int, logits: str, kv_
         workload = json.loads(line)
         tokens, ttft, lat, wall = engine.generate(prompts[workload], WORKLOADS[workload][2])
         print(json.dumps({"tokens": tokens[0], "ttft_s": ttft, "latencies_s": lat, "wall_s": wall,
-                          "peak_rss_mb": peak_rss_mb()}), flush=True)
+                          "peak_rss_mb": peak_rss_mb(), "speculative": getattr(engine, "stats", None)}), flush=True)
 
 
 def summarize(name: str, runs: dict, load: dict) -> dict:
@@ -196,7 +219,11 @@ def summarize(name: str, runs: dict, load: dict) -> dict:
             # one generate call of one new token: prefill + sampling + the loop's setup, as a user sees it
             "ttft512_ms": med(r["wall_s"] for r in long) * 1e3,
             "batch8_tok_s": med(8 * 128 / r["wall_s"] for r in b8),
-            "peak_rss_mb": max(r["peak_rss_mb"] for rs in runs.values() for r in rs)}
+            "peak_rss_mb": max(r["peak_rss_mb"] for rs in runs.values() for r in rs),
+            # speculative engines, batch 1: guesses accepted, decode tokens per target step
+            **({"acceptance": med(r["speculative"]["acceptance"] for r in b1),
+                "tokens_per_target_step": med(r["speculative"]["tokens_per_target_step"] for r in b1)}
+               if b1[-1].get("speculative") else {})}
 
 
 def versions(name: str) -> dict:
@@ -246,6 +273,11 @@ def format_table(report: dict) -> str:
     widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
     fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     out = [fmt(head)] + [fmt(ln) for ln in lines]
+    for name in ENGINES:
+        r = res.get(name)
+        if r and "acceptance" in r:
+            out.append(f"{name}: {r['acceptance']:.1%} of guesses accepted, {r['tokens_per_target_step']:.2f} tokens "
+                       f"per target step (batch 1; batch 8 runs the target alone)")
     for g in report["goals"]:
         out.append(f"goal {g['goal']}: {g['ratio']:.2f}x -> {'met' if g['met'] else 'NOT met'}" if g["ratio"] is not None
                    else f"goal {g['goal']}: not measured")
@@ -278,7 +310,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; medians (default 5)")
     p.add_argument("--opset", type=int, default=23,
                    help="our exports' opset (default 23: SDPA becomes one ONNX Attention node; 18 is the export default)")
-    p.add_argument("--logits", choices=("all", "last"), default="last",
+    p.add_argument("--logits", choices=("all", "last"), default="last",  # a speculative target keeps SPECULATE + 1
                    help="our exports' logits (default last: the last position only, faster time to first token, as "
                         "transformers' generate computes in prefill; all: every position, the export default)")
     p.add_argument("--kv-cache", choices=("concat", "shared"), default="shared",

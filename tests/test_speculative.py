@@ -8,7 +8,9 @@ generation on the target.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -240,3 +242,22 @@ def test_cli(exports, capsys):
     assert e.value.code == 2 and "last:N" in capsys.readouterr().err
     assert main(common + ["--speculate", "3"]) != 0
     assert "--speculate needs --draft" in capsys.readouterr().err
+
+
+def test_bench_times_speculative_targets(exports):
+    from runtime.bench import Case, Target, find_targets, run_worker
+
+    targets, notes = find_targets([str(exports["target_shared"]), str(exports["last"])], backends=("onnxruntime",),
+                                  providers=("cpu",), draft=str(exports["int8"]), speculate=4)
+    spec = [t for t in targets if t.draft]
+    assert [Path(t.model) for t in spec] == [exports["target_shared"]]
+    assert spec[0].label.startswith("onnxruntime cpu fp32 + int8 draft (K=4)")
+    assert any("--logits last:5" in n for n in notes)  # the "last" export cannot check 4 guesses
+    lines = []
+    run_worker({"target": dataclasses.asdict(spec[0]), "cases": [dataclasses.asdict(Case(1, 8, 12)),
+                                                                 dataclasses.asdict(Case(2, 8, 12))],
+                "warmup": 0, "repeats": 1, "threads": 2}, emit=lines.append)
+    result = json.loads(lines[-1])
+    one, two = result["cases"]
+    assert one["speculative"]["tokens_per_target_step"] > 1 and "decode_tok_s" in one
+    assert "speculative" not in two  # a batch runs on the target alone
