@@ -72,7 +72,8 @@ class ProgressBar:
 
 
 def run(args) -> int:
-    from .bench import BenchError, cases, find_targets, format_table, plot_report, run_bench
+    from .bench import BenchError, cases, find_targets, run_bench
+    from .bench_report import format_table, plot_report
 
     if args.repeats < 1 or args.warmup < 0:
         raise BenchError(f"--repeats {args.repeats} / --warmup {args.warmup}: need at least 1 repeat and 0+ warm-up runs")

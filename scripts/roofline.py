@@ -39,7 +39,7 @@ def main() -> None:
     x = torch.randn(1, 768)
     for mb in (50, 150, 300, 450, 600, 1200):
         ws = [torch.randn(768, int(mb * 1e6 / 4 / 768) // 8) for _ in range(8)]
-        dt = timed(lambda: [x @ w for w in ws])
+        dt = timed(lambda ws=ws: [x @ w for w in ws])
         print(f"GEMV working set {mb:5d} MB: {mb / 1e3 / dt:5.1f} GB/s")
         del ws
 

@@ -245,7 +245,7 @@ def test_cli(exports, capsys):
 
 
 def test_bench_times_speculative_targets(exports):
-    from runtime.bench import Case, Target, find_targets, run_worker
+    from runtime.bench import Case, find_targets, run_worker
 
     targets, notes = find_targets([str(exports["target_shared"]), str(exports["last"])], backends=("onnxruntime",),
                                   providers=("cpu",), draft=str(exports["int8"]), speculate=4)
@@ -260,4 +260,5 @@ def test_bench_times_speculative_targets(exports):
     result = json.loads(lines[-1])
     one, two = result["cases"]
     assert one["speculative"]["tokens_per_target_step"] > 1 and "decode_tok_s" in one
+    assert one["speculative"]["same_tokens_as_target"] is True
     assert "speculative" not in two  # a batch runs on the target alone

@@ -1,0 +1,88 @@
+"""`nanogpt-deploy bench`'s output: one flat row per (target, case), the text table, the PNG plot.
+
+    print(format_table(report)); plot_report(report, "bench.png")
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bench import BenchError, Case
+
+
+def rows(report: dict) -> list[dict]:
+    """One flat row per (target, case): what the table, the JSON consumer and the plot read."""
+    out = []
+    for r in report["results"]:
+        for c in r["cases"]:
+            row = {"target": r["label"], **c["case"], "peak_rss_mb": r["peak_rss_mb"]}
+            row.update({k: v for k, v in c.items() if k not in ("case", "step_latency_ms")})
+            out.append(row)
+    return out
+
+
+def format_table(report: dict) -> str:
+    head = ("target", "batch", "prompt", "new", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "e2e tok/s", "peak RSS MB",
+            "guesses accepted")
+    lines = []
+    for r in rows(report):
+        if "skipped" in r:
+            lines.append((r["target"], r["batch"], r["prompt"], r["new"], "skipped: " + r["skipped"]))
+            continue
+        f = lambda k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
+        lines.append((r["target"], r["batch"], r["prompt"], r["new"], f("ttft_ms", ".1f"), f("decode_tok_s", ".1f"),
+                      f("latency_p50_ms", ".2f"), f("latency_p95_ms", ".2f"), f("e2e_tok_s", ".1f"),
+                      f"{r['peak_rss_mb']:.0f}",
+                      f"{r['speculative']['acceptance']:.0%}, {r['speculative']['tokens_per_target_step']:.2f}/step, "
+                      + ("tokens = target" if r["speculative"]["same_tokens_as_target"] else "TOKENS DIFFER")
+                      if "speculative" in r else "-"))
+    widths = [max(len(str(x[i])) for x in [head] + [ln for ln in lines if len(ln) == len(head)]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head)] + [fmt(ln) if len(ln) == len(head) else "  ".join(map(str, ln)) for ln in lines])
+
+
+def plot_report(report: dict, path: str | os.PathLike) -> Path:
+    """PNG: decode tokens/s against context length per target (left), latency p50/p95 per target (right)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install 'nanogpt-deploy[bench]'") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    bars, styles = [], ("-", "--", ":", "-.")
+    for i, r in enumerate(report["results"]):  # one color per target, one line style per case
+        for j, c in enumerate(r["cases"]):
+            steps = c.get("step_latency_ms")
+            if not steps:
+                continue
+            case = Case(**c["case"])
+            ms = np.array(steps)
+            k = min(8, len(ms))  # smooth over 8 steps: single steps are noisy
+            ms = np.convolve(ms, np.ones(k) / k, mode="valid")
+            ctx = case.prompt + 1 + np.arange(len(ms)) + (k - 1) / 2
+            ax1.plot(ctx, case.batch * 1e3 / ms, color=f"C{i % 10}", linestyle=styles[j % len(styles)],
+                     label=f"{r['label']} {case.label}")
+            bars.append((f"{r['label']}\n{case.label}", c["latency_p50_ms"], c["latency_p95_ms"]))
+    ax1.set(xlabel="context length (tokens in the KV cache)", ylabel="decode tokens/s (batch x 1 / step latency)",
+            title="decode throughput vs context")
+    ax1.grid(alpha=0.3)
+    if bars:
+        ax1.legend(fontsize=7)
+        x = np.arange(len(bars))
+        ax2.bar(x - 0.2, [b[1] for b in bars], 0.4, label="p50")
+        ax2.bar(x + 0.2, [b[2] for b in bars], 0.4, label="p95")
+        ax2.set_xticks(x, [b[0] for b in bars], fontsize=6, rotation=30, ha="right")
+        ax2.legend()
+    ax2.set(ylabel="per-token latency, ms", title="decode latency percentiles")
+    m = report.get("machine", {})
+    fig.suptitle(f"{m.get('cpu', '')}, {report['settings'].get('threads') or 'default'} threads", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
