@@ -289,7 +289,8 @@ def generate(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingPara
         prompts: texts or token-id lists, of any lengths (left-padded into one batch).
         params: one SamplingParams for every row, or one per row.
         draft: a draft Backend for speculative decoding (one prompt; the output stays the target's).
-        speculate: tokens the draft guesses per round (default runtime.speculative.DEFAULT_SPECULATE).
+        speculate: tokens the draft guesses per round at most (default runtime.speculative.DEFAULT_SPECULATE;
+            each round guesses 0..speculate, whichever the measured acceptance and step costs make fastest).
     Returns:
         list of Completion(prompt_ids, token_ids, text, finish_reason, stop, timing).
     """

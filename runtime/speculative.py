@@ -10,16 +10,20 @@ The target decides every token. Position by position, the target's own Sampler p
 target's logits, exactly as the plain Generation loop does: the same greedy argmax, the same repetition
 penalty, the same seeded generator drawn once per emitted token. A guess only saves a step when it is
 the token the target picked anyway (the draft guesses its argmax, under the request's repetition
-penalty); at the first miss the target's pick is emitted and the rest of the
-guesses are taken back (`Backend.rewind`: free for a shared KV cache). So the output is the target's
-output, for greedy and for seeded sampling alike, whatever the draft is; a bad draft only makes it slower.
-(This is the "match" form of speculative sampling: exact and seed-stable; it accepts a sampled token less
-often than the rejection-sampling form, which would change which random draws make the output.)
+penalty); at the first miss the target's pick is emitted and the rest of the guesses are taken back
+(`Backend.rewind`: free for a shared KV cache). So the output is the target's output, for greedy and for
+seeded sampling alike, whatever the draft is. (This is the "match" form of speculative sampling: exact
+and seed-stable; it accepts a sampled token less often than the rejection-sampling form, which would
+change which random draws make the output.)
+
+A draft that rarely agrees (a poor draft, sampling at a high temperature) would make generation slower,
+so each round guesses 0..K tokens, whichever the measured acceptance and step costs make fastest
+(`Depth`); at 0 the round is a plain decode step.
 
     from runtime.speculative import SpeculativeGeneration
     g = SpeculativeGeneration(target, tokenizer, ["def main():"], SamplingParams(temperature=0), draft, speculate=4)
     for d in g: print(d.text, end="")
-    g.stats  # {"rounds", "drafted", "accepted", "acceptance", "tokens_per_target_step"}
+    g.stats  # {"rounds", "plain_rounds", "drafted", "accepted", "acceptance", "tokens_per_target_step"}
 
 One prompt at a time (batch 1): rows of a batch would accept different numbers of guesses.
 """
@@ -33,7 +37,52 @@ import numpy as np
 from .generate import Delta, Generation, GenerationError, Prompt
 from .sampling import SamplingParams, sample_next_token
 
-DEFAULT_SPECULATE = 4  # guesses per round: with ~97% per-token agreement, ~4.7 tokens per target step
+DEFAULT_SPECULATE = 4  # guesses per round at most: with ~97% per-token agreement, ~4.7 tokens per target step
+
+
+class Depth:
+    """How many tokens the draft guesses next round: the k in 0..cap with the most expected tokens per second.
+
+    A round of k guesses costs k draft steps + one target step and yields 1 + a + a^2 + ... + a^k tokens
+    on average when each guess is accepted with probability a. Both costs and a are measured as the
+    generation runs (decayed averages), so a draft that rarely agrees (sampling at a high temperature, a
+    poor draft) drops to k = 0, plain decoding, instead of making generation slower; every PROBE_EVERY
+    plain rounds one guess is tried again, in case agreement came back.
+    """
+    DECAY = 0.8  # weight of the past in the running averages, per round
+    PROBE_EVERY = 16
+
+    def __init__(self, max_k: int, adaptive: bool = True):
+        self.max_k, self.adaptive = max_k, adaptive
+        self.hits = self.tries = 0.0  # decayed counts: guesses accepted, guesses checked
+        self.t_draft: float | None = None  # seconds per draft step
+        self.t_target: float | None = None  # seconds per target step (any k: the weights are read once)
+        self.plain = 0  # consecutive rounds at k = 0
+
+    @property
+    def acceptance(self) -> float:
+        return (self.hits + 1) / (self.tries + 2)  # Laplace: 1/2 before any evidence
+
+    def next(self, cap: int) -> int:
+        cap = min(cap, self.max_k)
+        if not self.adaptive or cap <= 0 or self.t_draft is None or self.t_target is None:
+            return max(cap, 0)
+        a = min(self.acceptance, 0.999)
+        rate = [(1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.t_target) for k in range(cap + 1)]
+        k = int(np.argmax(rate))
+        self.plain = self.plain + 1 if k == 0 else 0
+        if self.plain >= self.PROBE_EVERY:
+            self.plain, k = 0, 1
+        return k
+
+    def update(self, k: int, accepted: int, t_draft: float, t_target: float) -> None:
+        """After a round of k guesses (not cut short by a stop): accepted of them, its measured times."""
+        d = self.DECAY
+        self.t_target = t_target if self.t_target is None else d * self.t_target + (1 - d) * t_target
+        if k:
+            self.t_draft = t_draft / k if self.t_draft is None else d * self.t_draft + (1 - d) * t_draft / k
+            self.hits = d * self.hits + accepted
+            self.tries = d * self.tries + accepted + (accepted < k)  # the first miss was checked too
 
 
 class SpeculativeGeneration(Generation):
@@ -44,11 +93,13 @@ class SpeculativeGeneration(Generation):
             (exported with `--logits all` or `--logits last:N`, N >= speculate + 1).
         tokenizer, prompts, params: as Generation; exactly one prompt.
         draft: a Backend over the same vocabulary (its own KV cache; reset here).
-        speculate: tokens the draft guesses per round (>= 1).
+        speculate: tokens the draft guesses per round at most (>= 1).
+        adaptive: choose each round's number of guesses, 0..speculate, from the measured acceptance and
+            step costs (Depth); False always guesses `speculate` (the output is the same either way).
     """
 
     def __init__(self, backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams],
-                 draft, speculate: int = DEFAULT_SPECULATE):
+                 draft, speculate: int = DEFAULT_SPECULATE, adaptive: bool = True):
         super().__init__(backend, tokenizer, prompts, params)
         if len(self.prompt_ids) != 1:
             raise GenerationError(f"speculative decoding runs one prompt at a time, got {len(self.prompt_ids)}; "
@@ -67,7 +118,9 @@ class SpeculativeGeneration(Generation):
                 f"(exported with --logits {art.logits}), but checking {speculate} guesses needs {speculate + 1}; "
                 f"re-export it with --logits last:{speculate + 1} (or --logits all), or lower --speculate")
         self.draft, self.speculate = draft, speculate
-        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "acceptance": 0.0, "tokens_per_target_step": 0.0}
+        self.depth = Depth(speculate, adaptive)
+        self.stats = {"rounds": 0, "plain_rounds": 0, "drafted": 0, "accepted": 0, "acceptance": 0.0,
+                      "tokens_per_target_step": 0.0}
 
     def __iter__(self) -> Iterator[Delta]:
         if self._started:
@@ -101,8 +154,9 @@ class SpeculativeGeneration(Generation):
         draft_past, draft_todo = 0, list(prompt) + [pending]  # the draft's prefill rides with its first round
         while True:
             remaining = self.params[0].max_new_tokens - len(c.token_ids)
-            k = max(0, min(K, remaining - 1, block - past - 1, block - draft_past - len(draft_todo)))
+            k = self.depth.next(min(K, remaining - 1, block - past - 1, block - draft_past - len(draft_todo)))
             guesses: list[int] = []
+            t_draft = time.perf_counter()
             for _ in range(k):  # greedy guesses (with the request's repetition penalty): the best guess of the pick
                 seen = None
                 if guess_params.repetition_penalty != 1.0:
@@ -110,7 +164,9 @@ class SpeculativeGeneration(Generation):
                 guesses.append(sample_next_token(step(draft, draft_todo, draft_past)[-1, :V], guess_params, None, seen))
                 draft_past += len(draft_todo)
                 draft_todo = guesses[-1:]
+            t_target = time.perf_counter()
             scores = step(target, [pending] + guesses, past)  # (k + 1, V): one step scores every guess
+            t_draft, t_target = t_target - t_draft, time.perf_counter() - t_target
             deltas, accepted = [], 0
             for i in range(k + 1):
                 d = self._advance(0, scores[i], len(c.token_ids), t0, prefill)
@@ -121,15 +177,18 @@ class SpeculativeGeneration(Generation):
                     break
             now = time.perf_counter() - t0
             made = sum(len(d.token_ids) for d in deltas)
-            c.timing.decode_latencies_s += [(now - t_prev) / made] * made  # the round's time, shared by its tokens
+            if made:  # the round's time, shared by its tokens (a round may end on a stop token, producing none)
+                c.timing.decode_latencies_s += [(now - t_prev) / made] * made
             t_prev = now
             self.stats["rounds"] += 1
+            self.stats["plain_rounds"] += k == 0
             self.stats["drafted"] += k
             self.stats["accepted"] += accepted
             self._update_stats()
             yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
             if deltas[-1].finish_reason:
                 return
+            self.depth.update(k, accepted, t_draft, t_target)
             # keep pending + the accepted guesses; the target's own pick (a correction or a bonus) is pending
             past += 1 + accepted
             target.rewind(past)

@@ -65,7 +65,7 @@ def test_output_is_the_targets_own(exports, target, draft, mode):
     t, dr = ort(exports[target]), ort(exports[draft], spinning=False)
     sp = PARAMS[mode]
     [plain] = generate(t, None, [PROMPT], sp)
-    g = SpeculativeGeneration(t, None, [PROMPT], sp, dr, speculate=4)
+    g = SpeculativeGeneration(t, None, [PROMPT], sp, dr, speculate=4, adaptive=False)  # every round guesses 4
     deltas = list(g)
     [spec] = g.completions
     assert spec.token_ids == plain.token_ids and len(spec.token_ids) == sp.max_new_tokens
@@ -82,9 +82,40 @@ def test_output_is_the_targets_own(exports, target, draft, mode):
 
 def test_a_bad_draft_is_only_slower(exports):
     t, dr = ort(exports["target_shared"]), ort(exports["other"], spinning=False)
-    g = SpeculativeGeneration(t, None, [PROMPT], PARAMS["sampled"], dr, speculate=4)
+    g = SpeculativeGeneration(t, None, [PROMPT], PARAMS["sampled"], dr, speculate=4, adaptive=False)
     list(g)
     assert g.stats["acceptance"] < 0.5, g.stats  # the rejection path ran in most rounds
+
+
+@pytest.mark.parametrize("draft", ["int8", "other"])
+def test_adaptive_depth_keeps_the_output(exports, draft):
+    """Adaptive rounds guess 0..K (here the tiny draft costs what the tiny target costs: mostly 0)."""
+    t, dr = ort(exports["target_shared"]), ort(exports[draft], spinning=False)
+    for sp in (PARAMS["greedy"], PARAMS["sampled"]):
+        [plain] = generate(t, None, [PROMPT], sp)
+        g = SpeculativeGeneration(t, None, [PROMPT], sp, dr, speculate=4)
+        list(g)
+        assert g.completions[0].token_ids == plain.token_ids
+        assert g.stats["plain_rounds"] > 0 and g.stats["drafted"] < 4 * g.stats["rounds"], g.stats
+
+
+def test_depth_picks_the_fastest_number_of_guesses():
+    from runtime.speculative import Depth
+
+    d = Depth(max_k=4)
+    assert d.next(4) == 4  # nothing measured yet: the cap
+    d.t_draft, d.t_target = 0.005, 0.023  # the 124M shape: an int8 draft step, an fp32 target step
+    for hits, tries, want in ((99, 100, 4), (45, 100, 1), (5, 100, 0)):
+        d.hits, d.tries, d.plain = hits, tries, 0
+        assert d.next(4) == want, (hits, tries)
+    assert d.next(2) == 0 and Depth(4, adaptive=False).next(3) == 3
+    d.plain = 0
+    assert [d.next(4) for _ in range(Depth.PROBE_EVERY)][-1] == 1  # a probe after PROBE_EVERY plain rounds
+    d.t_draft = d.t_target  # a draft as slow as the target never pays, even when it always agrees
+    d.hits, d.tries, d.plain = 100, 100, 0
+    assert d.next(4) == 0
+    d.update(4, 4, 0.004, 0.02)  # accepted all 4: decayed counts and times move toward the round's
+    assert d.tries == pytest.approx(0.8 * 100 + 4) and d.t_draft == pytest.approx(0.8 * 0.023 + 0.2 * 0.001)
 
 
 @pytest.mark.parametrize("speculate", [1, 2, 4])
@@ -92,8 +123,16 @@ def test_any_speculation_depth(exports, speculate):
     t, dr = ort(exports["target_shared"]), ort(exports["int8"], spinning=False)
     sp = PARAMS["penalty"]
     [plain] = generate(t, None, [PROMPT], sp)
-    [spec] = generate(t, None, [PROMPT], sp, draft=dr, speculate=speculate)
-    assert spec.token_ids == plain.token_ids
+    g = SpeculativeGeneration(t, None, [PROMPT], sp, dr, speculate=speculate, adaptive=False)
+    list(g)
+    assert g.completions[0].token_ids == plain.token_ids and g.stats["drafted"] > 0
+
+
+def spec(target, tokenizer, prompts, params, draft, speculate=4):
+    """Speculative completions with every round guessing `speculate` (so rounds end on stops and limits)."""
+    g = SpeculativeGeneration(target, tokenizer, prompts, params, draft, speculate, adaptive=False)
+    list(g)
+    return g.completions
 
 
 def test_stops_and_the_block_size_edge(exports, tokenizer):
@@ -101,25 +140,32 @@ def test_stops_and_the_block_size_edge(exports, tokenizer):
     [plain] = generate(t, None, [PROMPT], PARAMS["greedy"])
     stop_id = plain.token_ids[9]
     sp = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=(stop_id,))
-    [a], [b] = generate(t, None, [PROMPT], sp), generate(t, None, [PROMPT], sp, draft=dr)
+    [a], [b] = generate(t, None, [PROMPT], sp), spec(t, None, [PROMPT], sp, dr)
     assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason == "stop" and b.stop == stop_id
+    [varied] = generate(t, None, [PROMPT], PARAMS["penalty"])  # no token twice: each stop id ends the row there
+    assert len(set(varied.token_ids[:12])) == 12
+    for j in range(1, 12):  # a stop token at every place in a round, the first one included (a round of no tokens)
+        sp = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0, stop_token_ids=(varied.token_ids[j],))
+        [a], [b] = generate(t, None, [PROMPT], sp), spec(t, None, [PROMPT], sp, dr)
+        assert (b.token_ids, b.finish_reason, len(b.timing.decode_latencies_s)) == \
+            (a.token_ids, "stop", max(0, len(a.token_ids) - 1))
     # a stop string, with the tokenizer: cut at the same place
     text_params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=())
     [full] = generate(t, tokenizer, [PROMPT], text_params)
     stop = full.text[len(full.text) // 2:][:3]
     if stop:
         sp = SamplingParams(temperature=0, max_new_tokens=40, stop=(stop,), stop_token_ids=())
-        [a], [b] = generate(t, tokenizer, [PROMPT], sp), generate(t, tokenizer, [PROMPT], sp, draft=dr)
+        [a], [b] = generate(t, tokenizer, [PROMPT], sp), spec(t, tokenizer, [PROMPT], sp, dr)
         assert (b.text, b.token_ids, b.finish_reason) == (a.text, a.token_ids, a.finish_reason)
     # the last positions of the context: rounds shrink so target and draft stay within block_size
     block = t.config.block_size
     long_prompt = (PROMPT * 40)[: block - 6]
     sp = SamplingParams(temperature=0, max_new_tokens=6, stop_token_ids=())
-    [a], [b] = generate(t, None, [long_prompt], sp), generate(t, None, [long_prompt], sp, draft=dr)
+    [a], [b] = generate(t, None, [long_prompt], sp), spec(t, None, [long_prompt], sp, dr)
     assert b.token_ids == a.token_ids and len(b.token_ids) == 6
     for one in (1, 2):  # a single new token: no round at all; two: a round with nothing to guess
         sp = SamplingParams(temperature=0, max_new_tokens=one, stop_token_ids=())
-        assert generate(t, None, [PROMPT], sp, draft=dr)[0].token_ids == plain.token_ids[:one]
+        assert spec(t, None, [PROMPT], sp, dr)[0].token_ids == plain.token_ids[:one]
 
 
 def test_torch_target_and_draft(exports, tiny_model):
@@ -131,7 +177,7 @@ def test_torch_target_and_draft(exports, tiny_model):
     dr = ort(exports["int8"], spinning=False)
     for sp in (PARAMS["greedy"], PARAMS["sampled"]):
         [plain] = generate(t, None, [PROMPT], sp)
-        assert generate(t, None, [PROMPT], sp, draft=dr)[0].token_ids == plain.token_ids
+        assert spec(t, None, [PROMPT], sp, dr)[0].token_ids == plain.token_ids
 
 
 def test_refusals(exports):
