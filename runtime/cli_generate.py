@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "int4 folder) guesses tokens and MODEL checks them in one step; the output is MODEL's own. "
                         "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); one prompt")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
-                   help="tokens the draft guesses per round (default: 4)")
+                   help="most tokens the draft guesses per round (default: 4); each round guesses 0..K, whichever the "
+                        "measured acceptance and step costs make fastest (0: a plain decode step)")
     p.add_argument("--json", action="store_true", help="print one JSON document: tokens, text, timing")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
                                                           "then the cache)")

@@ -75,12 +75,15 @@ class Depth:
             self.plain, k = 0, 1
         return k
 
-    def update(self, k: int, accepted: int, t_draft: float, t_target: float) -> None:
-        """After a round of k guesses (not cut short by a stop): accepted of them, its measured times."""
+    def update(self, k: int, accepted: int, t_draft: float | None, t_target: float) -> None:
+        """After a round of k guesses (not cut short by a stop): accepted of them, the seconds of one draft step
+        (None when the round had no one-token draft call: its prefill, a catch-up after plain rounds), and of
+        the target step."""
         d = self.DECAY
         self.t_target = t_target if self.t_target is None else d * self.t_target + (1 - d) * t_target
+        if t_draft is not None:
+            self.t_draft = t_draft if self.t_draft is None else d * self.t_draft + (1 - d) * t_draft
         if k:
-            self.t_draft = t_draft / k if self.t_draft is None else d * self.t_draft + (1 - d) * t_draft / k
             self.hits = d * self.hits + accepted
             self.tries = d * self.tries + accepted + (accepted < k)  # the first miss was checked too
 
@@ -156,17 +159,20 @@ class SpeculativeGeneration(Generation):
             remaining = self.params[0].max_new_tokens - len(c.token_ids)
             k = self.depth.next(min(K, remaining - 1, block - past - 1, block - draft_past - len(draft_todo)))
             guesses: list[int] = []
-            t_draft = time.perf_counter()
+            draft_steps = []  # seconds of each one-token draft call (a first call catching up on several is not one)
             for _ in range(k):  # greedy guesses (with the request's repetition penalty): the best guess of the pick
                 seen = None
                 if guess_params.repetition_penalty != 1.0:
                     seen = np.asarray(sampler._seen_ids + guesses, np.int64)
+                t = time.perf_counter()
                 guesses.append(sample_next_token(step(draft, draft_todo, draft_past)[-1, :V], guess_params, None, seen))
+                if len(draft_todo) == 1:
+                    draft_steps.append(time.perf_counter() - t)
                 draft_past += len(draft_todo)
                 draft_todo = guesses[-1:]
             t_target = time.perf_counter()
             scores = step(target, [pending] + guesses, past)  # (k + 1, V): one step scores every guess
-            t_draft, t_target = t_target - t_draft, time.perf_counter() - t_target
+            t_target = time.perf_counter() - t_target
             deltas, accepted = [], 0
             for i in range(k + 1):
                 d = self._advance(0, scores[i], len(c.token_ids), t0, prefill)
@@ -188,7 +194,7 @@ class SpeculativeGeneration(Generation):
             yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
             if deltas[-1].finish_reason:
                 return
-            self.depth.update(k, accepted, t_draft, t_target)
+            self.depth.update(k, accepted, float(np.mean(draft_steps)) if draft_steps else None, t_target)
             # keep pending + the accepted guesses; the target's own pick (a correction or a bonus) is pending
             past += 1 + accepted
             target.rewind(past)

@@ -89,14 +89,15 @@ def test_a_bad_draft_is_only_slower(exports):
 
 @pytest.mark.parametrize("draft", ["int8", "other"])
 def test_adaptive_depth_keeps_the_output(exports, draft):
-    """Adaptive rounds guess 0..K (here the tiny draft costs what the tiny target costs: mostly 0)."""
+    """Adaptive rounds guess 0..K; a draft that almost never agrees (another model, sampled) ends up at 0."""
     t, dr = ort(exports["target_shared"]), ort(exports[draft], spinning=False)
-    for sp in (PARAMS["greedy"], PARAMS["sampled"]):
-        [plain] = generate(t, None, [PROMPT], sp)
-        g = SpeculativeGeneration(t, None, [PROMPT], sp, dr, speculate=4)
+    for mode in ("greedy", "sampled"):
+        [plain] = generate(t, None, [PROMPT], PARAMS[mode])
+        g = SpeculativeGeneration(t, None, [PROMPT], PARAMS[mode], dr, speculate=4)
         list(g)
         assert g.completions[0].token_ids == plain.token_ids
-        assert g.stats["plain_rounds"] > 0 and g.stats["drafted"] < 4 * g.stats["rounds"], g.stats
+        if draft == "other" and mode == "sampled":
+            assert g.stats["plain_rounds"] > g.stats["rounds"] / 2, g.stats
 
 
 def test_depth_picks_the_fastest_number_of_guesses():
@@ -114,8 +115,10 @@ def test_depth_picks_the_fastest_number_of_guesses():
     d.t_draft = d.t_target  # a draft as slow as the target never pays, even when it always agrees
     d.hits, d.tries, d.plain = 100, 100, 0
     assert d.next(4) == 0
-    d.update(4, 4, 0.004, 0.02)  # accepted all 4: decayed counts and times move toward the round's
+    d.update(4, 4, 0.001, 0.02)  # accepted all 4: decayed counts and times move toward the round's
     assert d.tries == pytest.approx(0.8 * 100 + 4) and d.t_draft == pytest.approx(0.8 * 0.023 + 0.2 * 0.001)
+    d.update(1, 0, None, 0.02)  # a round whose only draft call caught up on several tokens: no step time
+    assert d.t_draft == pytest.approx(0.8 * 0.023 + 0.2 * 0.001) and d.tries == pytest.approx(0.8 * 84 + 1)
 
 
 @pytest.mark.parametrize("speculate", [1, 2, 4])
