@@ -43,32 +43,39 @@ DEFAULT_SPECULATE = 4  # guesses per round at most: with ~97% per-token agreemen
 class Depth:
     """How many tokens the draft guesses next round: the k in 0..cap with the most expected tokens per second.
 
-    A round of k guesses costs k draft steps + one target step and yields 1 + a + a^2 + ... + a^k tokens
-    on average when each guess is accepted with probability a. Both costs and a are measured as the
-    generation runs (decayed averages), so a draft that rarely agrees (sampling at a high temperature, a
-    poor draft) drops to k = 0, plain decoding, instead of making generation slower; every PROBE_EVERY
+    A round of k guesses costs k draft steps + one target step and yields 1 + p1 + p1 p2 + ... + p1...pk
+    tokens on average, where p_i is the chance that guess i is accepted once guesses 1..i-1 were. The p_i
+    are counted per position, since agreement comes in runs (a predictable stretch accepts guess 4 more
+    often than guess 1) and one rate for all positions would under-guess. Costs and p_i are measured as
+    the generation runs (decayed averages), so a draft that rarely agrees (sampling at a high temperature,
+    a poor draft) drops to k = 0, plain decoding, instead of making generation slower; every PROBE_EVERY
     plain rounds one guess is tried again, in case agreement came back.
     """
-    DECAY = 0.8  # weight of the past in the running averages, per round
+    DECAY = 0.9  # weight of the past in the running averages, per round (about the last 10 rounds count)
     PROBE_EVERY = 16
 
     def __init__(self, max_k: int, adaptive: bool = True):
         self.max_k, self.adaptive = max_k, adaptive
-        self.hits = self.tries = 0.0  # decayed counts: guesses accepted, guesses checked
+        self.hits = np.zeros(max(max_k, 1))  # decayed counts per guess position: accepted,
+        self.tries = np.zeros(max(max_k, 1))  # and checked (every guess up to the first miss)
         self.t_draft: float | None = None  # seconds per draft step
         self.t_target: float | None = None  # seconds per target step (any k: the weights are read once)
         self.plain = 0  # consecutive rounds at k = 0
 
-    @property
-    def acceptance(self) -> float:
-        return (self.hits + 1) / (self.tries + 2)  # Laplace: 1/2 before any evidence
+    def acceptance(self) -> np.ndarray:
+        """p_i per guess position, each smoothed by one pseudo-check at the previous position's rate (1/2 before
+        the first): with no evidence a position is as good as the one before it."""
+        p, prior = np.empty_like(self.hits), 0.5
+        for i in range(p.size):
+            p[i] = prior = (self.hits[i] + prior) / (self.tries[i] + 1)
+        return np.minimum(p, 0.999)
 
     def next(self, cap: int) -> int:
         cap = min(cap, self.max_k)
         if not self.adaptive or cap <= 0 or self.t_draft is None or self.t_target is None:
             return max(cap, 0)
-        a = min(self.acceptance, 0.999)
-        rate = [(1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.t_target) for k in range(cap + 1)]
+        tokens = np.concatenate([[1.0], 1 + np.cumsum(np.cumprod(self.acceptance()))])  # expected, k = 0..max_k
+        rate = [tokens[k] / (k * self.t_draft + self.t_target) for k in range(cap + 1)]
         k = int(np.argmax(rate))
         self.plain = self.plain + 1 if k == 0 else 0
         if self.plain >= self.PROBE_EVERY:
@@ -84,8 +91,11 @@ class Depth:
         if t_draft is not None:
             self.t_draft = t_draft if self.t_draft is None else d * self.t_draft + (1 - d) * t_draft
         if k:
-            self.hits = d * self.hits + accepted
-            self.tries = d * self.tries + accepted + (accepted < k)  # the first miss was checked too
+            checked = min(accepted + 1, k)  # guesses 1..accepted, and the first miss
+            self.hits *= d
+            self.tries *= d
+            self.tries[:checked] += 1
+            self.hits[:accepted] += 1
 
 
 class SpeculativeGeneration(Generation):

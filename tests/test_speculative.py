@@ -106,19 +106,29 @@ def test_depth_picks_the_fastest_number_of_guesses():
     d = Depth(max_k=4)
     assert d.next(4) == 4  # nothing measured yet: the cap
     d.t_draft, d.t_target = 0.005, 0.023  # the 124M shape: an int8 draft step, an fp32 target step
-    for hits, tries, want in ((99, 100, 4), (45, 100, 1), (5, 100, 0)):
-        d.hits, d.tries, d.plain = hits, tries, 0
-        assert d.next(4) == want, (hits, tries)
+
+    def seen(rates):  # evidence: 100 checks at each position, accepted at these rates
+        d.tries, d.hits, d.plain = np.full(4, 100.0), np.array(rates, float) * 100, 0
+
+    for rates, want in (([0.99] * 4, 4), ([0.45] * 4, 1), ([0.05] * 4, 0), ([0.45, 0.9, 0.9, 0.9], 4)):
+        seen(rates)
+        assert d.next(4) == want, rates  # runs of agreement (the last case) are worth guessing deep for
+    seen([0.05] * 4)
     assert d.next(2) == 0 and Depth(4, adaptive=False).next(3) == 3
-    d.plain = 0
+    seen([0.05] * 4)
     assert [d.next(4) for _ in range(Depth.PROBE_EVERY)][-1] == 1  # a probe after PROBE_EVERY plain rounds
     d.t_draft = d.t_target  # a draft as slow as the target never pays, even when it always agrees
-    d.hits, d.tries, d.plain = 100, 100, 0
+    seen([1.0] * 4)
     assert d.next(4) == 0
-    d.update(4, 4, 0.001, 0.02)  # accepted all 4: decayed counts and times move toward the round's
-    assert d.tries == pytest.approx(0.8 * 100 + 4) and d.t_draft == pytest.approx(0.8 * 0.023 + 0.2 * 0.001)
-    d.update(1, 0, None, 0.02)  # a round whose only draft call caught up on several tokens: no step time
-    assert d.t_draft == pytest.approx(0.8 * 0.023 + 0.2 * 0.001) and d.tries == pytest.approx(0.8 * 84 + 1)
+
+    d = Depth(max_k=4)
+    d.update(4, 2, 0.004, 0.02)  # guesses 1, 2 accepted, 3 missed, 4 never checked
+    assert d.tries.tolist() == [1, 1, 1, 0] and d.hits.tolist() == [1, 1, 0, 0]
+    assert d.acceptance().tolist() == pytest.approx([0.75, 0.875, 0.4375, 0.4375])  # position 4: as position 3
+    d.update(4, 4, None, 0.03)  # all accepted; a round with no one-token draft call keeps the step time
+    assert d.tries.tolist() == pytest.approx([1.9, 1.9, 1.9, 1]) and d.hits.tolist() == pytest.approx([1.9, 1.9, 1, 1])
+    assert (d.t_draft, d.t_target) == (0.004, pytest.approx(0.9 * 0.02 + 0.1 * 0.03))
+
 
 
 @pytest.mark.parametrize("speculate", [1, 2, 4])
