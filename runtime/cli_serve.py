@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV}; prefer the "
                                                    f"variable, a flag shows up in `ps`)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="speculative decoding for a request running alone (batch of one): a cheaper export of the same "
+                        "checkpoint (e.g. its int8 folder) guesses, MODEL checks; same output, faster. MODEL must keep "
+                        "--speculate + 1 logits positions (export --logits last:5 or all)")
+    p.add_argument("--speculate", type=int, default=None, metavar="K", help="most guesses per round with --draft (default 4)")
     p.add_argument("--max-batch", type=int, default=16, help="rows per batch (shared forward passes)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting while a batch runs; more get 429")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
@@ -80,16 +85,28 @@ def run(args) -> int:
     from .tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path=args.tokenizer_file)
-    backend = load_backend(args.backend, args.model, provider=args.provider, threads=args.threads)
+    if args.speculate is not None and not args.draft:
+        raise ValueError("--speculate needs --draft DIR (the model that guesses the tokens)")
+    options = dict(provider=args.provider, threads=args.threads)
+    if args.draft and args.backend == "onnxruntime":
+        options["spinning"] = False  # draft and target take turns on the same cores: idle threads must not spin
+    backend = load_backend(args.backend, args.model, **options)
+    draft = None
+    if args.draft:
+        from .speculative import DEFAULT_SPECULATE, check_pair
+
+        draft = load_backend(args.backend, args.draft, **options)
+        check_pair(backend, draft, args.speculate or DEFAULT_SPECULATE)  # refuse at startup, not per request
     path = Path(args.model)
     name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model
     settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                               batch_window_ms=args.batch_window_ms, request_timeout_s=args.request_timeout,
                               max_body_bytes=args.max_body_bytes)
-    app = create_app(backend, tokenizer, settings)
+    app = create_app(backend, tokenizer, settings, draft, args.speculate)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {name!r} on http://{host}:{args.port}/v1 [{backend.name}, {backend.provider}, {backend.precision}] "
           f"max batch {args.max_batch}, queue {args.max_queue}, timeout {args.request_timeout:g} s"
+          f"{f', speculative with {args.draft} for lone requests' if draft else ''}"
           f"{', API key required' if api_key else ''}", flush=True)
     # connections beyond this get uvicorn's plain 503: room for every running + queued request, and as many
     # again for requests being refused with 429 and idle keep-alive connections

@@ -3,8 +3,8 @@
 Backends are not thread-safe and hold one KV cache, so exactly one thread ever calls them. Requests
 (`Job`s, one or more prompts each) wait in a bounded FIFO queue; the worker takes the oldest, then
 keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and runs them all as one
-`Generation`: shared forward passes, each row with its own SamplingParams. Jobs that arrive while a
-batch runs wait for the next one; a full queue refuses at once (`Overloaded`), so nothing hangs.
+`Generation`: shared forward passes, each row with its own SamplingParams (a batch of one row, with a
+draft, decodes speculatively: runtime/speculative.py). Jobs that arrive while a batch runs wait for the next one; a full queue refuses at once (`Overloaded`), so nothing hangs.
 A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
 rows cancelled at the next step; the other rows of the batch go on.
 
@@ -25,7 +25,7 @@ import time
 from collections import deque
 from typing import Sequence
 
-from .generate import Generation, SamplingParams
+from .generate import Generation, SamplingParams, make_generation
 
 log = logging.getLogger("nanogpt_deploy.scheduler")
 
@@ -69,11 +69,13 @@ class Job:
 class Scheduler:
     """A bounded queue of Jobs and the one thread that runs them in batches (see the module docstring)."""
 
-    def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, batch_window_s: float = 0.01):
+    def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, batch_window_s: float = 0.01,
+                 draft=None, speculate: int | None = None):
         if max_batch < 1 or max_queue < 1 or batch_window_s < 0:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and "
                              f"batch_window_s ({batch_window_s}) >= 0")
         self.backend, self.tokenizer = backend, tokenizer
+        self.draft, self.speculate = draft, speculate  # a batch of one row decodes speculatively with the draft
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
         self.block_size = backend.config.block_size
         self._queue: deque[Job] = deque()
@@ -84,7 +86,8 @@ class Scheduler:
         self._running: list[Job] = []
         # written under self._cond (submit) or by the worker thread only; read by /health
         self.stats = {"jobs_submitted": 0, "jobs_rejected": 0, "jobs_dropped_while_queued": 0, "batches": 0,
-                      "rows": 0, "largest_batch": 0, "rows_cancelled": 0, "tokens_generated": 0, "batch_errors": 0}
+                      "rows": 0, "largest_batch": 0, "rows_cancelled": 0, "tokens_generated": 0, "batch_errors": 0,
+                      "speculative_batches": 0, "guesses_drafted": 0, "guesses_accepted": 0}
 
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._work, name="nanogpt-scheduler", daemon=True)
@@ -177,9 +180,11 @@ class Scheduler:
         self.stats["rows"] += len(owners)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(owners))
         done = [False] * len(owners)  # finished or cancelled
+        gen = None
         try:
-            gen = Generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in owners],
-                             [job.params[j] for job, j in owners])
+            draft = self.draft if len(owners) == 1 else None  # speculation is batch 1: a lone request gets it
+            gen = make_generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in owners],
+                                  [job.params[j] for job, j in owners], draft, self.speculate)
             last_row = -1
             for delta in gen:
                 if delta.row <= last_row:  # a new step began (deltas come in row order): look for cancellations
@@ -197,6 +202,11 @@ class Scheduler:
                 job.post(("error", f"generation failed: {type(e).__name__}: {e}"))
         finally:
             self.running_rows, self._running = 0, []
+            spec = getattr(gen, "stats", None)
+            if spec:
+                self.stats["speculative_batches"] += 1
+                self.stats["guesses_drafted"] += spec["drafted"]
+                self.stats["guesses_accepted"] += spec["accepted"]
 
     def _cancel_rows(self, gen: Generation, owners: list, done: list[bool]) -> None:
         for r, (job, _) in enumerate(owners):

@@ -190,15 +190,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(backend, tokenizer, settings: ServerSettings) -> FastAPI:
+def create_app(backend, tokenizer, settings: ServerSettings, draft=None, speculate: int | None = None) -> FastAPI:
     """The ASGI app serving `backend` (owned by the app's scheduler thread from startup to shutdown).
 
     Args:
         backend: a loaded runtime.backends Backend; nothing else may use it while the app runs.
         tokenizer: the tiktoken Encoding for text prompts and output.
         settings: ServerSettings (model name, API key, batch / queue / timeout / body limits).
+        draft: a draft Backend: a request running alone (a batch of one row) decodes speculatively with it,
+            the same output faster (runtime/speculative.py); `speculate` is its most guesses per round.
     """
-    scheduler = Scheduler(backend, tokenizer, settings.max_batch, settings.max_queue, settings.batch_window_ms / 1000)
+    scheduler = Scheduler(backend, tokenizer, settings.max_batch, settings.max_queue, settings.batch_window_ms / 1000,
+                          draft, speculate)
     counts = {"requests": 0, "completed": 0, "disconnected": 0, "timed_out": 0}  # written by the event loop only
     created = int(time.time())
 

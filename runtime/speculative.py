@@ -98,6 +98,27 @@ class Depth:
             self.hits[:accepted] += 1
 
 
+def check_pair(target, draft, speculate: int) -> None:
+    """Raise GenerationError, saying how to fix it, unless `draft` can guess `speculate` tokens for `target`."""
+    if not isinstance(speculate, int) or speculate < 1:
+        raise GenerationError(f"speculate must be an integer >= 1 (tokens the draft guesses per round), got {speculate!r}")
+    for role, b in (("target", target), ("draft", draft)):
+        if not callable(getattr(b, "rewind", None)):
+            raise GenerationError(f"the {role} backend {getattr(b, 'name', type(b).__name__)!r} cannot rewind its KV "
+                                  f"cache, which speculative decoding needs; use the onnxruntime or torch backend")
+    t, d = target.config, draft.config
+    if (t.vocab_size, t.real_vocab_size, t.tokenizer) != (d.vocab_size, d.real_vocab_size, d.tokenizer):
+        raise GenerationError(f"the draft's vocabulary ({d.vocab_size} ids, {d.real_vocab_size} real, tokenizer "
+                              f"{d.tokenizer!r}) differs from the target's ({t.vocab_size}, {t.real_vocab_size}, "
+                              f"{t.tokenizer!r}); the draft must share the target's tokenizer, e.g. its int8 export")
+    art = getattr(target, "artifact", None)
+    if art is not None and art.logits_positions(speculate + 1) < speculate + 1:
+        raise GenerationError(
+            f"the target returns logits for {art.logits_positions(speculate + 1)} position(s) per step "
+            f"(exported with --logits {art.logits}), but checking {speculate} guesses needs {speculate + 1}; "
+            f"re-export it with --logits last:{speculate + 1} (or --logits all), or lower --speculate")
+
+
 class SpeculativeGeneration(Generation):
     """Generation of one prompt on `backend` (the target), with `draft` proposing `speculate` tokens a round.
 
@@ -117,19 +138,7 @@ class SpeculativeGeneration(Generation):
         if len(self.prompt_ids) != 1:
             raise GenerationError(f"speculative decoding runs one prompt at a time, got {len(self.prompt_ids)}; "
                                   f"run them one by one, or drop --draft to batch them")
-        if not isinstance(speculate, int) or speculate < 1:
-            raise GenerationError(f"speculate must be an integer >= 1 (tokens the draft guesses per round), got {speculate!r}")
-        t, d = backend.config, draft.config
-        if (t.vocab_size, t.real_vocab_size, t.tokenizer) != (d.vocab_size, d.real_vocab_size, d.tokenizer):
-            raise GenerationError(f"the draft's vocabulary ({d.vocab_size} ids, {d.real_vocab_size} real, tokenizer "
-                                  f"{d.tokenizer!r}) differs from the target's ({t.vocab_size}, {t.real_vocab_size}, "
-                                  f"{t.tokenizer!r}); the draft must share the target's tokenizer, e.g. its int8 export")
-        art = getattr(backend, "artifact", None)
-        if art is not None and art.logits_positions(speculate + 1) < speculate + 1:
-            raise GenerationError(
-                f"the target returns logits for {art.logits_positions(speculate + 1)} position(s) per step "
-                f"(exported with --logits {art.logits}), but checking {speculate} guesses needs {speculate + 1}; "
-                f"re-export it with --logits last:{speculate + 1} (or --logits all), or lower --speculate")
+        check_pair(backend, draft, speculate)
         self.draft, self.speculate = draft, speculate
         self.depth = Depth(speculate, adaptive)
         self.stats = {"rounds": 0, "plain_rounds": 0, "drafted": 0, "accepted": 0, "acceptance": 0.0,

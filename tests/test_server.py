@@ -40,6 +40,13 @@ class SlowBackend:
     def reset(self, batch_size):
         self.inner.reset(batch_size)
 
+    def rewind(self, length):
+        self.inner.rewind(length)
+
+    @property
+    def artifact(self):
+        return self.inner.artifact
+
     def forward(self, *args):
         time.sleep(self.delay_s)
         if self.fail_once:
@@ -49,10 +56,10 @@ class SlowBackend:
 
 
 @contextmanager
-def serve(onnx_dir, tokenizer, delay_s=0.0, fail_once=False, **settings):
+def serve(onnx_dir, tokenizer, delay_s=0.0, fail_once=False, draft=None, **settings):
     """A live server on 127.0.0.1:<free port> with its own backend; yields (base_url, app)."""
     backend = SlowBackend(load_backend("onnxruntime", onnx_dir, threads=1), delay_s, fail_once)
-    app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings))
+    app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings), draft=draft)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -151,6 +158,25 @@ def test_batched_greedy_equals_alone(tiny_onnx_dir, tokenizer):
             batched = list(pool.map(lambda r: c.completions.create(model=MODEL, **r).choices[0].text, requests))
         assert health(url)["scheduler"]["largest_batch"] == len(requests), "the requests were not batched"
     assert batched == alone
+
+
+def test_a_lone_request_decodes_speculatively_with_a_draft(tiny_onnx_dir, tokenizer):
+    """serve --draft: a batch of one row runs runtime/speculative.py (the same text); a batch runs plain."""
+    requests = [dict(prompt=[3, 1, 4, 1, 5], max_tokens=12, temperature=0),
+                dict(prompt="a b c", max_tokens=9, temperature=0.9, seed=7)]
+    refs = [generate(load_backend("onnxruntime", tiny_onnx_dir), tokenizer, [r["prompt"]],
+                     SamplingParams(temperature=r["temperature"], seed=r.get("seed"), max_new_tokens=r["max_tokens"]))[0].text
+            for r in requests]
+    draft = load_backend("onnxruntime", tiny_onnx_dir, threads=1)  # the same weights: greedy guesses all accepted
+    with serve(tiny_onnx_dir, tokenizer, draft=draft, batch_window_ms=300) as (url, _):
+        c = client(url)
+        alone = [c.completions.create(model=MODEL, **r).choices[0].text for r in requests]
+        stats = health(url)["scheduler"]
+        assert stats["speculative_batches"] == 2 and 0 < stats["guesses_accepted"] <= stats["guesses_drafted"], stats
+        with cf.ThreadPoolExecutor(len(requests)) as pool:
+            batched = list(pool.map(lambda r: c.completions.create(model=MODEL, **r).choices[0].text, requests))
+        assert health(url)["scheduler"]["speculative_batches"] == 2  # the batch of two ran plain
+    assert alone == batched == refs
 
 
 def test_api_key_required(tiny_onnx_dir, tokenizer):

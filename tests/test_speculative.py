@@ -208,8 +208,17 @@ def test_refusals(exports):
     class OtherVocab:
         config = TINY_CONFIG.__class__(**{**TINY_CONFIG.to_dict(), "vocab_size": 1024})
 
+        def rewind(self, length):
+            pass
+
     with pytest.raises(GenerationError, match="vocabulary"):
         SpeculativeGeneration(t, None, [PROMPT], sp, OtherVocab(), 4)
+
+    class NoRewind:
+        name, config = "custom", TINY_CONFIG
+
+    with pytest.raises(GenerationError, match="'custom' cannot rewind"):
+        SpeculativeGeneration(t, None, [PROMPT], sp, NoRewind(), 4)
 
 
 # ---------------------------------------------------------------------------------- rewind
@@ -301,6 +310,11 @@ def test_cli(exports, capsys):
     assert e.value.code == 2 and "last:N" in capsys.readouterr().err
     assert main(common + ["--speculate", "3"]) != 0
     assert "--speculate needs --draft" in capsys.readouterr().err
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    # serve refuses a pair that cannot speculate at startup, before it binds anything
+    assert main(["serve", str(exports["last"]), "--draft", str(exports["int8"]), "--port", "1"]) == 1
+    assert "--logits last:5" in capsys.readouterr().err
 
 
 def test_bench_times_speculative_targets(exports):
