@@ -299,8 +299,9 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
             raise VerifyError(f"{t.model} is not the reference's model ({ref_target.model}): its config differs; "
                               f"verify the exports of one checkpoint together")
         if last_only(backend):
-            notes.append(f"{t.label}: exported with --logits last; its top-1 and perplexity come from step-by-step "
-                         f"decoding (one token per call), its max|Δlogits| from the last position of each shape")
+            notes.append(f"{t.label}: exported with --logits {backend.artifact.logits}; its top-1 and perplexity come "
+                         f"from step-by-step decoding (one token per call), its max|Δlogits| from the last position(s) "
+                         f"of each shape")
         m = compare(measure(backend, prompts, windows, new), ref, windows)
         del backend
         fails = failures(t.label, t.precision, m, thresholds)
