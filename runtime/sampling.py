@@ -121,6 +121,11 @@ class Sampler:
             self._seen[token] = True
             self._seen_ids.append(token)
 
+    @property
+    def seen_ids(self) -> list[int]:
+        """Ids seen so far (prompt and output), each once, in order of first appearance."""
+        return list(self._seen_ids)
+
     def __call__(self, logits: np.ndarray) -> int:
         """logits (V_padded,) of one row -> the next id (< real_vocab_size), remembered for the penalty."""
         seen = np.asarray(self._seen_ids, dtype=np.int64) if self.params.repetition_penalty != 1.0 else None

@@ -182,7 +182,7 @@ class SpeculativeGeneration(Generation):
             for _ in range(k):  # greedy guesses (with the request's repetition penalty): the best guess of the pick
                 seen = None
                 if guess_params.repetition_penalty != 1.0:
-                    seen = np.asarray(sampler._seen_ids + guesses, np.int64)
+                    seen = np.asarray(sampler.seen_ids + guesses, np.int64)
                 t = time.perf_counter()
                 guesses.append(sample_next_token(step(draft, draft_todo, draft_past)[-1, :V], guess_params, None, seen))
                 if len(draft_todo) == 1:
