@@ -182,6 +182,9 @@ TORCH_FREE = textwrap.dedent("""
     print(json.dumps(c.token_ids))
     assert main(["generate", sys.argv[1], "--prompt-ids", "1,2,3", "--temperature", "0", "--max-new-tokens", "8",
                  "--ignore-eos", "--json", "--threads", "1"]) == 0
+    draft = load_backend("onnxruntime", sys.argv[1], threads=1, spinning=False)  # speculative: still no torch
+    [s] = generate(be, None, [[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=()), draft=draft)
+    assert s.token_ids == c.token_ids
     loaded = {"model.gpt", "model.checkpoints", "export.onnx", "runtime.backends.torch"} & set(sys.modules)
     assert not loaded, f"the deploy path imported {sorted(loaded)}"
 """)
