@@ -289,15 +289,12 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
 
 def run_worker(spec: dict, emit=print) -> None:
     """Load one target, time its cases, report JSON lines: {"event": "run"} per run, then the results."""
-    from .backends import load_backend
+    from .speculative import load_pair
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()
-    options = dict(provider=target.provider, threads=spec.get("threads"))
-    if target.draft:  # target and draft take turns on the same cores: their threads stop spinning between runs
-        options["spinning"] = False
-    backend = load_backend(target.backend, target.model, **options)
-    draft = load_backend(target.backend, target.draft, **options) if target.draft else None
+    backend, draft = load_pair(target.backend, target.model, target.draft or None, target.speculate or None,
+                               provider=target.provider, threads=spec.get("threads"))
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
     results = []

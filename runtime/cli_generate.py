@@ -60,8 +60,8 @@ def parse_ids(text: str) -> list[int]:
 def run(args) -> int:
     import time
 
-    from .backends import load_backend
     from .generate import SamplingParams, make_generation, summary_line
+    from .speculative import load_pair
     from .tokenizer import load_tokenizer
 
     params = SamplingParams(
@@ -76,12 +76,7 @@ def run(args) -> int:
         options = {}
     else:
         options = dict(provider=args.provider or "cpu", threads=args.threads)
-    if args.speculate is not None and not args.draft:
-        raise ValueError("--speculate needs --draft DIR (the model that guesses the tokens)")
-    if args.draft and args.backend == "onnxruntime":
-        options["spinning"] = False  # draft and target take turns on the same cores: idle threads must not spin
-    backend = load_backend(args.backend, args.model, **options)
-    draft = load_backend(args.backend, args.draft, **options) if args.draft else None
+    backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate, **options)
     gen = make_generation(backend, tokenizer, prompts, params, draft, args.speculate)
 
     streaming = (sys.stdout.isatty() if args.stream is None else args.stream) and not args.json

@@ -81,22 +81,13 @@ def run(args) -> int:
         from .server import ServerSettings, create_app
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
-    from .backends import load_backend
+    from .speculative import load_pair
     from .tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path=args.tokenizer_file)
-    if args.speculate is not None and not args.draft:
-        raise ValueError("--speculate needs --draft DIR (the model that guesses the tokens)")
-    options = dict(provider=args.provider, threads=args.threads)
-    if args.draft and args.backend == "onnxruntime":
-        options["spinning"] = False  # draft and target take turns on the same cores: idle threads must not spin
-    backend = load_backend(args.backend, args.model, **options)
-    draft = None
-    if args.draft:
-        from .speculative import DEFAULT_SPECULATE, check_pair
-
-        draft = load_backend(args.backend, args.draft, **options)
-        check_pair(backend, draft, args.speculate or DEFAULT_SPECULATE)  # refuse at startup, not per request
+    # a pair that cannot speculate is refused here, at startup, not per request
+    backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
+                               provider=args.provider, threads=args.threads)
     path = Path(args.model)
     name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model
     settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,

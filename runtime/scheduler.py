@@ -4,7 +4,8 @@ Backends are not thread-safe and hold one KV cache, so exactly one thread ever c
 (`Job`s, one or more prompts each) wait in a bounded FIFO queue; the worker takes the oldest, then
 keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and runs them all as one
 `Generation`: shared forward passes, each row with its own SamplingParams (a batch of one row, with a
-draft, decodes speculatively: runtime/speculative.py). Jobs that arrive while a batch runs wait for the next one; a full queue refuses at once (`Overloaded`), so nothing hangs.
+draft, decodes speculatively: runtime/speculative.py). Jobs that arrive while a batch runs wait for the
+next one; a full queue refuses at once (`Overloaded`), so nothing hangs.
 A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
 rows cancelled at the next step; the other rows of the batch go on.
 

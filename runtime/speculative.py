@@ -98,6 +98,24 @@ class Depth:
             self.hits[:accepted] += 1
 
 
+def load_pair(backend: str, model: str, draft: str | None, speculate: int | None = None, **options):
+    """(target, draft) as the CLIs load them; draft is None without `draft`. With one, both sessions stop
+    their threads spinning between runs (they take turns on the same cores) and the pair is checked now,
+    before any request."""
+    from .backends import load_backend
+
+    if speculate is not None and not draft:
+        raise GenerationError("--speculate needs --draft DIR (the model that guesses the tokens)")
+    if draft and backend == "onnxruntime":
+        options["spinning"] = False
+    target = load_backend(backend, model, **options)
+    if not draft:
+        return target, None
+    guesser = load_backend(backend, draft, **options)
+    check_pair(target, guesser, DEFAULT_SPECULATE if speculate is None else speculate)
+    return target, guesser
+
+
 def check_pair(target, draft, speculate: int) -> None:
     """Raise GenerationError, saying how to fix it, unless `draft` can guess `speculate` tokens for `target`."""
     if not isinstance(speculate, int) or speculate < 1:

@@ -10,9 +10,9 @@ Four checks per target, each against the reference run on the same inputs:
 A target fails when any gated number misses its threshold (THRESHOLDS; precisions without an entry are
 reported, not gated). Logits beyond `real_vocab_size` are ignored. The reference is the torch backend
 on the checkpoint the fp32 export came from; without torch it is onnxruntime fp32 (noted in the report).
-A target exported with `--logits last` returns one position per call: its per-position logits (top-1,
-perplexity) come from step-by-step decoding through its own KV cache, one token per call (slower, and
-noted in the report), and its max|Δlogits| compares the last position of each shape.
+A target exported with `--logits last` (or `last:N`) returns only the last position(s) per call: its
+per-position logits (top-1, perplexity) come from step-by-step decoding through its own KV cache, one token
+per call (slower, and noted in the report), and its max|Δlogits| compares the positions it returns.
 
     report = verify(["out/pycode", "out/pycode-int8"], thresholds=THRESHOLDS)
     report["passed"], report["failures"]

@@ -260,6 +260,24 @@ def test_rewind_equals_never_having_gone_there(exports, tiny_model, backend):
         be.rewind(-1)
 
 
+def test_last_n_logits_of_a_row_by_row_step(exports):
+    """A shared-cache step that runs row by row (left padding, or several tokens after a past) returns the
+    last N positions of each row, as the concat graph does in one call."""
+    shared, concat = ort(exports["target_shared"]), ort(exports["target_concat"])
+    ids = np.array([[0, 0, 5, 17, 99, 3, 250, 41, 7, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]], np.int64)
+    mask = np.ones((2, 13), np.int64)
+    mask[0, :2] = 0
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    out = {}
+    for name, be in (("shared", shared), ("concat", concat)):
+        be.reset(2)
+        first = be.forward(ids, mask[:, :10], pos[:, :10])  # a left-padded prefill: row by row when shared
+        more = be.forward(np.array([[1, 2, 3], [4, 5, 6]]), mask, pos[:, 10:])  # 3 tokens after a past
+        out[name] = (first, more)
+    for a, b in zip(out["shared"], out["concat"]):
+        assert a.shape == b.shape and max_abs_diff(a, b) < 1e-4
+
+
 def test_tensorrt_rewind_copy_repacks_the_packed_cache():
     """The pitches runtime/backends/tensorrt.py hands cudaMemcpy2DAsync, replayed on host memory."""
     from runtime.backends.tensorrt import rewind_copy

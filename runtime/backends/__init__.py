@@ -1,7 +1,8 @@
 """One backend interface for torch / onnxruntime / TensorRT; sampling and generation live above it.
 
 Each backend owns its KV cache. `forward` appends T positions to it and returns float32 logits: of every
-position, or of the last one only for a graph exported with `--logits last` (`artifact.logits == "last"`).
+position, or of the last min(T, N) for a graph exported with `--logits last` (N = 1) or `last:N`
+(`artifact.logits_positions(T)`).
 Choosing a backend is the three-entry table below; each module is imported only when chosen, so the
 onnxruntime path never imports torch.
 """
@@ -27,7 +28,8 @@ class Backend(Protocol):
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """(B, T) int64 ids, (B, P+T) int64 mask, (B, T) int64 positions -> logits (B, T, V) float32.
 
-        (B, 1, V) when the artifact says logits="last"; generation reads only the last position either way.
+        (B, artifact.logits_positions(T), V) for a logits="last" / "last:N" graph; generation reads only the
+        last position, speculative decoding the last speculate + 1.
 
         Appends the T new positions to the cache.
         """

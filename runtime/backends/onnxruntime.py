@@ -51,7 +51,8 @@ class OnnxRuntimeBackend:
                 (onnxruntime's default). False sets `session.force_spinning_stop`: they still spin between
                 the nodes of a run and stop when it returns. Two sessions taking turns on the same cores (a
                 speculative draft and its target) need False, or one's idle threads steal the other's cores
-                (124M fp32 target + int8 draft, 2 threads: 80 tok/s -> 106).
+                (124M fp32 target + int8 draft, 2 threads: 52.6 tok/s spinning, 103.2 not;
+                scripts/speculative_check.py with and without --spin).
         """
         import onnxruntime as ort
 
@@ -151,7 +152,7 @@ class OnnxRuntimeBackend:
         outputs = io.get_outputs()
         self._past = list(outputs[1:])  # stays on the device: next step's past
         self._length += T
-        return outputs[0].numpy().astype(np.float32, copy=False)  # (B, T, V); (B, 1, V) for logits="last"
+        return outputs[0].numpy().astype(np.float32, copy=False)  # (B, artifact.logits_positions(T), V)
 
     def rewind(self, length: int) -> None:
         """Drop the cache's positions past `length`. Shared buffers: only the row lengths change (the dropped
@@ -196,10 +197,11 @@ class OnnxRuntimeBackend:
                     z = min(a + PREFILL_CHUNK, T)
                     row = self._run_shared(input_ids[b:b + 1, a:z], np.ones((1, self._rows[b] + z - T + n), np.int64),
                                            position_ids[b:b + 1, a:z], rows=b)
-                    if P == T:
-                        logits[b, a:z] = row[0]
-                    elif z == T:
-                        logits[b, -1] = row[0, -1]
+                    # the chunk's logits cover its last positions [z - q, z); the step's cover [T - P, T)
+                    q = row.shape[1]
+                    lo = max(z - q, T - P)
+                    if lo < z:
+                        logits[b, lo - (T - P):z - (T - P)] = row[0, lo - (z - q):]
         self._rows += n_new
         self._length += T
         return logits
