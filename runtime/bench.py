@@ -46,7 +46,7 @@ class Target:
     provider: str = "cpu"
     precision: str = "fp32"
     name: str = ""  # the label, when backend/provider/precision alone would be ambiguous
-    draft: str = ""  # speculative decoding: the draft export (batch 1; a batch runs on the target alone)
+    draft: str = ""  # speculative decoding: the draft export (a batch on a kv_cache="shared" pair: the target alone)
     speculate: int = 0  # guesses per round with a draft
 
     @property
@@ -245,13 +245,15 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
               speculate: int | None = None) -> dict:
     """Run `case` warmup + repeats times through generate(); medians and latency percentiles.
 
-    With a `draft`, batch-1 cases decode speculatively (acceptance reported); batches run the target alone.
+    With a `draft`, cases decode speculatively (acceptance reported), but batches on a kv_cache="shared" pair,
+    which run on the target alone (runtime.speculative.draft_for).
     """
     from .generate import SamplingParams, make_generation
+    from .speculative import draft_for
 
     params = SamplingParams(max_new_tokens=case.new, temperature=0.0, stop_token_ids=())
     ids = prompt_ids(case, backend.config.real_vocab_size)
-    draft = draft if case.batch == 1 else None
+    draft = draft_for(backend, draft, case.batch)
     runs, stats = [], []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
@@ -275,7 +277,8 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
         plain = make_generation(backend, None, ids, params)
         for _ in plain:
             pass
-        out["speculative"]["same_tokens_as_target"] = plain.completions[0].token_ids == g.completions[0].token_ids
+        out["speculative"]["same_tokens_as_target"] = [c.token_ids for c in plain.completions] == \
+            [c.token_ids for c in g.completions]
     if lat.shape[1]:
         out.update({
             "decode_tok_s": med(case.batch * lat.shape[1] / lat.sum(1)),

@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: each backend's choice)")
     p.add_argument("--draft", metavar="DIR", default=None,
                    help="also time speculative decoding with this draft export (e.g. the int8 folder) on every "
-                        "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batch 1")
+                        "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batches too on a "
+                        "--kv-cache concat pair")
     p.add_argument("--speculate", type=int, default=4, metavar="K", help="guesses per round with --draft (default 4)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write tokens/s vs context and latency percentiles here")
     p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, metavar="DIR",
                    help="speculative decoding: a cheaper export of the same checkpoint (e.g. its --quantize int8 / "
                         "int4 folder) guesses tokens and MODEL checks them in one step; the output is MODEL's own. "
-                        "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); one prompt")
+                        "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); several prompts need "
+                        "a --kv-cache concat pair")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
                    help="most tokens the draft guesses per round (default: 4); each round guesses 0..K, whichever the "
                         "measured acceptance and step costs make fastest (0: a plain decode step)")

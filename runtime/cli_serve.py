@@ -29,9 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    f"variable, a flag shows up in `ps`)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
     p.add_argument("--draft", default=None, metavar="DIR",
-                   help="speculative decoding for a request running alone (batch of one): a cheaper export of the same "
-                        "checkpoint (e.g. its int8 folder) guesses, MODEL checks; same output, faster. MODEL must keep "
-                        "--speculate + 1 logits positions (export --logits last:5 or all)")
+                   help="speculative decoding: a cheaper export of the same checkpoint (e.g. its int8 folder) guesses, "
+                        "MODEL checks; same output, faster. MODEL must keep --speculate + 1 logits positions (export "
+                        "--logits last:5 or all); batches speculate on a --kv-cache concat pair, lone requests on any")
     p.add_argument("--speculate", type=int, default=None, metavar="K", help="most guesses per round with --draft (default 4)")
     p.add_argument("--max-batch", type=int, default=16, help="rows per batch (shared forward passes)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting while a batch runs; more get 429")
@@ -81,7 +81,7 @@ def run(args) -> int:
         from .server import ServerSettings, create_app
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
-    from .speculative import load_pair
+    from .speculative import draft_for, load_pair
     from .tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path=args.tokenizer_file)
@@ -97,7 +97,8 @@ def run(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {name!r} on http://{host}:{args.port}/v1 [{backend.name}, {backend.provider}, {backend.precision}] "
           f"max batch {args.max_batch}, queue {args.max_queue}, timeout {args.request_timeout:g} s"
-          f"{f', speculative with {args.draft} for lone requests' if draft else ''}"
+          f"{f', speculative with {args.draft}' if draft else ''}"
+          f"{' (lone requests: shared KV cache)' if draft and not draft_for(backend, draft, 2) else ''}"
           f"{', API key required' if api_key else ''}", flush=True)
     # connections beyond this get uvicorn's plain 503: room for every running + queued request, and as many
     # again for requests being refused with 429 and idle keep-alive connections

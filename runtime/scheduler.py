@@ -3,8 +3,8 @@
 Backends are not thread-safe and hold one KV cache, so exactly one thread ever calls them. Requests
 (`Job`s, one or more prompts each) wait in a bounded FIFO queue; the worker takes the oldest, then
 keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and runs them all as one
-`Generation`: shared forward passes, each row with its own SamplingParams (a batch of one row, with a
-draft, decodes speculatively: runtime/speculative.py). Jobs that arrive while a batch runs wait for the
+`Generation`: shared forward passes, each row with its own SamplingParams (with a draft, a batch decodes
+speculatively, runtime/speculative.py; on a kv_cache="shared" pair only a batch of one row does). Jobs that arrive while a batch runs wait for the
 next one; a full queue refuses at once (`Overloaded`), so nothing hangs.
 A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
 rows cancelled at the next step; the other rows of the batch go on.
@@ -27,6 +27,7 @@ from collections import deque
 from typing import Sequence
 
 from .generate import Generation, SamplingParams, make_generation
+from .speculative import draft_for
 
 log = logging.getLogger("nanogpt_deploy.scheduler")
 
@@ -76,7 +77,7 @@ class Scheduler:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and "
                              f"batch_window_s ({batch_window_s}) >= 0")
         self.backend, self.tokenizer = backend, tokenizer
-        self.draft, self.speculate = draft, speculate  # a batch of one row decodes speculatively with the draft
+        self.draft, self.speculate = draft, speculate  # batches decode speculatively with the draft (draft_for)
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
         self.block_size = backend.config.block_size
         self._queue: deque[Job] = deque()
@@ -183,7 +184,7 @@ class Scheduler:
         done = [False] * len(owners)  # finished or cancelled
         gen = None
         try:
-            draft = self.draft if len(owners) == 1 else None  # speculation is batch 1: a lone request gets it
+            draft = draft_for(self.backend, self.draft, len(owners))  # a shared-cache pair speculates on lone rows
             gen = make_generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in owners],
                                   [job.params[j] for job, j in owners], draft, self.speculate)
             last_row = -1

@@ -197,8 +197,9 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         backend: a loaded runtime.backends Backend; nothing else may use it while the app runs.
         tokenizer: the tiktoken Encoding for text prompts and output.
         settings: ServerSettings (model name, API key, batch / queue / timeout / body limits).
-        draft: a draft Backend: a request running alone (a batch of one row) decodes speculatively with it,
-            the same output faster (runtime/speculative.py); `speculate` is its most guesses per round.
+        draft: a draft Backend: batches decode speculatively with it, the same output faster
+            (runtime/speculative.py; on a kv_cache="shared" pair, a request running alone only);
+            `speculate` is its most guesses per round.
     """
     scheduler = Scheduler(backend, tokenizer, settings.max_batch, settings.max_queue, settings.batch_window_ms / 1000,
                           draft, speculate)

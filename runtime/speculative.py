@@ -25,7 +25,12 @@ so each round guesses 0..K tokens, whichever the measured acceptance and step co
     for d in g: print(d.text, end="")
     g.stats  # {"rounds", "plain_rounds", "drafted", "accepted", "acceptance", "tokens_per_target_step"}
 
-One prompt at a time (batch 1): rows of a batch would accept different numbers of guesses.
+A batch decodes speculatively too: every row gets the round's guesses and keeps its own accepted ones. The
+KV cache of a backend is one (batch, n_head, length, head_dim) block, so a row that accepted fewer guesses
+than another leaves holes there, masked out (`_Cache`); the concat graph, torch and TensorRT attend
+through any mask. A `--kv-cache shared` graph (onnxruntime's GroupQueryAttention) keeps rows left-aligned
+and takes no multi-token step after a past at batch > 1 on the CPU: it speculates one prompt at a time
+(`batches`).
 """
 from __future__ import annotations
 
@@ -59,7 +64,9 @@ class Depth:
         self.hits = np.zeros(max(max_k, 1))  # decayed counts per guess position: accepted,
         self.tries = np.zeros(max(max_k, 1))  # and checked (every guess up to the first miss)
         self.t_draft: float | None = None  # seconds per draft step
-        self.t_target: float | None = None  # seconds per target step (any k: the weights are read once)
+        # seconds per target step, per k: about one weight read at batch 1 whatever k is, but a batch's step
+        # costs more with each guess checked (8 rows x 5 positions is arithmetic, not memory, on a CPU)
+        self.t_target = np.full(max_k + 1, np.nan)
         self.plain = 0  # consecutive rounds at k = 0
 
     def acceptance(self) -> np.ndarray:
@@ -72,30 +79,34 @@ class Depth:
 
     def next(self, cap: int) -> int:
         cap = min(cap, self.max_k)
-        if not self.adaptive or cap <= 0 or self.t_draft is None or self.t_target is None:
+        measured = np.flatnonzero(~np.isnan(self.t_target))
+        if not self.adaptive or cap <= 0 or self.t_draft is None or not measured.size:
             return max(cap, 0)
+        # a k not measured yet: interpolated between the measured ones, flat beyond them
+        t_target = np.interp(np.arange(self.max_k + 1), measured, self.t_target[measured])
         tokens = np.concatenate([[1.0], 1 + np.cumsum(np.cumprod(self.acceptance()))])  # expected, k = 0..max_k
-        rate = [tokens[k] / (k * self.t_draft + self.t_target) for k in range(cap + 1)]
+        rate = [tokens[k] / (k * self.t_draft + t_target[k]) for k in range(cap + 1)]
         k = int(np.argmax(rate))
         self.plain = self.plain + 1 if k == 0 else 0
         if self.plain >= self.PROBE_EVERY:
             self.plain, k = 0, 1
         return k
 
-    def update(self, k: int, accepted: int, t_draft: float | None, t_target: float) -> None:
-        """After a round of k guesses (not cut short by a stop): accepted of them, the seconds of one draft step
-        (None when the round had no one-token draft call: its prefill, a catch-up after plain rounds), and of
-        the target step."""
+    def update(self, k: int, accepted: Sequence[int], t_draft: float | None, t_target: float) -> None:
+        """After a round of k guesses: how many each row accepted (rows a stop cut short left out), the seconds
+        of one draft step (None when the round had no one-token draft call: its prefill, a catch-up after
+        plain rounds), and of the target step."""
         d = self.DECAY
-        self.t_target = t_target if self.t_target is None else d * self.t_target + (1 - d) * t_target
+        last = self.t_target[k]
+        self.t_target[k] = t_target if np.isnan(last) else d * last + (1 - d) * t_target
         if t_draft is not None:
             self.t_draft = t_draft if self.t_draft is None else d * self.t_draft + (1 - d) * t_draft
-        if k:
-            checked = min(accepted + 1, k)  # guesses 1..accepted, and the first miss
+        if k and len(accepted):
             self.hits *= d
             self.tries *= d
-            self.tries[:checked] += 1
-            self.hits[:accepted] += 1
+            for a in accepted:  # each row's guesses 1..a, and its first miss
+                self.tries[:min(a + 1, k)] += 1
+                self.hits[:a] += 1
 
 
 def load_pair(backend: str, model: str, draft: str | None, speculate: int | None = None, **options):
@@ -137,13 +148,71 @@ def check_pair(target, draft, speculate: int) -> None:
             f"re-export it with --logits last:{speculate + 1} (or --logits all), or lower --speculate")
 
 
+def batches(backend) -> bool:
+    """Whether `backend` can be a target or draft for a batch of prompts: its attention takes a mask with holes
+    (a kv_cache="shared" graph's GroupQueryAttention does not)."""
+    return getattr(backend, "kv_cache", "concat") != "shared"
+
+
+def draft_for(target, draft, rows: int):
+    """`draft` when it and `target` can speculate on `rows` prompts together, else None (plain generation, the
+    same output): a server's or benchmark's batch on a kv_cache="shared" pair runs on the target alone."""
+    return draft if draft is not None and (rows == 1 or (batches(target) and batches(draft))) else None
+
+
+class _Cache:
+    """One backend's KV cache as the speculative loop keeps it, for any number of rows.
+
+    Rows advance by different numbers of tokens (each keeps its own accepted guesses), but the cache is one
+    (B, n_head, length, head_dim) block: a row's positions that it took back while a longer row kept its own
+    become holes, zeros of the mask. So do the left padding of a step whose rows bring unequal numbers of
+    tokens. Position ids count a row's real tokens only, so holes never shift a row. At batch 1 there are
+    no holes: taking back is `Backend.rewind`.
+    """
+
+    def __init__(self, backend, batch: int):
+        self.backend = backend
+        self.mask = np.ones((batch, backend.config.block_size), np.int64)
+        self.length = 0  # positions in the block, holes included
+        self.real = np.zeros(batch, np.int64)  # real tokens per row: its next position id
+        backend.reset(batch)
+
+    def step(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append each row's tokens (a shorter row padded on the left by holes); the backend's logits."""
+        B, W, P = len(rows), max(len(r) for r in rows), self.length
+        ids, pos = np.zeros((B, W), np.int64), np.zeros((B, W), np.int64)
+        for b, r in enumerate(rows):
+            n = len(r)
+            ids[b, W - n:] = r
+            pos[b, W - n:] = np.arange(self.real[b], self.real[b] + n)
+            self.mask[b, P:P + W - n] = 0
+            self.mask[b, P + W - n:P + W] = 1
+        self.real += [len(r) for r in rows]
+        logits = self.backend.forward(ids, self.mask[:, :P + W], pos)
+        self.length += W
+        return logits
+
+    def take_back(self, n: np.ndarray, live: np.ndarray) -> None:
+        """Live row b takes back its newest n[b] positions (guesses it did not keep): holes where another live
+        row keeps more; what no live row keeps leaves the cache. Finished rows follow the live ones."""
+        drop = int(n[live].min())
+        end = self.length - drop
+        for b in np.flatnonzero(live & (n > drop)):
+            self.mask[b, self.length - n[b]:end] = 0
+        self.real -= np.where(live, n, drop)
+        if drop:
+            self.backend.rewind(end)
+        self.length = end
+
+
 class SpeculativeGeneration(Generation):
-    """Generation of one prompt on `backend` (the target), with `draft` proposing `speculate` tokens a round.
+    """Generation on `backend` (the target), with `draft` proposing up to `speculate` tokens a round.
 
     Args:
         backend: the target Backend; its logits must cover speculate + 1 positions per step
             (exported with `--logits all` or `--logits last:N`, N >= speculate + 1).
-        tokenizer, prompts, params: as Generation; exactly one prompt.
+        tokenizer, prompts, params: as Generation. Several prompts need backends that `batches` (not a
+            `--kv-cache shared` graph).
         draft: a Backend over the same vocabulary (its own KV cache; reset here).
         speculate: tokens the draft guesses per round at most (>= 1).
         adaptive: choose each round's number of guesses, 0..speculate, from the measured acceptance and
@@ -153,97 +222,106 @@ class SpeculativeGeneration(Generation):
     def __init__(self, backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams],
                  draft, speculate: int = DEFAULT_SPECULATE, adaptive: bool = True):
         super().__init__(backend, tokenizer, prompts, params)
-        if len(self.prompt_ids) != 1:
-            raise GenerationError(f"speculative decoding runs one prompt at a time, got {len(self.prompt_ids)}; "
-                                  f"run them one by one, or drop --draft to batch them")
         check_pair(backend, draft, speculate)
+        if len(self.prompt_ids) > 1:
+            for role, b in (("target", backend), ("draft", draft)):
+                if not batches(b):
+                    raise GenerationError(
+                        f"the {role} {getattr(b, 'path', '')} has a kv_cache='shared' graph, whose attention "
+                        f"(GroupQueryAttention) keeps no holes for the guesses one row rejects and another keeps: "
+                        f"it speculates one prompt at a time; run the {len(self.prompt_ids)} prompts one by one, or "
+                        f"export the pair with --kv-cache concat to speculate on a batch")
         self.draft, self.speculate = draft, speculate
         self.depth = Depth(speculate, adaptive)
         self.stats = {"rounds": 0, "plain_rounds": 0, "drafted": 0, "accepted": 0, "acceptance": 0.0,
                       "tokens_per_target_step": 0.0}
+        self._row_steps = 0  # target steps times the rows live in them
 
     def __iter__(self) -> Iterator[Delta]:
         if self._started:
             raise GenerationError("a Generation runs once; make a new one")
         self._started = True
-        target, draft, K = self.backend, self.draft, self.speculate
-        prompt, c, sampler = self.prompt_ids[0], self.completions[0], self._samplers[0]
-        guess_params = SamplingParams(temperature=0, repetition_penalty=self.params[0].repetition_penalty)
-        block = min(target.config.block_size, draft.config.block_size)
-        V = self.real_vocab_size
-        L = len(prompt)
-        ones = np.ones((1, target.config.block_size), np.int64)  # every mask is a slice of it: no padding at batch 1
-
-        def step(backend, tokens: list[int], past: int) -> np.ndarray:
-            T = len(tokens)
-            ids = np.asarray(tokens, np.int64)[None]
-            return backend.forward(ids, ones[:, :past + T], np.arange(past, past + T, dtype=np.int64)[None])[0]
+        target, draft, K, B = self.backend, self.draft, self.speculate, len(self.prompt_ids)
+        cs, samplers, V = self.completions, self._samplers, self.real_vocab_size
+        guess_params = [SamplingParams(temperature=0, repetition_penalty=sp.repetition_penalty) for sp in self.params]
 
         t0 = time.perf_counter()
-        target.reset(1)
-        logits = step(target, prompt, 0)[-1]
+        tc = _Cache(target, B)
+        logits = tc.step(self.prompt_ids)[:, -1]
         prefill = time.perf_counter() - t0
-        d = self._advance(0, logits, 0, t0, prefill)
+        deltas = [self._advance(b, logits[b], 0, t0, prefill) for b in range(B)]
         t_prev = time.perf_counter() - t0
-        yield d
-        if d.finish_reason:
+        live = np.array([not d.finish_reason for d in deltas])
+        yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
+        if not live.any():
             return
-        draft.reset(1)
-        # target cache: prompt + output but the last token (`pending`); draft cache + draft_todo: prompt + output
-        past, pending = L, c.token_ids[-1]
-        draft_past, draft_todo = 0, list(prompt) + [pending]  # the draft's prefill rides with its first round
+        dc = _Cache(draft, B)
+        # the target caches prompt + output but its last token (`pending`); the draft caches + todo: prompt + output
+        pending = np.array([c.token_ids[-1] if c.token_ids else 0 for c in cs], np.int64)
+        # the draft's prefill rides with its first round; a finished row feeds the draft a filler token
+        todo = [list(p) + [pending[b]] if live[b] else [0] for b, p in enumerate(self.prompt_ids)]
         while True:
-            remaining = self.params[0].max_new_tokens - len(c.token_ids)
-            k = self.depth.next(min(K, remaining - 1, block - past - 1, block - draft_past - len(draft_todo)))
-            guesses: list[int] = []
-            draft_steps = []  # seconds of each one-token draft call (a first call catching up on several is not one)
-            for _ in range(k):  # greedy guesses (with the request's repetition penalty): the best guess of the pick
-                seen = None
-                if guess_params.repetition_penalty != 1.0:
-                    seen = np.asarray(sampler.seen_ids + guesses, np.int64)
+            rows = [int(b) for b in np.flatnonzero(live)]
+            left = max(self.params[b].max_new_tokens - len(cs[b].token_ids) for b in rows)
+            # room in the target's block: a round grows it by the most guesses one row keeps, while the slowest
+            # row may advance by one token; plain rounds must still fit every row's remaining tokens
+            room = target.config.block_size - tc.length - (1 if len(rows) == 1 else left)
+            width = max(len(t) for t in todo)
+            k = self.depth.next(min(K, left - 1, room, draft.config.block_size - dc.length - width))
+            guesses = np.zeros((B, k), np.int64)
+            draft_steps = []  # seconds of each one-token draft call (a call catching up on several is not one)
+            for j in range(k):  # greedy guesses (with the request's repetition penalty): the best guess of the pick
                 t = time.perf_counter()
-                guesses.append(sample_next_token(step(draft, draft_todo, draft_past)[-1, :V], guess_params, None, seen))
-                if len(draft_todo) == 1:
+                out = dc.step(todo if j == 0 else guesses[:, j - 1:j])[:, -1, :V]
+                if j or width == 1:
                     draft_steps.append(time.perf_counter() - t)
-                draft_past += len(draft_todo)
-                draft_todo = guesses[-1:]
+                for b in rows:
+                    seen = None
+                    if guess_params[b].repetition_penalty != 1.0:
+                        seen = np.asarray(samplers[b].seen_ids + guesses[b, :j].tolist(), np.int64)
+                    guesses[b, j] = sample_next_token(out[b], guess_params[b], None, seen)
             t_target = time.perf_counter()
-            scores = step(target, [pending] + guesses, past)  # (k + 1, V): one step scores every guess
+            scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (B, k + 1, V): every guess, one step
             t_target = time.perf_counter() - t_target
-            deltas, accepted = [], 0
-            for i in range(k + 1):
-                d = self._advance(0, scores[i], len(c.token_ids), t0, prefill)
-                deltas.append(d)
-                hit = i < k and d.token_ids == [guesses[i]]
-                accepted += hit
-                if d.finish_reason or not hit:
-                    break
+            deltas, accepted, made = [], np.zeros(B, np.int64), np.zeros(B, np.int64)
+            for b in rows:
+                for i in range(k + 1):
+                    d = self._advance(b, scores[b, i], len(cs[b].token_ids), t0, prefill)
+                    deltas.append(d)
+                    made[b] += len(d.token_ids)
+                    hit = i < k and d.token_ids == [guesses[b, i]]
+                    accepted[b] += hit
+                    if d.finish_reason:
+                        live[b] = False
+                    if d.finish_reason or not hit:
+                        break
             now = time.perf_counter() - t0
-            made = sum(len(d.token_ids) for d in deltas)
-            if made:  # the round's time, shared by its tokens (a round may end on a stop token, producing none)
-                c.timing.decode_latencies_s += [(now - t_prev) / made] * made
+            for b in rows:  # the round's time, shared by a row's tokens (a stop token produces none)
+                if made[b]:
+                    cs[b].timing.decode_latencies_s += [(now - t_prev) / made[b]] * int(made[b])
             t_prev = now
-            self.stats["rounds"] += 1
-            self.stats["plain_rounds"] += k == 0
-            self.stats["drafted"] += k
-            self.stats["accepted"] += accepted
+            s = self.stats
+            s["rounds"] += 1
+            s["plain_rounds"] += k == 0
+            s["drafted"] += k * len(rows)
+            s["accepted"] += int(accepted[rows].sum())
+            self._row_steps += len(rows)
             self._update_stats()
             yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
-            if deltas[-1].finish_reason:
+            if not live.any():
                 return
-            self.depth.update(k, accepted, float(np.mean(draft_steps)) if draft_steps else None, t_target)
-            # keep pending + the accepted guesses; the target's own pick (a correction or a bonus) is pending
-            past += 1 + accepted
-            target.rewind(past)
-            pending = c.token_ids[-1]
-            if k:  # the draft cached this round's todo + guesses[:k-1]: keep the accepted ones
-                draft_past -= (k - 1) - min(accepted, k - 1)
-                draft.rewind(draft_past)
-                draft_todo = guesses[k - 1:] if accepted == k else []
-            draft_todo = draft_todo + [pending]
+            self.depth.update(k, accepted[live].tolist(), float(np.mean(draft_steps)) if draft_steps else None, t_target)
+            # a row keeps pending + its accepted guesses; the target's own pick (a correction or a bonus) is pending
+            tc.take_back(k - accepted, live)
+            pending = np.array([cs[b].token_ids[-1] if live[b] else 0 for b in range(B)], np.int64)
+            if k:  # the draft cached todo + guesses[:k-1]: a row keeps its accepted ones
+                dc.take_back(k - 1 - np.minimum(accepted, k - 1), live)
+                todo = [[guesses[b, k - 1]] if accepted[b] == k else [] for b in range(B)]
+            todo = [t + [pending[b]] if live[b] else [0] for b, t in enumerate(todo)]
 
     def _update_stats(self) -> None:
         s = self.stats
         s["acceptance"] = s["accepted"] / s["drafted"] if s["drafted"] else 0.0
-        # decode tokens (all but the prefill's) per target decode step
-        s["tokens_per_target_step"] = (len(self.completions[0].token_ids) - 1) / s["rounds"] if s["rounds"] else 0.0
+        # decode tokens (all but each row's first) per target step of a row
+        decoded = sum(max(len(c.token_ids) - 1, 0) for c in self.completions)
+        s["tokens_per_target_step"] = decoded / self._row_steps if self._row_steps else 0.0

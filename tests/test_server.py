@@ -160,8 +160,8 @@ def test_batched_greedy_equals_alone(tiny_onnx_dir, tokenizer):
     assert batched == alone
 
 
-def test_a_lone_request_decodes_speculatively_with_a_draft(tiny_onnx_dir, tokenizer):
-    """serve --draft: a batch of one row runs runtime/speculative.py (the same text); a batch runs plain."""
+def test_requests_decode_speculatively_with_a_draft(tiny_onnx_dir, tokenizer):
+    """serve --draft: lone requests and batches decode speculatively (runtime/speculative.py), the same text."""
     requests = [dict(prompt=[3, 1, 4, 1, 5], max_tokens=12, temperature=0),
                 dict(prompt="a b c", max_tokens=9, temperature=0.9, seed=7)]
     refs = [generate(load_backend("onnxruntime", tiny_onnx_dir), tokenizer, [r["prompt"]],
@@ -175,7 +175,8 @@ def test_a_lone_request_decodes_speculatively_with_a_draft(tiny_onnx_dir, tokeni
         assert stats["speculative_batches"] == 2 and 0 < stats["guesses_accepted"] <= stats["guesses_drafted"], stats
         with cf.ThreadPoolExecutor(len(requests)) as pool:
             batched = list(pool.map(lambda r: c.completions.create(model=MODEL, **r).choices[0].text, requests))
-        assert health(url)["scheduler"]["speculative_batches"] == 2  # the batch of two ran plain
+        stats = health(url)["scheduler"]
+        assert stats["largest_batch"] == 2 and stats["speculative_batches"] == 3  # concat caches: the batch too
     assert alone == batched == refs
 
 

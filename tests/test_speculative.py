@@ -20,7 +20,7 @@ from export.onnx import LOGITS_AXIS, ExportError, check_symbolic_axes, export_on
 from runtime.artifact import Artifact, ArtifactError, logits_keep, read_onnx_artifact
 from runtime.backends import BackendError, load_backend
 from runtime.generate import GenerationError, SamplingParams, generate
-from runtime.speculative import SpeculativeGeneration
+from runtime.speculative import SpeculativeGeneration, draft_for
 
 from model.config import PRESETS
 
@@ -40,7 +40,7 @@ PARAMS = {
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tiny_model):
     """Targets keeping 5 logits positions (shared and concat KV caches), and two drafts: the same weights in
-    int8, and another random model (seed 1)."""
+    int8 (shared and concat), and another random model (seed 1, concat)."""
     from model import GPT
 
     root = tmp_path_factory.mktemp("spec")
@@ -48,6 +48,7 @@ def exports(tmp_path_factory, tiny_model):
         "target_shared": export_onnx(tiny_model, root / "t_shared", logits="last:5", kv_cache="shared").parent,
         "target_concat": export_onnx(tiny_model, root / "t_concat", logits="last:5").parent,
         "int8": export_onnx(tiny_model, root / "int8", quantize="int8", logits="last", kv_cache="shared").parent,
+        "int8_concat": export_onnx(tiny_model, root / "int8_concat", quantize="int8", logits="last").parent,
         "other": export_onnx(GPT.from_pretrained("random:tiny@1"), root / "other", logits="last").parent,
         "last": export_onnx(tiny_model, root / "last", logits="last", kv_cache="shared").parent,
     }
@@ -105,7 +106,7 @@ def test_depth_picks_the_fastest_number_of_guesses():
 
     d = Depth(max_k=4)
     assert d.next(4) == 4  # nothing measured yet: the cap
-    d.t_draft, d.t_target = 0.005, 0.023  # the 124M shape: an int8 draft step, an fp32 target step
+    d.t_draft, d.t_target[:] = 0.005, 0.023  # the 124M shape: an int8 draft step, an fp32 target step
 
     def seen(rates):  # evidence: 100 checks at each position, accepted at these rates
         d.tries, d.hits, d.plain = np.full(4, 100.0), np.array(rates, float) * 100, 0
@@ -117,17 +118,27 @@ def test_depth_picks_the_fastest_number_of_guesses():
     assert d.next(2) == 0 and Depth(4, adaptive=False).next(3) == 3
     seen([0.05] * 4)
     assert [d.next(4) for _ in range(Depth.PROBE_EVERY)][-1] == 1  # a probe after PROBE_EVERY plain rounds
-    d.t_draft = d.t_target  # a draft as slow as the target never pays, even when it always agrees
+    d.t_draft = 0.023  # a draft as slow as the target never pays, even when it always agrees
     seen([1.0] * 4)
     assert d.next(4) == 0
 
+    # a batch's target step costs more per guess checked: fewer guesses pay (unmeasured k: interpolated)
+    seen([0.6] * 4)
+    d.t_draft, d.t_target[:] = 0.005, np.nan
+    d.t_target[0] = 0.028
+    assert d.next(4) == 2  # one measured cost: every k costs the same
+    d.t_target[4] = 0.06
+    assert d.next(4) == 1
+
     d = Depth(max_k=4)
-    d.update(4, 2, 0.004, 0.02)  # guesses 1, 2 accepted, 3 missed, 4 never checked
+    d.update(4, [2], 0.004, 0.02)  # guesses 1, 2 accepted, 3 missed, 4 never checked
     assert d.tries.tolist() == [1, 1, 1, 0] and d.hits.tolist() == [1, 1, 0, 0]
     assert d.acceptance().tolist() == pytest.approx([0.75, 0.875, 0.4375, 0.4375])  # position 4: as position 3
-    d.update(4, 4, None, 0.03)  # all accepted; a round with no one-token draft call keeps the step time
+    d.update(4, [4], None, 0.03)  # all accepted; a round with no one-token draft call keeps the step time
     assert d.tries.tolist() == pytest.approx([1.9, 1.9, 1.9, 1]) and d.hits.tolist() == pytest.approx([1.9, 1.9, 1, 1])
-    assert (d.t_draft, d.t_target) == (0.004, pytest.approx(0.9 * 0.02 + 0.1 * 0.03))
+    assert (d.t_draft, d.t_target[4]) == (0.004, pytest.approx(0.9 * 0.02 + 0.1 * 0.03))
+    d.update(2, [2, 0, 1], 0.004, 0.05)  # a batch: each row's guesses count; the cost is k's own
+    assert d.tries.tolist() == pytest.approx([1.71 + 3, 1.71 + 2, 1.71, 0.9]) and d.t_target[2] == 0.05
 
 
 
@@ -193,6 +204,86 @@ def test_torch_target_and_draft(exports, tiny_model):
         assert spec(t, None, [PROMPT], sp, dr)[0].token_ids == plain.token_ids
 
 
+BATCH = [PROMPT, [9, 8, 7], list(range(30, 52)), [401]]  # unequal lengths: left padding in both caches
+BATCH_PARAMS = [PARAMS["greedy"], PARAMS["penalty"], PARAMS["sampled"], dataclasses.replace(PARAMS["top_p"], max_new_tokens=9)]
+
+
+@pytest.mark.parametrize("draft", ["int8_concat", "other"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_batch_gets_each_rows_own_output(exports, draft, adaptive):
+    """One target step a round for the whole batch: rows keep different numbers of guesses (holes in both
+    caches), finish at different times, and each gets the tokens it gets alone."""
+    t, dr = ort(exports["target_concat"]), ort(exports[draft], spinning=False)
+    alone = [generate(t, None, [p], sp)[0] for p, sp in zip(BATCH, BATCH_PARAMS)]
+    g = SpeculativeGeneration(t, None, BATCH, BATCH_PARAMS, dr, speculate=4, adaptive=adaptive)
+    deltas = list(g)
+    for row, (c, a) in enumerate(zip(g.completions, alone)):
+        assert c.token_ids == a.token_ids and c.finish_reason == a.finish_reason == "length", row
+        assert [tok for d in deltas if d.row == row for tok in d.token_ids] == c.token_ids  # streamed as produced
+        assert len(c.timing.decode_latencies_s) == len(c.token_ids) - 1
+    s = g.stats
+    assert 0 < s["accepted"] < s["drafted"] and s["tokens_per_target_step"] >= 1
+    if draft == "int8_concat" and not adaptive:  # the same weights in int8 guess greedy rows' picks, batched too
+        g = SpeculativeGeneration(t, None, BATCH, PARAMS["greedy"], dr, speculate=4, adaptive=False)
+        list(g)
+        assert g.stats["acceptance"] > 0.9 and g.stats["tokens_per_target_step"] > 3.5, g.stats
+
+
+def test_a_batch_with_holes_matches_plain_batched_steps(exports, monkeypatch):
+    """The caches' holes are exact: a batch whose rows keep different numbers of guesses (greedy rows beside
+    sampled ones, every round 4 guesses) gives the plain batched Generation's tokens, a stop ending a row early."""
+    from runtime import speculative
+
+    holes = []
+    take_back = speculative._Cache.take_back
+
+    def counting(self, n, live):
+        holes.append(len(set(n[live].tolist())) > 1)  # rows keeping unequal numbers of guesses: holes
+        take_back(self, n, live)
+
+    monkeypatch.setattr(speculative._Cache, "take_back", counting)
+    t, dr = ort(exports["target_concat"]), ort(exports["int8_concat"], spinning=False)
+    prompts = BATCH * 2
+    params = [dataclasses.replace(PARAMS["penalty" if i % 2 else "sampled"], max_new_tokens=5 + 4 * i, seed=i)
+              for i in range(len(prompts))]  # greedy rows keep most guesses, sampled ones few
+    plain = generate(t, None, prompts, params)
+    ids = plain[5].token_ids
+    cut = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # a token first seen after two others
+    params[5] = dataclasses.replace(params[5], stop_token_ids=(ids[cut],))
+    g = SpeculativeGeneration(t, None, prompts, params, dr, speculate=4, adaptive=False)
+    list(g)
+    for row, (c, p) in enumerate(zip(g.completions, plain)):
+        want = ids[:cut] if row == 5 else p.token_ids
+        assert c.token_ids == want, row
+    assert g.completions[5].finish_reason == "stop"
+    assert sum(holes) >= 3, holes
+
+
+def test_a_batch_at_the_block_size_edge(exports):
+    """Rows whose prompts nearly fill the block, beside short ones: rounds shrink so that every row still fits
+    (a round grows the cache by the most guesses one row keeps while another may advance by one)."""
+    t, dr = ort(exports["target_concat"]), ort(exports["int8_concat"], spinning=False)
+    block = t.config.block_size
+    prompts = [(PROMPT * 40)[:block - 12], [3, 1, 4], (PROMPT * 40)[:block - 20]]
+    sp = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=())
+    alone = [generate(t, None, [p], sp)[0].token_ids for p in prompts]
+    assert [c.token_ids for c in spec(t, None, prompts, sp, dr)] == alone
+    one = SamplingParams(temperature=0, max_new_tokens=1, stop_token_ids=())
+    mixed = spec(t, None, prompts, [sp, one, sp], dr)  # a row done at its first token rides along
+    assert [c.token_ids for c in mixed] == [alone[0], alone[1][:1], alone[2]]
+
+
+def test_a_torch_target_speculates_on_a_batch(exports, tiny_model):
+    """The torch model attends through the holes too (its mask is any (B, P+T) 0/1 mask)."""
+    from runtime.backends.torch import TorchBackend
+
+    t = TorchBackend("random:tiny@0")
+    t.model = tiny_model
+    dr = ort(exports["other"], spinning=False)
+    alone = [generate(t, None, [p], sp)[0].token_ids for p, sp in zip(BATCH, BATCH_PARAMS)]
+    assert [c.token_ids for c in spec(t, None, BATCH, BATCH_PARAMS, dr)] == alone
+
+
 def test_refusals(exports):
     t, dr = ort(exports["target_shared"]), ort(exports["int8"])
     sp = PARAMS["greedy"]
@@ -200,8 +291,11 @@ def test_refusals(exports):
         SpeculativeGeneration(ort(exports["last"]), None, [PROMPT], sp, dr, 4)
     with pytest.raises(GenerationError, match="last:7"):
         SpeculativeGeneration(t, None, [PROMPT], sp, dr, 6)
-    with pytest.raises(GenerationError, match="one prompt at a time"):
+    with pytest.raises(GenerationError, match="--kv-cache concat to speculate on a batch"):
         SpeculativeGeneration(t, None, [PROMPT, PROMPT], sp, dr, 4)
+    concat = ort(exports["target_concat"]), ort(exports["int8_concat"])
+    assert draft_for(t, dr, 1) is dr and draft_for(t, dr, 2) is None  # a shared-cache pair: batches run plain
+    assert draft_for(*concat, 2) is concat[1] and draft_for(t, None, 1) is None
     with pytest.raises(GenerationError, match="speculate must be"):
         SpeculativeGeneration(t, None, [PROMPT], sp, dr, 0)
 
@@ -336,7 +430,7 @@ def test_cli(exports, capsys):
 
 
 def test_bench_times_speculative_targets(exports):
-    from runtime.bench import Case, find_targets, run_worker
+    from runtime.bench import Case, Target, find_targets, run_worker
 
     targets, notes = find_targets([str(exports["target_shared"]), str(exports["last"])], backends=("onnxruntime",),
                                   providers=("cpu",), draft=str(exports["int8"]), speculate=4)
@@ -352,4 +446,10 @@ def test_bench_times_speculative_targets(exports):
     one, two = result["cases"]
     assert one["speculative"]["tokens_per_target_step"] > 1 and "decode_tok_s" in one
     assert one["speculative"]["same_tokens_as_target"] is True
-    assert "speculative" not in two  # a batch runs on the target alone
+    assert "speculative" not in two  # a batch on a shared-cache pair runs on the target alone
+    concat = Target("onnxruntime", str(exports["target_concat"]), draft=str(exports["int8_concat"]), speculate=4)
+    lines.clear()
+    run_worker({"target": dataclasses.asdict(concat), "cases": [dataclasses.asdict(Case(2, 8, 12))],
+                "warmup": 0, "repeats": 1, "threads": 2}, emit=lines.append)
+    [two] = json.loads(lines[-1])["cases"]
+    assert two["speculative"]["same_tokens_as_target"] is True and two["speculative"]["tokens_per_target_step"] > 1
