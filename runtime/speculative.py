@@ -52,9 +52,10 @@ class Depth:
     tokens on average, where p_i is the chance that guess i is accepted once guesses 1..i-1 were. The p_i
     are counted per position, since agreement comes in runs (a predictable stretch accepts guess 4 more
     often than guess 1) and one rate for all positions would under-guess. Costs and p_i are measured as
-    the generation runs (decayed averages), so a draft that rarely agrees (sampling at a high temperature,
-    a poor draft) drops to k = 0, plain decoding, instead of making generation slower; every PROBE_EVERY
-    plain rounds one guess is tried again, in case agreement came back.
+    the generation runs (decayed averages; the first round is a plain step, the cost to beat), so a draft
+    that rarely agrees (sampling at a high temperature, a poor draft) or costs too much (an int4 draft at
+    batch 8 on a CPU) drops to k = 0, plain decoding, instead of making generation slower; every
+    PROBE_EVERY plain rounds one guess is tried again, in case agreement came back.
     """
     DECAY = 0.9  # weight of the past in the running averages, per round (about the last 10 rounds count)
     PROBE_EVERY = 16
@@ -79,10 +80,14 @@ class Depth:
 
     def next(self, cap: int) -> int:
         cap = min(cap, self.max_k)
-        measured = np.flatnonzero(~np.isnan(self.t_target))
-        if not self.adaptive or cap <= 0 or self.t_draft is None or not measured.size:
+        if not self.adaptive or cap <= 0:
             return max(cap, 0)
+        if np.isnan(self.t_target[0]):  # first a plain step: the cost every number of guesses must beat
+            return 0
+        if self.t_draft is None:
+            return cap
         # a k not measured yet: interpolated between the measured ones, flat beyond them
+        measured = np.flatnonzero(~np.isnan(self.t_target))
         t_target = np.interp(np.arange(self.max_k + 1), measured, self.t_target[measured])
         tokens = np.concatenate([[1.0], 1 + np.cumsum(np.cumprod(self.acceptance()))])  # expected, k = 0..max_k
         rate = [tokens[k] / (k * self.t_draft + t_target[k]) for k in range(cap + 1)]

@@ -105,7 +105,9 @@ def test_depth_picks_the_fastest_number_of_guesses():
     from runtime.speculative import Depth
 
     d = Depth(max_k=4)
-    assert d.next(4) == 4  # nothing measured yet: the cap
+    assert d.next(4) == 0  # first a plain step: the cost to beat
+    d.update(0, [0], None, 0.023)
+    assert d.next(4) == 4  # no draft step measured yet: the cap
     d.t_draft, d.t_target[:] = 0.005, 0.023  # the 124M shape: an int8 draft step, an fp32 target step
 
     def seen(rates):  # evidence: 100 checks at each position, accepted at these rates
@@ -370,6 +372,17 @@ def test_last_n_logits_of_a_row_by_row_step(exports):
         out[name] = (first, more)
     for a, b in zip(out["shared"], out["concat"]):
         assert a.shape == b.shape and max_abs_diff(a, b) < 1e-4
+
+
+def test_concat_rewind_compacts_in_place():
+    from runtime.backends.onnxruntime import _compact
+
+    a = np.random.default_rng(0).standard_normal((3, 4, 10, 5)).astype(np.float32)
+    want = a[:, :, :6].copy()
+    got = _compact(a, 6)
+    assert np.shares_memory(got, a) and np.array_equal(got, want)
+    assert np.array_equal(_compact(got, 2), want[:, :, :2])  # twice, without a step between
+    assert np.array_equal(_compact(np.ones((2, 3, 4, 5), np.float32), 0), np.ones((2, 3, 0, 5)))
 
 
 def test_tensorrt_rewind_copy_repacks_the_packed_cache():
