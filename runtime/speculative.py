@@ -48,27 +48,33 @@ DEFAULT_SPECULATE = 4  # guesses per round at most: with ~97% per-token agreemen
 class Depth:
     """How many tokens the draft guesses next round: the k in 0..cap with the most expected tokens per second.
 
-    A round of k guesses costs k draft steps + one target step and yields 1 + p1 + p1 p2 + ... + p1...pk
-    tokens on average, where p_i is the chance that guess i is accepted once guesses 1..i-1 were. The p_i
-    are counted per position, since agreement comes in runs (a predictable stretch accepts guess 4 more
-    often than guess 1) and one rate for all positions would under-guess. Costs and p_i are measured as
-    the generation runs (decayed averages; the first round is a plain step, the cost to beat), so a draft
-    that rarely agrees (sampling at a high temperature, a poor draft) or costs too much (an int4 draft at
-    batch 8 on a CPU) drops to k = 0, plain decoding, instead of making generation slower; every
-    PROBE_EVERY plain rounds one guess is tried again, in case agreement came back.
+    A round of k guesses yields 1 + p1 + p1 p2 + ... + p1...pk tokens per row on average, where p_i is the
+    chance that guess i is accepted once guesses 1..i-1 were. The p_i are counted per position, since
+    agreement comes in runs (a predictable stretch accepts guess 4 more often than guess 1) and one rate
+    for all positions would under-guess. A round's cost is measured whole, per k: the draft's steps with
+    their catch-up on the previous round's tokens, the target step (one weight read at batch 1 whatever k
+    is; at batch 8 on a CPU each guess checked costs arithmetic), and the sampling; a k not measured yet
+    is interpolated. Costs and p_i are decayed averages over the generation so far; the first round is a
+    plain step (the cost to beat), the next one guesses the most. So a draft that rarely agrees (sampling
+    at a high temperature, a poor draft) or costs too much drops to k = 0, plain decoding, instead of
+    making generation slower. After PROBE_EVERY plain rounds one guess is tried again, in case agreement
+    came back; each probe that changes nothing doubles the wait for the next (a probe costs a round plus
+    the draft's catch-up on every token it skipped).
     """
     DECAY = 0.9  # weight of the past in the running averages, per round (about the last 10 rounds count)
     PROBE_EVERY = 16
+    # guessing must beat plain rounds by this factor: the estimate is per row, but a batch's rows drift apart
+    # when they accept different numbers of guesses and the batch runs until its slowest row is done (124M,
+    # batch 8, an int4 draft that the estimate put level with plain rounds: 195 tok/s against 256 plain)
+    HURDLE = 1.1
 
     def __init__(self, max_k: int, adaptive: bool = True):
         self.max_k, self.adaptive = max_k, adaptive
         self.hits = np.zeros(max(max_k, 1))  # decayed counts per guess position: accepted,
         self.tries = np.zeros(max(max_k, 1))  # and checked (every guess up to the first miss)
-        self.t_draft: float | None = None  # seconds per draft step
-        # seconds per target step, per k: about one weight read at batch 1 whatever k is, but a batch's step
-        # costs more with each guess checked (8 rows x 5 positions is arithmetic, not memory, on a CPU)
-        self.t_target = np.full(max_k + 1, np.nan)
+        self.t_round = np.full(max_k + 1, np.nan)  # seconds per round, per k (NaN: not measured)
         self.plain = 0  # consecutive rounds at k = 0
+        self.probe_every = self.PROBE_EVERY
 
     def acceptance(self) -> np.ndarray:
         """p_i per guess position, each smoothed by one pseudo-check at the previous position's rate (1/2 before
@@ -82,30 +88,32 @@ class Depth:
         cap = min(cap, self.max_k)
         if not self.adaptive or cap <= 0:
             return max(cap, 0)
-        if np.isnan(self.t_target[0]):  # first a plain step: the cost every number of guesses must beat
+        measured = np.flatnonzero(~np.isnan(self.t_round))
+        if not measured.size:  # first a plain round: the cost every number of guesses must beat
             return 0
-        if self.t_draft is None:
+        if measured.max() == 0:  # then the deepest
             return cap
         # a k not measured yet: interpolated between the measured ones, flat beyond them
-        measured = np.flatnonzero(~np.isnan(self.t_target))
-        t_target = np.interp(np.arange(self.max_k + 1), measured, self.t_target[measured])
+        t_round = np.interp(np.arange(self.max_k + 1), measured, self.t_round[measured])
         tokens = np.concatenate([[1.0], 1 + np.cumsum(np.cumprod(self.acceptance()))])  # expected, k = 0..max_k
-        rate = [tokens[k] / (k * self.t_draft + t_target[k]) for k in range(cap + 1)]
+        rate = tokens[:cap + 1] / t_round[:cap + 1]
+        rate[1:] /= self.HURDLE
         k = int(np.argmax(rate))
-        self.plain = self.plain + 1 if k == 0 else 0
-        if self.plain >= self.PROBE_EVERY:
-            self.plain, k = 0, 1
+        if k:
+            self.plain, self.probe_every = 0, self.PROBE_EVERY
+        else:
+            self.plain += 1
+            if self.plain >= self.probe_every:
+                self.plain, self.probe_every, k = 0, 2 * self.probe_every, 1
         return k
 
-    def update(self, k: int, accepted: Sequence[int], t_draft: float | None, t_target: float) -> None:
-        """After a round of k guesses: how many each row accepted (rows a stop cut short left out), the seconds
-        of one draft step (None when the round had no one-token draft call: its prefill, a catch-up after
-        plain rounds), and of the target step."""
+    def update(self, k: int, accepted: Sequence[int], seconds: float | None) -> None:
+        """After a round of k guesses: how many each row accepted (rows a stop cut short left out), and the
+        round's seconds (None for a round that is no sample of its k's cost: the one the draft prefills in)."""
         d = self.DECAY
-        last = self.t_target[k]
-        self.t_target[k] = t_target if np.isnan(last) else d * last + (1 - d) * t_target
-        if t_draft is not None:
-            self.t_draft = t_draft if self.t_draft is None else d * self.t_draft + (1 - d) * t_draft
+        if seconds is not None:
+            last = self.t_round[k]
+            self.t_round[k] = seconds if np.isnan(last) else d * last + (1 - d) * seconds
         if k and len(accepted):
             self.hits *= d
             self.tries *= d
@@ -273,21 +281,16 @@ class SpeculativeGeneration(Generation):
             room = target.config.block_size - tc.length - (1 if len(rows) == 1 else left)
             width = max(len(t) for t in todo)
             k = self.depth.next(min(K, left - 1, room, draft.config.block_size - dc.length - width))
+            t_round, prefill_draft = time.perf_counter(), k and not dc.length
             guesses = np.zeros((B, k), np.int64)
-            draft_steps = []  # seconds of each one-token draft call (a call catching up on several is not one)
             for j in range(k):  # greedy guesses (with the request's repetition penalty): the best guess of the pick
-                t = time.perf_counter()
                 out = dc.step(todo if j == 0 else guesses[:, j - 1:j])[:, -1, :V]
-                if j or width == 1:
-                    draft_steps.append(time.perf_counter() - t)
                 for b in rows:
                     seen = None
                     if guess_params[b].repetition_penalty != 1.0:
                         seen = np.asarray(samplers[b].seen_ids + guesses[b, :j].tolist(), np.int64)
                     guesses[b, j] = sample_next_token(out[b], guess_params[b], None, seen)
-            t_target = time.perf_counter()
             scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (B, k + 1, V): every guess, one step
-            t_target = time.perf_counter() - t_target
             deltas, accepted, made = [], np.zeros(B, np.int64), np.zeros(B, np.int64)
             for b in rows:
                 for i in range(k + 1):
@@ -300,6 +303,7 @@ class SpeculativeGeneration(Generation):
                         live[b] = False
                     if d.finish_reason or not hit:
                         break
+            t_round = None if prefill_draft else time.perf_counter() - t_round
             now = time.perf_counter() - t0
             for b in rows:  # the round's time, shared by a row's tokens (a stop token produces none)
                 if made[b]:
@@ -315,7 +319,7 @@ class SpeculativeGeneration(Generation):
             yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
             if not live.any():
                 return
-            self.depth.update(k, accepted[live].tolist(), float(np.mean(draft_steps)) if draft_steps else None, t_target)
+            self.depth.update(k, accepted[live].tolist(), t_round)
             # a row keeps pending + its accepted guesses; the target's own pick (a correction or a bonus) is pending
             tc.take_back(k - accepted, live)
             pending = np.array([cs[b].token_ids[-1] if live[b] else 0 for b in range(B)], np.int64)

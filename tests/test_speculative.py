@@ -105,10 +105,12 @@ def test_depth_picks_the_fastest_number_of_guesses():
     from runtime.speculative import Depth
 
     d = Depth(max_k=4)
-    assert d.next(4) == 0  # first a plain step: the cost to beat
-    d.update(0, [0], None, 0.023)
-    assert d.next(4) == 4  # no draft step measured yet: the cap
-    d.t_draft, d.t_target[:] = 0.005, 0.023  # the 124M shape: an int8 draft step, an fp32 target step
+    assert d.next(4) == 0  # first a plain round: the cost to beat
+    d.update(0, [0], 0.023)
+    assert d.next(4) == 4  # then the deepest
+    d.update(4, [4], None)  # the round the draft prefilled in: no sample of a round's cost
+    assert d.next(4) == 4
+    d.t_round[4] = 0.043  # the 124M shape at batch 1: an fp32 target step 23 ms, an int8 draft step 5 ms
 
     def seen(rates):  # evidence: 100 checks at each position, accepted at these rates
         d.tries, d.hits, d.plain = np.full(4, 100.0), np.array(rates, float) * 100, 0
@@ -120,28 +122,30 @@ def test_depth_picks_the_fastest_number_of_guesses():
     assert d.next(2) == 0 and Depth(4, adaptive=False).next(3) == 3
     seen([0.05] * 4)
     assert [d.next(4) for _ in range(Depth.PROBE_EVERY)][-1] == 1  # a probe after PROBE_EVERY plain rounds
-    d.t_draft = 0.023  # a draft as slow as the target never pays, even when it always agrees
+    picks = [d.next(4) for _ in range(2 * Depth.PROBE_EVERY)]  # it changed nothing: the next one waits twice as long
+    assert picks.index(1) == 2 * Depth.PROBE_EVERY - 1
+    seen([0.99] * 4)
+    assert d.next(4) == 4 and d.probe_every == Depth.PROBE_EVERY  # agreement came back
+    d.t_round[4] = 5 * 0.023  # a draft step as slow as the target's never pays, even when it always agrees
     seen([1.0] * 4)
     assert d.next(4) == 0
 
-    # a batch's target step costs more per guess checked: fewer guesses pay (unmeasured k: interpolated)
-    seen([0.6] * 4)
-    d.t_draft, d.t_target[:] = 0.005, np.nan
-    d.t_target[0] = 0.028
-    assert d.next(4) == 2  # one measured cost: every k costs the same
-    d.t_target[4] = 0.06
+    # batch 8: each guess checked costs the target arithmetic too, so fewer guesses pay
+    seen([0.7] * 4)
+    d.t_round[:] = [0.028, np.nan, np.nan, np.nan, 0.028 + 4 * 0.005]
+    assert d.next(4) == 3
+    d.t_round[4] = 0.028 + 4 * (0.005 + 0.008)
     assert d.next(4) == 1
 
     d = Depth(max_k=4)
-    d.update(4, [2], 0.004, 0.02)  # guesses 1, 2 accepted, 3 missed, 4 never checked
+    d.update(4, [2], 0.02)  # guesses 1, 2 accepted, 3 missed, 4 never checked
     assert d.tries.tolist() == [1, 1, 1, 0] and d.hits.tolist() == [1, 1, 0, 0]
     assert d.acceptance().tolist() == pytest.approx([0.75, 0.875, 0.4375, 0.4375])  # position 4: as position 3
-    d.update(4, [4], None, 0.03)  # all accepted; a round with no one-token draft call keeps the step time
+    d.update(4, [4], 0.03)  # all accepted
     assert d.tries.tolist() == pytest.approx([1.9, 1.9, 1.9, 1]) and d.hits.tolist() == pytest.approx([1.9, 1.9, 1, 1])
-    assert (d.t_draft, d.t_target[4]) == (0.004, pytest.approx(0.9 * 0.02 + 0.1 * 0.03))
-    d.update(2, [2, 0, 1], 0.004, 0.05)  # a batch: each row's guesses count; the cost is k's own
-    assert d.tries.tolist() == pytest.approx([1.71 + 3, 1.71 + 2, 1.71, 0.9]) and d.t_target[2] == 0.05
-
+    assert d.t_round[4] == pytest.approx(0.9 * 0.02 + 0.1 * 0.03)
+    d.update(2, [2, 0, 1], 0.05)  # a batch: each row's guesses count; the cost is k's own
+    assert d.tries.tolist() == pytest.approx([1.71 + 3, 1.71 + 2, 1.71, 0.9]) and d.t_round[2] == 0.05
 
 
 @pytest.mark.parametrize("speculate", [1, 2, 4])
