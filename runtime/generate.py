@@ -288,7 +288,8 @@ def generate(backend, tokenizer, prompts: Sequence[Prompt], params: SamplingPara
         tokenizer: a tiktoken Encoding, or None for token-id prompts.
         prompts: texts or token-id lists, of any lengths (left-padded into one batch).
         params: one SamplingParams for every row, or one per row.
-        draft: a draft Backend for speculative decoding (one prompt; the output stays the target's).
+        draft: a draft Backend for speculative decoding (the output stays the target's; several prompts need
+            a pair that runtime.speculative.batches, not a kv_cache="shared" one).
         speculate: tokens the draft guesses per round at most (default runtime.speculative.DEFAULT_SPECULATE;
             each round guesses 0..speculate, whichever the measured acceptance and step costs make fastest).
     Returns:
