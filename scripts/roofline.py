@@ -1,11 +1,12 @@
 """The fp32 decode roofline of this machine: weight-streaming bandwidth and a MatMul-only decode step.
 
 Prints (1) GEMV bandwidth against working-set size (torch `x @ W` over several matrices; caches help below
-a few hundred MB, the DRAM stream rate shows above), and (2) the time per token of a graph holding only the
-weight MatMuls of one GPT-2 124M decode step (49 GEMVs, no attention / LayerNorm / anything else) on
-onnxruntime and on torch. No engine decodes fp32 faster than (2) allows. docs/benchmarks.md quotes it.
+a few hundred MB, the DRAM stream rate shows above), and (2) the time of a graph holding only the weight
+MatMuls of one GPT-2 124M decode step (49 MatMuls, no attention / LayerNorm / anything else) on
+onnxruntime and on torch, for a batch of 1 row (GEMVs: memory-bound) and of 8 (arithmetic: 2 GFLOP a
+step). No engine decodes fp32 faster than (2) allows. docs/benchmarks.md quotes it.
 
-    .venv/bin/python scripts/roofline.py --threads 2
+    .venv/bin/python scripts/roofline.py --threads 2 [--rows 1,8]
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def timed(fn, n: int = 10) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,8", help="batch sizes of the MatMul-only decode step (default 1,8)")
     args = p.parse_args()
     import onnx
     import onnxruntime as ort
@@ -49,11 +51,12 @@ def main() -> None:
     weights = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in shapes]
     nodes = [helper.make_node("MatMul", ["x" if k == 768 else "h", f"w{i}"], [f"y{i}"]) for i, (k, _) in enumerate(shapes)]
     graph = helper.make_graph(
-        nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 768]),
-                           helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 3072])],
+        nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 768]),
+                           helper.make_tensor_value_info("h", TensorProto.FLOAT, ["rows", 3072])],
         [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(shapes))],
         [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
     gb = sum(w.nbytes for w in weights) / 1e9
+    flop = 2 * sum(k * n for k, n in shapes)  # per row
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "matmuls.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
@@ -61,14 +64,17 @@ def main() -> None:
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
         s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feed = {"x": rng.standard_normal((1, 768), dtype=np.float32), "h": rng.standard_normal((1, 3072), dtype=np.float32)}
-        t_ort = timed(lambda: s.run(None, feed), 20)
-    tw = [torch.from_numpy(w) for w in weights]
-    tx, th = torch.from_numpy(feed["x"]), torch.from_numpy(feed["h"])
-    t_torch = timed(lambda: [(tx if w.shape[0] == 768 else th) @ w for w in tw], 20)
-    for name, t in (("onnxruntime", t_ort), ("torch", t_torch)):
-        print(f"124M decode step, weight MatMuls only ({gb * 1e3:.0f} MB), {name}: {t * 1e3:.2f} ms "
-              f"= {1 / t:.1f} tok/s at most ({gb / t:.1f} GB/s)")
+        tw = [torch.from_numpy(w) for w in weights]
+        for rows in (int(r) for r in args.rows.split(",")):
+            feed = {"x": rng.standard_normal((rows, 768), dtype=np.float32),
+                    "h": rng.standard_normal((rows, 3072), dtype=np.float32)}
+            t_ort = timed(lambda: s.run(None, feed), 20)
+            tx, th = torch.from_numpy(feed["x"]), torch.from_numpy(feed["h"])
+            t_torch = timed(lambda: [(tx if w.shape[0] == 768 else th) @ w for w in tw], 20)
+            for name, t in (("onnxruntime", t_ort), ("torch", t_torch)):
+                print(f"124M decode step of {rows} row(s), weight MatMuls only ({gb * 1e3:.0f} MB), {name}: "
+                      f"{t * 1e3:.2f} ms = {rows / t:.1f} tok/s at most ({gb / t:.1f} GB/s, "
+                      f"{rows * flop / t / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
