@@ -4,8 +4,9 @@ Backends are not thread-safe and hold one KV cache, so exactly one thread ever c
 (`Job`s, one or more prompts each) wait in a bounded FIFO queue; the worker takes the oldest, then
 keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and runs them all as one
 `Generation`: shared forward passes, each row with its own SamplingParams (with a draft, a batch decodes
-speculatively, runtime/speculative.py; on a kv_cache="shared" pair only a batch of one row does). Jobs that arrive while a batch runs wait for the
-next one; a full queue refuses at once (`Overloaded`), so nothing hangs.
+speculatively, runtime/speculative.py; on a kv_cache="shared" pair only a batch of one row does). Jobs
+that arrive while a batch runs wait for the next one; a full queue refuses at once (`Overloaded`), so
+nothing hangs.
 A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
 rows cancelled at the next step; the other rows of the batch go on.
 

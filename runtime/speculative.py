@@ -255,8 +255,7 @@ class SpeculativeGeneration(Generation):
             raise GenerationError("a Generation runs once; make a new one")
         self._started = True
         target, draft, K, B = self.backend, self.draft, self.speculate, len(self.prompt_ids)
-        cs, samplers, V = self.completions, self._samplers, self.real_vocab_size
-        guess_params = [SamplingParams(temperature=0, repetition_penalty=sp.repetition_penalty) for sp in self.params]
+        cs = self.completions
 
         t0 = time.perf_counter()
         tc = _Cache(target, B)
@@ -281,18 +280,11 @@ class SpeculativeGeneration(Generation):
             room = target.config.block_size - tc.length - (1 if len(rows) == 1 else left)
             width = max(len(t) for t in todo)
             k = self.depth.next(min(K, left - 1, room, draft.config.block_size - dc.length - width))
-            t_round, prefill_draft = time.perf_counter(), k and not dc.length
-            guesses = np.zeros((B, k), np.int64)
-            for j in range(k):  # greedy guesses (with the request's repetition penalty): the best guess of the pick
-                out = dc.step(todo if j == 0 else guesses[:, j - 1:j])[:, -1, :V]
-                for b in rows:
-                    seen = None
-                    if guess_params[b].repetition_penalty != 1.0:
-                        seen = np.asarray(samplers[b].seen_ids + guesses[b, :j].tolist(), np.int64)
-                    guesses[b, j] = sample_next_token(out[b], guess_params[b], None, seen)
+            started, prefill_draft = time.perf_counter(), k and not dc.length
+            guesses = self._guess(dc, todo, rows, k)
             scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (B, k + 1, V): every guess, one step
             deltas, accepted, made = [], np.zeros(B, np.int64), np.zeros(B, np.int64)
-            for b in rows:
+            for b in rows:  # the target's sampler picks each token; a guess counts while it equals the pick
                 for i in range(k + 1):
                     d = self._advance(b, scores[b, i], len(cs[b].token_ids), t0, prefill)
                     deltas.append(d)
@@ -303,7 +295,7 @@ class SpeculativeGeneration(Generation):
                         live[b] = False
                     if d.finish_reason or not hit:
                         break
-            t_round = None if prefill_draft else time.perf_counter() - t_round
+            seconds = None if prefill_draft else time.perf_counter() - started
             now = time.perf_counter() - t0
             for b in rows:  # the round's time, shared by a row's tokens (a stop token produces none)
                 if made[b]:
@@ -319,7 +311,7 @@ class SpeculativeGeneration(Generation):
             yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
             if not live.any():
                 return
-            self.depth.update(k, accepted[live].tolist(), t_round)
+            self.depth.update(k, accepted[live].tolist(), seconds)
             # a row keeps pending + its accepted guesses; the target's own pick (a correction or a bonus) is pending
             tc.take_back(k - accepted, live)
             pending = np.array([cs[b].token_ids[-1] if live[b] else 0 for b in range(B)], np.int64)
@@ -327,6 +319,20 @@ class SpeculativeGeneration(Generation):
                 dc.take_back(k - 1 - np.minimum(accepted, k - 1), live)
                 todo = [[guesses[b, k - 1]] if accepted[b] == k else [] for b in range(B)]
             todo = [t + [pending[b]] if live[b] else [0] for b, t in enumerate(todo)]
+
+    def _guess(self, dc: _Cache, todo: list[list[int]], rows: list[int], k: int) -> np.ndarray:
+        """(B, k) draft guesses for the live `rows`: the draft's greedy picks under each row's repetition
+        penalty, the best guess of the target's pick. Its first step catches up on each row's `todo`."""
+        guesses = np.zeros((len(todo), k), np.int64)
+        for j in range(k):
+            out = dc.step(todo if j == 0 else guesses[:, j - 1:j])[:, -1, :self.real_vocab_size]
+            for b in rows:
+                penalty, seen = self.params[b].repetition_penalty, None
+                if penalty != 1.0:
+                    seen = np.asarray(self._samplers[b].seen_ids + guesses[b, :j].tolist(), np.int64)
+                guesses[b, j] = sample_next_token(out[b], SamplingParams(temperature=0, repetition_penalty=penalty),
+                                                  None, seen)
+        return guesses
 
     def _update_stats(self) -> None:
         s = self.stats
