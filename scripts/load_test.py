@@ -9,6 +9,7 @@ by itself: a fixed number of rounds, a per-request timeout and an overall --dead
     python scripts/load_test.py                       # model/weights/pycode if present, else a random small model
     python scripts/load_test.py out/demo --clients 64 --rounds 3 --max-tokens 32 --json
     python scripts/load_test.py --url http://127.0.0.1:8000 --model-name demo
+    python scripts/load_test.py out/gpt2-last5 --draft out/gpt2-int8 --clients 8 --max-batch 8   # speculative
 
 MODEL is an exported folder, or a checkpoint folder (exported to a temporary folder first; needs torch).
 Exit status 1 when any response is incomplete or differs from its reference.
@@ -86,6 +87,8 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
            "--max-queue", str(max(args.clients, 1)), "--request-timeout", str(args.timeout)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.draft:
+        cmd += ["--draft", args.draft]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NANOGPT_DEPLOY_API_KEY", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sys.stderr)  # stdout stays the report (--json)
@@ -187,7 +190,9 @@ def print_table(r: dict) -> None:
           f"{a['ttft_p50_s']:>9.3f}s{'':>10}{a['total_p50_s']:>10.3f}s")
     sch = s["scheduler"]
     print(f"{r['complete_and_equal']}/{r['requests']} responses complete ([DONE]) and equal to the request alone; "
-          f"{sch['batches']} batches, largest {sch['largest_batch']} rows, {sch['rows_cancelled']} rows cancelled")
+          f"{sch['batches']} batches, largest {sch['largest_batch']} rows, {sch['rows_cancelled']} rows cancelled"
+          + (f"; {sch['speculative_batches']} speculative, {sch['guesses_accepted']}/{sch['guesses_drafted']} guesses "
+             f"accepted" if sch.get("speculative_batches") else ""))
     for f in r["failures"]:
         print(f"  FAIL round {f['round']} request {f['request']}: done={f['done']} error={f['error']} "
               f"got {f['got']!r} want {f['want']!r}")
@@ -205,12 +210,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32, help="the started server's --max-batch")
+    p.add_argument("--draft", default=None, metavar="DIR", help="the started server's --draft (speculative decoding)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (seconds)")
     p.add_argument("--deadline", type=float, default=900.0, help="give up after this many seconds in all")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = p.parse_args()
     if args.url:
         check_loopback(args.url)
+        if args.draft:
+            p.error("--draft configures the server this script starts; start yours with `serve MODEL --draft DIR`")
     proc = None
     with tempfile.TemporaryDirectory(prefix="load_test_") as tmp:
         try:
