@@ -2,9 +2,10 @@
 
 A batch of prompts of different lengths is left-padded into one (B, L) prefill; each decode step then
 feeds one token per row. The attention mask is allocated once for the whole run and sliced per step,
-positions are `cumsum(mask) - 1` (so padding never shifts a row: under greedy every row gets the tokens
-its prompt gets alone), and text is decoded incrementally from token bytes, so a UTF-8 character split
-over tokens is never split across streamed pieces. Rows stop independently (max_new_tokens, a stop
+positions are `cumsum(mask) - 1` (so padding never shifts a row: under greedy an fp32 row gets the
+tokens its prompt gets alone; int8 / int4 kernels may not, README "Batched is not alone"), and text is
+decoded incrementally from token bytes, so a UTF-8 character split over tokens is never split across
+streamed pieces. Rows stop independently (max_new_tokens, a stop
 token id, a stop string even when it spans tokens, or `cancel(row)`); a finished row rides along with
 a filler token until every row is done. Policy on length: prompt + max_new_tokens beyond the model's
 block_size is an error before any work is done (no silent truncation or sliding window).
