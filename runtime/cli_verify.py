@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-greedy-match", action="append", metavar="PREC=X",
                    help=f"min fraction of greedy tokens identical before the first divergence "
                         f"(default {shown('min_greedy_match')})")
+    p.add_argument("--min-batched-alone", action="append", metavar="PREC=X",
+                   help=f"min fraction of rows of a greedy batch that get the tokens their prompt gets alone "
+                        f"(default {shown('min_batched_alone')}; int8 / int4 reported only)")
     p.add_argument("--text", action="append", metavar="FILE",
                    help="text for perplexity and top-1 (repeatable; default: the checkpoint's held-out files)")
     p.add_argument("--text-tokens", type=int, default=2048, help="evaluation tokens at most (default 2048)")
@@ -53,7 +56,8 @@ def run(args) -> int:
     from .verify import format_report, parse_thresholds, verify
 
     thresholds = parse_thresholds({"max_abs_diff": args.max_abs_diff, "min_top1": args.min_top1,
-                                   "max_ppl_change": args.max_ppl_change, "min_greedy_match": args.min_greedy_match})
+                                   "max_ppl_change": args.max_ppl_change, "min_greedy_match": args.min_greedy_match,
+                                   "min_batched_alone": args.min_batched_alone})
     report = verify(args.models, thresholds=thresholds, text_files=args.text, text_tokens=args.text_tokens,
                     window=args.window, greedy_new=args.greedy_tokens, threads=args.threads, backends=args.backends,
                     providers=args.providers, tokenizer=load_tokenizer(path=args.tokenizer_file),

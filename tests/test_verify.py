@@ -73,6 +73,7 @@ def test_passes_on_a_good_export(tiny_export, capsys):
     assert set(m["max_abs_diff_per_shape"]) == {"B1xT1xP0", "B2xT7xP0", "B2xT1xP5", "B2xT3xP5"}
     assert m["max_abs_diff"] <= 1e-4 and m["top1"] >= 0.999 and abs(m["ppl_change"]) <= 1e-3
     assert m["greedy_match"] == 1.0 and m["greedy_tokens_per_prompt"] == 16
+    assert (m["batched_alone"], m["batched_rows"]) == (1.0, 4)  # fp32: a left-padded batch changes no row
     assert "verify passed" in out.err
 
 
