@@ -6,8 +6,9 @@ positions are `cumsum(mask) - 1` (so padding never shifts a row: under greedy an
 tokens its prompt gets alone; int8 / int4 kernels may not, README "Batched is not alone"), and text is
 decoded incrementally from token bytes, so a UTF-8 character split over tokens is never split across
 streamed pieces. Rows stop independently (max_new_tokens, a stop
-token id, a stop string even when it spans tokens, or `cancel(row)`); a finished row rides along with
-a filler token until every row is done. Policy on length: prompt + max_new_tokens beyond the model's
+token id, a stop string even when it spans tokens, or `cancel(row)`); once a quarter of the batch has
+finished, the finished rows leave it (`Backend.keep_rows`; a backend without it keeps them riding along
+with a filler token). Policy on length: prompt + max_new_tokens beyond the model's
 block_size is an error before any work is done (no silent truncation or sliding window).
 
     from runtime.generate import SamplingParams, generate, stream
@@ -39,6 +40,7 @@ __all__ = ["SamplingParams", "Timing", "Completion", "Delta", "Generation", "gen
            "GenerationError", "summary_line"]
 
 Prompt = str | Sequence[int]
+DROP_AFTER = 8  # finished rows leave a batch when the live ones have this many steps or more to go
 
 
 class GenerationError(ValueError):
@@ -208,6 +210,8 @@ class Generation:
         next_ids = np.zeros((B, 1), dtype=np.int64)
         next_pos = pos[:, -1:].copy() + 1  # (B, 1)
         live = [True] * B
+        slots = list(range(B))  # the rows in the cache, in its order (finished rows leave it: keep_rows)
+        can_drop = callable(getattr(backend, "keep_rows", None))
 
         t0 = time.perf_counter()
         backend.reset(B)
@@ -215,11 +219,11 @@ class Generation:
         prefill = t_prev = time.perf_counter() - t0
         for step in range(self.max_steps):
             deltas = []
-            for b in range(B):
+            for i, b in enumerate(slots):
                 if live[b]:
-                    deltas.append(self._advance(b, logits[b], step, t0, prefill))
+                    deltas.append(self._advance(b, logits[i], step, t0, prefill))
                     if self.completions[b].token_ids:
-                        next_ids[b, 0] = self.completions[b].token_ids[-1]
+                        next_ids[i, 0] = self.completions[b].token_ids[-1]
             now = time.perf_counter() - t0
             for d in deltas:
                 if step and d.token_ids:  # the gap since this row's previous token: forward + sampling (+ the consumer's time)
@@ -231,10 +235,20 @@ class Generation:
             t_prev = now
             if not any(live):
                 return
+            keep = [i for i, b in enumerate(slots) if live[b]]
+            if can_drop and len(keep) < len(slots) and self._worth_dropping(slots, keep):
+                backend.keep_rows(keep)  # finished rows leave the batch: later steps compute the live ones only
+                slots, next_ids, next_pos, mask = [slots[i] for i in keep], next_ids[keep], next_pos[keep], mask[keep]
             n = L + step + 1
             logits = backend.forward(next_ids, mask[:, :n], next_pos)[:, -1, :]
             next_pos += 1
         raise AssertionError("every row ends by max_new_tokens")  # pragma: no cover
+
+    def _worth_dropping(self, slots: list[int], keep: list[int]) -> bool:
+        """Whether to drop the finished rows now: when a quarter of the batch has finished and the live rows
+        still have DROP_AFTER steps or more to go (a drop copies the kept rows' cache once)."""
+        left = max(self.params[slots[i]].max_new_tokens - len(self.completions[slots[i]].token_ids) for i in keep)
+        return 4 * (len(slots) - len(keep)) >= len(slots) and left >= DROP_AFTER
 
     def _advance(self, b: int, logits: np.ndarray, step: int, t0: float, prefill: float) -> Delta:
         """Sample row b's next token and turn it into a Delta (finishing the row when it should end)."""

@@ -38,12 +38,15 @@ STEMS = ["def parse", "class Node", "import os\n", "for i in range(", "if x is N
          "self.items = []", "raise ValueError("]
 
 
-def build_requests(n: int, max_tokens: int) -> list[dict]:
-    """n distinct greedy requests with different prompt lengths and max_tokens."""
+def build_requests(n: int, max_tokens: int, min_tokens: int | None = None) -> list[dict]:
+    """n distinct greedy requests with different prompt lengths and max_tokens (max_tokens, -8, -16; or,
+    with min_tokens, spread evenly from max_tokens down to min_tokens)."""
     reqs = []
     for i in range(n):
         prompt = STEMS[i % len(STEMS)] + f" # {i}\n" * (1 + i % 3)
-        reqs.append({"prompt": prompt, "max_tokens": max(4, max_tokens - 8 * (i % 3)), "temperature": 0})
+        new = max_tokens - 8 * (i % 3) if min_tokens is None else \
+            max_tokens - (max_tokens - min_tokens) * i // max(n - 1, 1)
+        reqs.append({"prompt": prompt, "max_tokens": max(4, new), "temperature": 0})
     return reqs
 
 
@@ -142,7 +145,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def load_test(url: str, args) -> dict:
-    reqs = build_requests(args.clients, args.max_tokens)
+    reqs = build_requests(args.clients, args.max_tokens, args.min_tokens)
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
     async with httpx.AsyncClient(timeout=args.timeout + 10, limits=limits) as client:
         t0 = time.perf_counter()
@@ -209,6 +212,9 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="spread the requests' max_tokens evenly from --max-tokens down to this (rows of a batch "
+                        "then finish at different steps)")
     p.add_argument("--max-batch", type=int, default=32, help="the started server's --max-batch")
     p.add_argument("--draft", default=None, metavar="DIR", help="the started server's --draft (speculative decoding)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (seconds)")

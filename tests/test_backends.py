@@ -76,6 +76,68 @@ def test_batch_equals_singles(ort_tiny, torch_tiny, backend):
     assert batched == singles
 
 
+@pytest.fixture(scope="module")
+def ort_tiny_shared(tmp_path_factory, tiny_model):
+    from export.onnx import export_onnx
+
+    return load_backend("onnxruntime", str(export_onnx(tiny_model, tmp_path_factory.mktemp("shared"),
+                                                          kv_cache="shared").parent), threads=1)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-shared", "torch"])
+def test_keep_rows_equals_never_having_had_the_others(ort_tiny, ort_tiny_shared, torch_tiny, backend):
+    be = {"onnxruntime": ort_tiny, "onnxruntime-shared": ort_tiny_shared, "torch": torch_tiny}[backend]
+    rng = np.random.default_rng(0)
+    ids, nxt = rng.integers(0, 512, (5, 6)), rng.integers(0, 512, (5, 1))
+    ones, pos = np.ones((5, 8), np.int64), np.tile(np.arange(8), (5, 1))
+    keep = [1, 2, 4]
+    be.reset(5)
+    be.forward(ids, ones[:, :6], pos[:, :6])
+    be.keep_rows(keep)
+    got = be.forward(nxt[keep], ones[keep, :7], pos[keep, 6:7])
+    be.reset(3)
+    be.forward(ids[keep], ones[keep, :6], pos[keep, :6])
+    want = be.forward(nxt[keep], ones[keep, :7], pos[keep, 6:7])
+    assert got.shape == want.shape and max_abs_diff(got, want) < 1e-5
+    be.keep_rows([0, 1, 2])  # all of them: nothing changes
+    with pytest.raises(BackendError, match="ascending"):
+        be.keep_rows([2, 0])
+    with pytest.raises(BackendError, match="0..2"):
+        be.keep_rows([3])
+
+
+def test_pack_rows_moves_runs_to_the_front():
+    from runtime.backends import pack_rows
+
+    assert pack_rows([0, 1, 3, 4, 6]) == [(2, 3, 2), (4, 6, 1)]  # rows 0, 1 stay; 3-4 move as one run
+    assert pack_rows([0, 1, 3, 4, 6], in_place=False) == [(0, 0, 2), (2, 3, 2), (4, 6, 1)]  # into another buffer
+    assert pack_rows([2]) == [(0, 2, 1)] and pack_rows([0, 1]) == []
+    a = np.arange(7 * 3).reshape(7, 3)
+    from runtime.backends.onnxruntime import _keep
+
+    want = a[[0, 1, 3, 4, 6]].copy()
+    assert np.array_equal(_keep(a, [0, 1, 3, 4, 6]), want) and np.shares_memory(_keep(a, [0]), a)
+
+
+def test_generation_drops_finished_rows_with_the_same_output(ort_tiny, ort_tiny_shared, torch_tiny, monkeypatch):
+    """Rows of unequal max_new_tokens: the finished ones leave the batch; each row still gets its tokens alone."""
+    params = [SamplingParams(temperature=0, max_new_tokens=n, repetition_penalty=3.0, stop_token_ids=())
+              for n in (4, 40, 6, 40)]
+    prompts = PROMPTS + [[5, 5, 5]]
+    for be in (ort_tiny, ort_tiny_shared, torch_tiny):
+        kept, original = [], type(be).keep_rows
+
+        def spy(self, rows, original=original):
+            kept.append(list(rows))
+            original(self, rows)
+
+        monkeypatch.setattr(type(be), "keep_rows", spy)
+        alone = [generate(be, None, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+        assert [c.token_ids for c in generate(be, None, prompts, params)] == alone, be.name
+        assert kept == [[1, 2, 3], [0, 2]], (be.name, kept)  # row 0 done at 4 tokens, then row 2 at 6
+        monkeypatch.undo()
+
+
 def test_seeded_sampling_is_reproducible(ort_tiny):
     params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=32, seed=11, stop_token_ids=())
     a, b = (generate(ort_tiny, None, PROMPTS, params) for _ in range(2))

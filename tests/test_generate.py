@@ -122,6 +122,48 @@ def test_rows_finish_independently_and_cancel_stops_one_row():
     assert len(be.calls) == 6, "the batch runs until its longest row is done, no further"
 
 
+class DroppingBackend(ScriptedBackend):
+    """A ScriptedBackend with keep_rows: it follows which prompt rows its cache still holds."""
+
+    def reset(self, batch_size):
+        super().reset(batch_size)
+        self.rows, self.kept = list(range(batch_size)), []
+
+    def keep_rows(self, rows):
+        self.kept.append(list(rows))
+        self.rows = [self.rows[i] for i in rows]
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        assert input_ids.shape[0] == len(self.rows) == attention_mask.shape[0] == position_ids.shape[0]
+        self.calls.append((input_ids.copy(), attention_mask.copy(), position_ids.copy()))
+        k = len(self.calls) - 1
+        logits = np.full((len(self.rows), input_ids.shape[1], self.config.vocab_size), -10.0, dtype=np.float32)
+        for i, b in enumerate(self.rows):
+            script = self.scripts[b]
+            logits[i, -1, script[min(k, len(script) - 1)]] = 10.0
+        return logits
+
+
+def test_finished_rows_leave_the_batch():
+    """Once a quarter of the batch has finished (and the rest has DROP_AFTER steps to go), the finished rows
+    leave the cache: later steps feed the live rows only, with their own masks and positions."""
+    from runtime.generate import DROP_AFTER
+
+    long = list(range(100, 100 + DROP_AFTER + 4))
+    be = DroppingBackend([[7, 50256], long, [8, 50256], long[::-1]])
+    params = SamplingParams(temperature=0, max_new_tokens=len(long))
+    cs = generate(be, None, [[1], [2, 3], [4], [5, 6, 9]], params)
+    assert [c.token_ids for c in cs] == [[7], long, [8], long[::-1]]
+    assert be.kept == [[1, 3]]  # after step 1 both short rows were done; the others had 12 tokens to go
+    ids, mask, pos = be.calls[2]  # the first step without them
+    assert ids.tolist() == [[long[1]], [long[-2]]] and pos.tolist() == [[3], [4]]
+    assert mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert len(be.calls) == len(long)
+    # a backend without keep_rows keeps them riding along (ScriptedBackend), with the same output
+    assert [c.token_ids for c in generate(ScriptedBackend(be.scripts), None, [[1], [2, 3], [4], [5, 6, 9]], params)] == \
+        [c.token_ids for c in cs]
+
+
 def test_timings_are_recorded_per_row():
     be = ScriptedBackend([[5, 6, 7, 8]])
     [c] = generate(be, None, [[1, 2]], SamplingParams(temperature=0, max_new_tokens=4, stop_token_ids=()))

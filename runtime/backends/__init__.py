@@ -41,6 +41,13 @@ class Backend(Protocol):
         the next forward's mask is then `length` + T wide again.
         """
 
+    def keep_rows(self, rows) -> None:
+        """Keep only these rows of the cache (ascending indices), in order; the batch size becomes len(rows).
+
+        Generation drops the rows that finished, so a batch's later steps compute only the live ones. Optional:
+        a backend without it keeps finished rows riding along.
+        """
+
 
 # a backend's missing dependency -> how to install it
 MISSING_HINTS = {
@@ -80,6 +87,32 @@ def check_rewind(length: int, past_length: int) -> int:
         raise BackendError(f"cannot rewind the KV cache to {length} positions: it holds {past_length}; "
                            f"rewind only drops positions (0 <= length <= past_length)")
     return past_length - length
+
+
+def check_keep_rows(rows, batch: int) -> list[int]:
+    """The check every backend's keep_rows makes; returns the rows as a list of ints."""
+    rows = [int(r) for r in rows]
+    if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch:
+        raise BackendError(f"keep_rows needs distinct ascending row indices in 0..{batch - 1}, at least one; got {rows}")
+    return rows
+
+
+def pack_rows(rows: list[int], in_place: bool = True) -> list[tuple[int, int, int]]:
+    """(dst row, src row, count) runs that move `rows` (ascending) to the front, in order; consecutive rows
+    move as one run. in_place: the runs move rows within one buffer, so rows already in place are skipped;
+    each run's destination lies at or before its source, so running them in order never overwrites a row
+    still to be read (an overlapping run needs a memmove-safe copy). Otherwise (into another buffer) every
+    row is copied."""
+    runs: list[tuple[int, int, int]] = []
+    for dst, src in enumerate(rows):
+        if in_place and dst == src:
+            continue
+        if runs and runs[-1][0] + runs[-1][2] == dst and runs[-1][1] + runs[-1][2] == src:
+            d, s_, n = runs[-1]
+            runs[-1] = (d, s_, n + 1)
+        else:
+            runs.append((dst, src, 1))
+    return runs
 
 
 BACKENDS = {

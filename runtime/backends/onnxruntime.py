@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError, check_io, resolve_onnx
-from . import BackendError, check_rewind, check_step
+from . import BackendError, check_keep_rows, check_rewind, check_step, pack_rows
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MIN_CAPACITY = 128  # kv_cache="shared": positions a cache buffer holds at least (it doubles when outgrown)
@@ -174,6 +174,27 @@ class OnnxRuntimeBackend:
                                                            self._device_id) for v in self._past]
         self._length = length
 
+    def keep_rows(self, rows) -> None:
+        """Keep only these rows of the cache. On the CPU the kept rows move to the front of their own buffers
+        (no allocation); on CUDA, a copy of the kept rows through host memory."""
+        rows = check_keep_rows(rows, self._batch)
+        if len(rows) == self._batch:
+            return
+        if self.kv_cache == "shared":
+            if self._device == "cpu":
+                self._cache = [_keep(buf, rows) for buf in self._cache]
+            else:
+                self._cache = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(buf.numpy()[rows]),
+                                                                      self._device, self._device_id)
+                               for buf in self._cache]
+            self._rows, self._bound = self._rows[rows], None
+        elif self._device == "cpu":
+            self._past = [self._ort.OrtValue.ortvalue_from_numpy(_keep(v.numpy(), rows)) for v in self._past]
+        else:
+            self._past = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self._device,
+                                                                 self._device_id) for v in self._past]
+        self._batch = len(rows)
+
     # ------------------------------------------------------------------ kv_cache="shared"
 
     def _forward_shared(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -257,6 +278,13 @@ def _compact(a: np.ndarray, length: int) -> np.ndarray:
     for i in range(1, B * H):  # block 0 is already in place
         flat[i * n:(i + 1) * n] = flat[i * P * D:i * P * D + n]  # numpy copies overlapping ranges correctly
     return flat[:B * H * n].reshape(B, H, length, D)
+
+
+def _keep(a: np.ndarray, rows: list[int]) -> np.ndarray:
+    """a[rows] as a view of a's own memory: the rows move to the front (runs of pack_rows, in order)."""
+    for dst, src, n in pack_rows(rows):
+        a[dst:dst + n] = a[src:src + n]  # numpy copies overlapping ranges correctly
+    return a[:len(rows)]
 
 
 def _data_ptr(buf) -> int:

@@ -32,8 +32,7 @@ from model.config import GPTConfig
 
 from ..artifact import Artifact, ArtifactError, check_io, input_names, resolve_file
 from ..files import atomic_write_text
-from . import check_rewind
-from . import BackendError, check_step
+from . import BackendError, check_keep_rows, check_rewind, check_step, pack_rows
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
 ENGINE_NAME = "model.engine"
@@ -480,6 +479,24 @@ class TensorRTBackend:
                           "rewind the KV cache (cudaMemcpy2DAsync)")
             cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self._current, self._length = 1 - self._current, length
+
+    def keep_rows(self, rows) -> None:
+        """Keep only these rows: each run of kept rows (pack_rows) is copied device to device into the other
+        ping-pong set, which becomes the past; a row of the packed past is n_head * length * head_dim."""
+        rows = check_keep_rows(rows, self._batch)
+        if len(rows) == self._batch:
+            return
+        cudart, c = self._cudart, self.config
+        block = c.n_head * self._length * c.head_dim * np.dtype(self.artifact.kv_dtype).itemsize
+        src, dst = self._kv[self._current], self._kv[1 - self._current]
+        if block:
+            for s_ptr, d_ptr in zip(src, dst):
+                for d, r, n in pack_rows(rows, in_place=False):
+                    cuda_call(cudart, cudart.cudaMemcpyAsync(d_ptr + d * block, s_ptr + r * block, n * block,
+                                                             cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream),
+                              "keep rows of the KV cache (cudaMemcpyAsync)")
+            cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        self._current, self._batch = 1 - self._current, len(rows)
 
     def close(self) -> None:
         """Free the device buffers and the stream (also done when the backend is garbage-collected)."""

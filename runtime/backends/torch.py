@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..artifact import read_onnx_artifact
-from . import BackendError, check_rewind, check_step
+from . import BackendError, check_keep_rows, check_rewind, check_step
 
 DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
           "float16": (torch.float16, "fp16"), "fp16": (torch.float16, "fp16")}
@@ -82,6 +82,12 @@ class TorchBackend:
         if check_rewind(length, self._length):
             self._past = tuple((k[:, :, :length], v[:, :, :length]) for k, v in self._past)
             self._length = length
+
+    def keep_rows(self, rows) -> None:
+        """Keep only these rows of the cache (index_select along the batch)."""
+        B = self._past[0][0].size(0) if self._past is not None else 0
+        index = torch.tensor(check_keep_rows(rows, B), device=self.device)
+        self._past = tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self._past)
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
