@@ -205,6 +205,11 @@ class _Cache:
         self.length += W
         return logits
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (Backend.keep_rows), with their masks and lengths."""
+        self.backend.keep_rows(rows)
+        self.mask, self.real = self.mask[rows], self.real[rows]
+
     def take_back(self, n: np.ndarray, live: np.ndarray) -> None:
         """Live row b takes back its newest n[b] positions (guesses it did not keep): holes where another live
         row keeps more; what no live row keeps leaves the cache. Finished rows follow the live ones."""
@@ -256,6 +261,9 @@ class SpeculativeGeneration(Generation):
         self._started = True
         target, draft, K, B = self.backend, self.draft, self.speculate, len(self.prompt_ids)
         cs = self.completions
+        # the caches' rows, in their order (finished rows leave them: keep_rows); the arrays below follow it
+        slots = list(range(B))
+        can_drop = all(callable(getattr(b, "keep_rows", None)) for b in (target, draft))
 
         t0 = time.perf_counter()
         tc = _Cache(target, B)
@@ -273,33 +281,34 @@ class SpeculativeGeneration(Generation):
         # the draft's prefill rides with its first round; a finished row feeds the draft a filler token
         todo = [list(p) + [pending[b]] if live[b] else [0] for b, p in enumerate(self.prompt_ids)]
         while True:
-            rows = [int(b) for b in np.flatnonzero(live)]
-            left = max(self.params[b].max_new_tokens - len(cs[b].token_ids) for b in rows)
+            n, rows = len(slots), [int(i) for i in np.flatnonzero(live)]  # rows: the live ones, as cache rows
+            left = max(self.params[slots[i]].max_new_tokens - len(cs[slots[i]].token_ids) for i in rows)
             # room in the target's block: a round grows it by the most guesses one row keeps, while the slowest
             # row may advance by one token; plain rounds must still fit every row's remaining tokens
             room = target.config.block_size - tc.length - (1 if len(rows) == 1 else left)
             width = max(len(t) for t in todo)
             k = self.depth.next(min(K, left - 1, room, draft.config.block_size - dc.length - width))
             started, prefill_draft = time.perf_counter(), k and not dc.length
-            guesses = self._guess(dc, todo, rows, k)
-            scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (B, k + 1, V): every guess, one step
-            deltas, accepted, made = [], np.zeros(B, np.int64), np.zeros(B, np.int64)
-            for b in rows:  # the target's sampler picks each token; a guess counts while it equals the pick
-                for i in range(k + 1):
-                    d = self._advance(b, scores[b, i], len(cs[b].token_ids), t0, prefill)
+            guesses = self._guess(dc, todo, slots, rows, k)
+            scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (n, k + 1, V): every guess, one step
+            deltas, accepted, made = [], np.zeros(n, np.int64), np.zeros(n, np.int64)
+            for i in rows:  # the target's sampler picks each token; a guess counts while it equals the pick
+                c = cs[slots[i]]
+                for j in range(k + 1):
+                    d = self._advance(slots[i], scores[i, j], len(c.token_ids), t0, prefill)
                     deltas.append(d)
-                    made[b] += len(d.token_ids)
-                    hit = i < k and d.token_ids == [guesses[b, i]]
-                    accepted[b] += hit
+                    made[i] += len(d.token_ids)
+                    hit = j < k and d.token_ids == [guesses[i, j]]
+                    accepted[i] += hit
                     if d.finish_reason:
-                        live[b] = False
+                        live[i] = False
                     if d.finish_reason or not hit:
                         break
             seconds = None if prefill_draft else time.perf_counter() - started
             now = time.perf_counter() - t0
-            for b in rows:  # the round's time, shared by a row's tokens (a stop token produces none)
-                if made[b]:
-                    cs[b].timing.decode_latencies_s += [(now - t_prev) / made[b]] * int(made[b])
+            for i in rows:  # the round's time, shared by a row's tokens (a stop token produces none)
+                if made[i]:
+                    cs[slots[i]].timing.decode_latencies_s += [(now - t_prev) / made[i]] * int(made[i])
             t_prev = now
             s = self.stats
             s["rounds"] += 1
@@ -314,23 +323,30 @@ class SpeculativeGeneration(Generation):
             self.depth.update(k, accepted[live].tolist(), seconds)
             # a row keeps pending + its accepted guesses; the target's own pick (a correction or a bonus) is pending
             tc.take_back(k - accepted, live)
-            pending = np.array([cs[b].token_ids[-1] if live[b] else 0 for b in range(B)], np.int64)
+            pending = np.array([cs[b].token_ids[-1] if live[i] else 0 for i, b in enumerate(slots)], np.int64)
             if k:  # the draft cached todo + guesses[:k-1]: a row keeps its accepted ones
                 dc.take_back(k - 1 - np.minimum(accepted, k - 1), live)
-                todo = [[guesses[b, k - 1]] if accepted[b] == k else [] for b in range(B)]
-            todo = [t + [pending[b]] if live[b] else [0] for b, t in enumerate(todo)]
+                todo = [[guesses[i, k - 1]] if accepted[i] == k else [] for i in range(n)]
+            todo = [t + [pending[i]] if live[i] else [0] for i, t in enumerate(todo)]
+            keep = [int(i) for i in np.flatnonzero(live)]
+            if can_drop and len(keep) < n and self._worth_dropping(slots, keep):  # finished rows leave both caches
+                tc.keep_rows(keep)
+                dc.keep_rows(keep)
+                slots, live, pending, todo = [slots[i] for i in keep], live[keep], pending[keep], [todo[i] for i in keep]
 
-    def _guess(self, dc: _Cache, todo: list[list[int]], rows: list[int], k: int) -> np.ndarray:
-        """(B, k) draft guesses for the live `rows`: the draft's greedy picks under each row's repetition
-        penalty, the best guess of the target's pick. Its first step catches up on each row's `todo`."""
+    def _guess(self, dc: _Cache, todo: list[list[int]], slots: list[int], rows: list[int], k: int) -> np.ndarray:
+        """(n, k) draft guesses for the live cache `rows` (slots: each cache row's prompt row): the draft's greedy
+        picks under each row's repetition penalty, the best guess of the target's pick. Its first step catches
+        up on each row's `todo`."""
         guesses = np.zeros((len(todo), k), np.int64)
         for j in range(k):
             out = dc.step(todo if j == 0 else guesses[:, j - 1:j])[:, -1, :self.real_vocab_size]
-            for b in rows:
+            for i in rows:
+                b = slots[i]
                 penalty, seen = self.params[b].repetition_penalty, None
                 if penalty != 1.0:
-                    seen = np.asarray(self._samplers[b].seen_ids + guesses[b, :j].tolist(), np.int64)
-                guesses[b, j] = sample_next_token(out[b], SamplingParams(temperature=0, repetition_penalty=penalty),
+                    seen = np.asarray(self._samplers[b].seen_ids + guesses[i, :j].tolist(), np.int64)
+                guesses[i, j] = sample_next_token(out[i], SamplingParams(temperature=0, repetition_penalty=penalty),
                                                   None, seen)
         return guesses
 

@@ -248,6 +248,9 @@ def test_a_batch_with_holes_matches_plain_batched_steps(exports, monkeypatch):
         take_back(self, n, live)
 
     monkeypatch.setattr(speculative._Cache, "take_back", counting)
+    # finished rows stay (no keep_rows): sampled at temperature 1 on flat logits, a token can turn on the
+    # last bits of a logit, which another batch composition (M of the MatMuls) may change
+    monkeypatch.setattr("runtime.generate.DROP_AFTER", 10**9)
     t, dr = ort(exports["target_concat"]), ort(exports["int8_concat"], spinning=False)
     prompts = BATCH * 2
     params = [dataclasses.replace(PARAMS["penalty" if i % 2 else "sampled"], max_new_tokens=5 + 4 * i, seed=i)
@@ -263,6 +266,34 @@ def test_a_batch_with_holes_matches_plain_batched_steps(exports, monkeypatch):
         assert c.token_ids == want, row
     assert g.completions[5].finish_reason == "stop"
     assert sum(holes) >= 3, holes
+
+
+@pytest.mark.parametrize("target", ["target_concat", "torch"])
+def test_finished_rows_leave_both_caches(exports, tiny_model, monkeypatch, target):
+    """Rows of unequal lengths: once a quarter of the batch is done, the finished rows leave the target's and
+    the draft's caches (keep_rows, holes and all), and every row still gets its tokens alone."""
+    from runtime import speculative
+
+    kept = []
+    keep_rows = speculative._Cache.keep_rows
+
+    def counting(self, rows):
+        kept.append(list(rows))
+        keep_rows(self, rows)
+
+    monkeypatch.setattr(speculative._Cache, "keep_rows", counting)
+    if target == "torch":
+        from runtime.backends.torch import TorchBackend
+
+        t = TorchBackend("random:tiny@0")
+        t.model = tiny_model
+    else:
+        t = ort(exports[target])
+    dr = ort(exports["int8_concat"], spinning=False)
+    params = [dataclasses.replace(PARAMS["penalty"], max_new_tokens=n) for n in (40, 3, 40, 9)]
+    alone = [generate(t, None, [p], sp)[0].token_ids for p, sp in zip(BATCH, params)]
+    assert [c.token_ids for c in spec(t, None, BATCH, params, dr)] == alone
+    assert kept and all(len(k) < 4 for k in kept) and len(kept) % 2 == 0, kept  # target and draft alike
 
 
 def test_a_row_cancelled_mid_batch(exports):
