@@ -5,11 +5,11 @@ feeds one token per row. The attention mask is allocated once for the whole run 
 positions are `cumsum(mask) - 1` (so padding never shifts a row: under greedy an fp32 row gets the
 tokens its prompt gets alone; int8 / int4 kernels may not, README "Batched is not alone"), and text is
 decoded incrementally from token bytes, so a UTF-8 character split over tokens is never split across
-streamed pieces. Rows stop independently (max_new_tokens, a stop
-token id, a stop string even when it spans tokens, or `cancel(row)`); once a quarter of the batch has
-finished, the finished rows leave it (`Backend.keep_rows`; a backend without it keeps them riding along
-with a filler token). Policy on length: prompt + max_new_tokens beyond the model's
-block_size is an error before any work is done (no silent truncation or sliding window).
+streamed pieces. Rows stop independently (max_new_tokens, a stop token id, a stop string even when it
+spans tokens, or `cancel(row)`); once a quarter of the batch has finished, the finished rows leave it
+(`Backend.keep_rows`; a backend without it keeps them riding along with a filler token). Policy on
+length: prompt + max_new_tokens beyond the model's block_size is an error before any work is done (no
+silent truncation or sliding window).
 
     from runtime.generate import SamplingParams, generate, stream
     [c] = generate(backend, tokenizer, ["def main():"], SamplingParams(temperature=0, max_new_tokens=32))
