@@ -9,6 +9,9 @@ wheel to the lent device):
    torch CUDA fp32 (max|Δlogits|) and fp16 (top-1 agreement); onnxruntime CUDA EP with IO binding,
    fp32 and fp16, driven step by step through the runtime's backend (prefill then one-token decode),
    checking that every present/past OrtValue stays on the GPU; greedy token identity over 64 tokens.
+   Cache surgery on the device: Backend.rewind and Backend.keep_rows (onnxruntime CUDA concat and shared,
+   torch CUDA) against never having had the dropped positions / rows; speculative decoding on a batch
+   (runtime/speculative.py, concat caches with holes) against plain generation, token for token.
 2. Speed: TTFT, decode tok/s, per-token latency p50/p95; batch 1 and 8; fp32 and fp16; torch eager
    CUDA vs onnxruntime CUDA EP (IO binding), timed by runtime.bench.time_case (the `bench` command's
    method: warm-up, medians); both backends return host logits, which synchronizes each step.
@@ -53,6 +56,33 @@ def step_logits(backend, ids: np.ndarray, prefill: int) -> np.ndarray:
     for t in range(prefill, T):
         out.append(backend.forward(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1]))
     return np.concatenate(out, axis=1).astype(np.float32)
+
+
+def cache_ops(backend, vocab: int) -> dict:
+    """max|Δlogits| of a step after rewind(), and after keep_rows(), against the same step on a cache that
+    never held the dropped positions / rows."""
+    rng = np.random.default_rng(1)
+    ids, nxt = rng.integers(0, vocab, (3, 12)), rng.integers(0, vocab, (3, 2))
+    ones, pos = np.ones((3, 16), np.int64), np.tile(np.arange(16), (3, 1))
+    out = {}
+    backend.reset(3)  # rewind: 12 positions, 2 more, back to 12, then the same 2 again
+    backend.forward(ids, ones[:, :12], pos[:, :12])
+    backend.forward(rng.integers(0, vocab, (3, 2)), ones[:, :14], pos[:, 12:14])
+    backend.rewind(12)
+    got = backend.forward(nxt, ones[:, :14], pos[:, 12:14])
+    backend.reset(3)
+    backend.forward(ids, ones[:, :12], pos[:, :12])
+    out["rewind_max_abs_diff"] = float(np.abs(got - backend.forward(nxt, ones[:, :14], pos[:, 12:14])).max())
+    keep = [0, 2]  # keep_rows: rows 0 and 2 of 3
+    backend.reset(3)
+    backend.forward(ids, ones[:, :12], pos[:, :12])
+    backend.keep_rows(keep)
+    got = backend.forward(nxt[keep, :1], ones[keep, :13], pos[keep, 12:13])
+    backend.reset(2)
+    backend.forward(ids[keep], ones[keep, :12], pos[keep, :12])
+    want = backend.forward(nxt[keep, :1], ones[keep, :13], pos[keep, 12:13])
+    out["keep_rows_max_abs_diff"] = float(np.abs(got - want).max())
+    return out
 
 
 def top1(a: np.ndarray, b: np.ndarray) -> float:
@@ -134,6 +164,21 @@ def main() -> int:
     res["greedy_identical_64"] = {k: v == base for k, v in toks.items()}
     print("greedy identical:", res["greedy_identical_64"], flush=True)
 
+    ops = {}
+    for label in ("onnxruntime cuda fp32", "onnxruntime cuda fp16 shared", "torch cuda fp32"):
+        ops[label] = cache_ops(targets[label](), model.config.real_vocab_size)
+        print(label, ops[label], flush=True)
+    res["cache_ops"] = ops
+    from runtime.speculative import SpeculativeGeneration
+
+    target, guesser = OnnxRuntimeBackend(dirs["fp32"], provider=dev), OnnxRuntimeBackend(dirs["fp16"], provider=dev)
+    prompts = [ids[0, :32].tolist(), ids[1, :20].tolist()]
+    plain = [c.token_ids for c in generate(target, None, prompts, greedy)]
+    g = SpeculativeGeneration(target, None, prompts, greedy, guesser, speculate=4)
+    list(g)
+    res["speculative_batch"] = {"identical": [c.token_ids for c in g.completions] == plain, **g.stats}
+    print("speculative batch (fp32 target, fp16 draft):", res["speculative_batch"], flush=True)
+
     # -- speed ------------------------------------------------------------------------------------
     bench = []  # runtime.bench's own timing: warm-up, medians, per-token latency percentiles
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -169,7 +214,9 @@ def main() -> int:
     print("\n".join(lines))
     ok = (par["onnxruntime cuda fp32"]["max_abs_diff"] <= 1e-3 and par["onnxruntime cuda fp16"]["top1_agreement"] >= 0.99
           and par["onnxruntime cuda fp16 shared"]["top1_agreement"] >= 0.99
-          and par["torch cuda fp16"]["top1_agreement"] >= 0.99 and all(res["greedy_identical_64"].values()))
+          and par["torch cuda fp16"]["top1_agreement"] >= 0.99 and all(res["greedy_identical_64"].values())
+          and all(v <= (1e-2 if "fp16" in k else 1e-4) for k, o in ops.items() for v in o.values())
+          and res["speculative_batch"]["identical"])
     print("correctness:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
