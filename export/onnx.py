@@ -88,11 +88,6 @@ def dynamic_shapes(n_layer: int) -> dict:
     }
 
 
-def logits_to_keep(logits: str) -> int:
-    """The artifact's logits mode -> GPT.forward's logits_to_keep (0 all, 1 "last", N "last:N")."""
-    return logits_keep(logits)
-
-
 def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 quantize: str | None = None, logits: str = "all", kv_cache: str = "concat", source: str = "",
                 force: bool = False,
@@ -202,7 +197,7 @@ def _trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> N
     with torch.no_grad(), warnings.catch_warnings(), _log_level(registration_log, logging.ERROR):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _FlatIO(model, logits_to_keep(artifact.logits)), example_inputs(model), dynamo=True, opset_version=opset,
+            _FlatIO(model, logits_keep(artifact.logits)), example_inputs(model), dynamo=True, opset_version=opset,
             dynamic_shapes=dynamic_shapes(n_layer), input_names=input_names(n_layer),
             output_names=output_names(n_layer), verbose=False)
     for k, v in artifact.to_metadata().items():
@@ -407,7 +402,7 @@ def run_torch(model: GPT, feeds: dict[str, np.ndarray], logits: str = "all") -> 
     past = tuple((t[names[2 * i]], t[names[2 * i + 1]]) for i in range(model.config.n_layer))
     with torch.no_grad():
         out, present = model(t["input_ids"], t["attention_mask"], t["position_ids"], past,
-                             logits_to_keep=logits_to_keep(logits))
+                             logits_to_keep=logits_keep(logits))
     return [out.numpy()] + [x.numpy() for kv in present for x in kv]
 
 

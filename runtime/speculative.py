@@ -254,6 +254,9 @@ class SpeculativeGeneration(Generation):
         self.stats = {"rounds": 0, "plain_rounds": 0, "drafted": 0, "accepted": 0, "acceptance": 0.0,
                       "tokens_per_target_step": 0.0}
         self._row_steps = 0  # target steps times the rows live in them
+        # the draft guesses greedily under each row's repetition penalty: the best guess of the target's pick
+        self._guess_params = [SamplingParams(temperature=0, repetition_penalty=sp.repetition_penalty)
+                              for sp in self.params]
 
     def __iter__(self) -> Iterator[Delta]:
         if self._started:
@@ -342,12 +345,10 @@ class SpeculativeGeneration(Generation):
         for j in range(k):
             out = dc.step(todo if j == 0 else guesses[:, j - 1:j])[:, -1, :self.real_vocab_size]
             for i in rows:
-                b = slots[i]
-                penalty, seen = self.params[b].repetition_penalty, None
-                if penalty != 1.0:
+                b, seen = slots[i], None
+                if self._guess_params[b].repetition_penalty != 1.0:
                     seen = np.asarray(self._samplers[b].seen_ids + guesses[i, :j].tolist(), np.int64)
-                guesses[i, j] = sample_next_token(out[i], SamplingParams(temperature=0, repetition_penalty=penalty),
-                                                  None, seen)
+                guesses[i, j] = sample_next_token(out[i], self._guess_params[b], None, seen)
         return guesses
 
     def _update_stats(self) -> None:
