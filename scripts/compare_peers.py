@@ -331,6 +331,9 @@ def main(argv=None) -> int:
                         "ours-fp32-concat engine always runs the standard concat graph, for before/after)")
     p.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"),
                    help="the project's Python, used to export (needs torch + onnxscript)")
+    p.add_argument("--settle-s", type=float, default=0.5,
+                   help="idle seconds before each measurement, so the engine that ran before has stopped spinning "
+                        "its threads (default 0.5; 0 measures back to back)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -365,6 +368,7 @@ def main(argv=None) -> int:
         log(f"round {r + 1}/{rounds}{' (warm-up)' if r < args.warmup else ''}, load {os.getloadavg()[0]:.2f}")
         for workload in WORKLOADS:
             for name, proc in workers.items():
+                time.sleep(args.settle_s)
                 proc.stdin.write(json.dumps(workload) + "\n")
                 proc.stdin.flush()
                 reply = _reply(proc, name)
