@@ -134,6 +134,26 @@ class _TextStream:
         return piece
 
 
+class _Batch:
+    """The running batch's state: the rows in the cache, in its order (`slots`: finished rows leave it, joining
+    rows append to it), the cache's width, the mask (allocated for every step still to come), and each
+    slot's next input id and position."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.slots: list[int] = []
+        self.width = 0
+        self.mask = np.zeros((0, 0), np.int64)
+        self.next_ids = np.zeros((0, 1), np.int64)
+        self.next_pos = np.zeros((0, 1), np.int64)
+
+    def take(self, keep: list[int]) -> None:
+        self.slots = [self.slots[i] for i in keep]
+        self.mask, self.next_ids, self.next_pos = self.mask[keep], self.next_ids[keep], self.next_pos[keep]
+
+
 class Generation:
     """One batch of requests run in shared forward passes; iterate it for per-row Deltas.
 
@@ -143,43 +163,68 @@ class Generation:
             no stop strings (text stays empty).
         prompts: text, or token ids, per row.
         params: one SamplingParams for all rows, or one per row.
+
+    `admit()` adds rows while it runs (continuous batching): they are prefilled beside the running rows
+    between two steps (Backend.add_rows) and stream under new row numbers.
     """
 
     def __init__(self, backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]):
         if isinstance(prompts, str) or not len(prompts):
             raise GenerationError("prompts must be a non-empty list of texts or token-id lists")
-        B = len(prompts)
-        params = [params] * B if isinstance(params, SamplingParams) else list(params)
-        if len(params) != B:
-            raise GenerationError(f"{len(params)} SamplingParams for {B} prompts; give one, or one per prompt")
-        self.backend, self.tokenizer, self.params = backend, tokenizer, params
-        config = backend.config
-        self.real_vocab_size = config.real_vocab_size
-        self.prompt_ids = [self._encode(p, i) for i, p in enumerate(prompts)]
-        for i, (ids, sp) in enumerate(zip(self.prompt_ids, params)):
-            if not ids:
+        self.backend, self.tokenizer = backend, tokenizer
+        self.real_vocab_size = backend.config.real_vocab_size
+        self.prompt_ids: list[list[int]] = []
+        self.params: list[SamplingParams] = []
+        self.completions: list[Completion] = []
+        self._texts: list[_TextStream] = []
+        self._samplers: list[Sampler] = []
+        self._cancelled: list[bool] = []
+        self._start: list[float] = []  # per row: when its clock started (the run's start, or its admit())
+        self._last: list[float | None] = []  # per row: when its previous token came
+        ids, params = self._check(prompts, params)
+        L, steps = max(len(p) for p in ids), max(sp.max_new_tokens for sp in params)
+        if L + steps > backend.config.block_size:  # left padding puts every row's cache at the longest prompt's length
+            raise GenerationError(f"batched, the longest prompt ({L} tokens) + the largest max_new_tokens "
+                                  f"({steps}) exceeds block_size {backend.config.block_size}; batch these prompts separately")
+        self._joining = self._register(ids, params)  # rows waiting for their prefill: all of them at the start
+        self._batch = _Batch()
+        self._started = self._done = False
+
+    def _check(self, prompts: Sequence[Prompt], params) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Encode and validate rows before any is registered: (token ids, SamplingParams) per row."""
+        n, first, config = len(prompts), len(self.prompt_ids), self.backend.config
+        params = [params] * n if isinstance(params, SamplingParams) else list(params)
+        if len(params) != n:
+            raise GenerationError(f"{len(params)} SamplingParams for {n} prompts; give one, or one per prompt")
+        ids = [self._encode(p, first + i) for i, p in enumerate(prompts)]
+        for i, (p, sp) in enumerate(zip(ids, params), start=first):
+            if not p:
                 raise GenerationError(f"prompt {i} is empty; give at least one token")
-            bad = [t for t in ids if not 0 <= t < config.vocab_size]
+            bad = [t for t in p if not 0 <= t < config.vocab_size]
             if bad:
                 raise GenerationError(
                     f"prompt {i} has token id {bad[0]} but this model's vocabulary is 0..{config.vocab_size - 1} "
                     f"(tokenizer {config.tokenizer!r} makes ids up to 50256); use a model trained on that tokenizer, "
                     f"or --prompt-ids within the vocabulary")
-            if len(ids) + sp.max_new_tokens > config.block_size:
-                raise GenerationError(f"prompt {i} ({len(ids)} tokens) + max_new_tokens ({sp.max_new_tokens}) exceeds "
+            if len(p) + sp.max_new_tokens > config.block_size:
+                raise GenerationError(f"prompt {i} ({len(p)} tokens) + max_new_tokens ({sp.max_new_tokens}) exceeds "
                                       f"block_size {config.block_size}; lower --max-new-tokens or shorten the prompt")
-            if sp.stop and tokenizer is None:
+            if sp.stop and self.tokenizer is None:
                 raise GenerationError("stop strings need a tokenizer to decode text")
-        L = max(len(ids) for ids in self.prompt_ids)
-        self.max_steps = max(sp.max_new_tokens for sp in params)
-        if L + self.max_steps > config.block_size:  # left padding puts every row's cache at the longest prompt's length
-            raise GenerationError(f"batched, the longest prompt ({L} tokens) + the largest max_new_tokens "
-                                  f"({self.max_steps}) exceeds block_size {config.block_size}; batch these prompts separately")
-        self.completions = [Completion(prompt_ids=list(ids), token_ids=[], text="") for ids in self.prompt_ids]
-        self._texts = [_TextStream(tokenizer, sp.stop) for sp in params]
-        self._samplers = [Sampler(sp, self.real_vocab_size, ids) for sp, ids in zip(params, self.prompt_ids)]
-        self._cancelled = [False] * B
-        self._started = False
+        return ids, params
+
+    def _register(self, ids: list[list[int]], params: list[SamplingParams]) -> list[int]:
+        first = len(self.prompt_ids)
+        for p, sp in zip(ids, params):
+            self.prompt_ids.append(p)
+            self.params.append(sp)
+            self.completions.append(Completion(prompt_ids=list(p), token_ids=[], text=""))
+            self._texts.append(_TextStream(self.tokenizer, sp.stop))
+            self._samplers.append(Sampler(sp, self.real_vocab_size, p))
+            self._cancelled.append(False)
+            self._start.append(time.perf_counter())
+            self._last.append(None)
+        return list(range(first, len(self.prompt_ids)))
 
     def _encode(self, prompt: Prompt, i: int) -> list[int]:
         if isinstance(prompt, str):
@@ -192,57 +237,114 @@ class Generation:
         """Stop `row` at the next step (finish_reason "cancelled"); the other rows go on."""
         self._cancelled[row] = True
 
+    @property
+    def rows(self) -> int:
+        """Rows running or waiting to join (finished ones not counted)."""
+        return sum(self.completions[b].finish_reason is None for b in self._batch.slots) + len(self._joining)
+
+    def fits(self, prompt_lengths: Sequence[int], max_new_tokens: Sequence[int]) -> bool:
+        """Whether rows of these prompt lengths and max_new_tokens can join now: the cache, as wide as its longest
+        row (left padding), must hold every row's remaining tokens within block_size."""
+        if not callable(getattr(self.backend, "add_rows", None)):
+            return False
+        live = [b for b in self._batch.slots if self.completions[b].finish_reason is None]
+        width = max([self._batch.width if live else 0, *prompt_lengths,
+                     *(len(self.prompt_ids[b]) for b in self._joining)])
+        left = max([*max_new_tokens, *(self.params[b].max_new_tokens for b in self._joining),
+                    *(self.params[b].max_new_tokens - len(self.completions[b].token_ids) for b in live)])
+        return width + left <= self.backend.config.block_size
+
+    def admit(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]) -> list[int]:
+        """Add rows to this batch while it runs; returns their row numbers (Delta.row, completions[row]). They join
+        before the next step: prefilled beside the running rows (Backend.add_rows), their first tokens streamed
+        at once. Call it between Deltas, from the thread iterating. Raises GenerationError for an invalid prompt
+        or when the rows do not fit (`fits`)."""
+        if not len(prompts):
+            raise GenerationError("admit() needs at least one prompt")
+        if self._done:
+            raise GenerationError("this batch has finished; start a new Generation for these prompts")
+        ids, params = self._check(prompts, params)
+        if not callable(getattr(self.backend, "add_rows", None)):
+            raise GenerationError(f"the {self.backend.name} backend cannot add rows to a running batch (no add_rows); "
+                                  f"run these prompts in the next batch")
+        if not self.fits([len(p) for p in ids], [sp.max_new_tokens for sp in params]):
+            raise GenerationError(f"these prompts do not fit the running batch: its cache, as wide as its longest "
+                                  f"row, would exceed block_size {self.backend.config.block_size}; run them in the "
+                                  f"next batch")
+        rows = self._register(ids, params)
+        self._joining += rows
+        return rows
+
     def __iter__(self) -> Iterator[Delta]:
         if self._started:
             raise GenerationError("a Generation runs once; make a new one")
         self._started = True
-        backend, B = self.backend, len(self.prompt_ids)
-        L = max(len(ids) for ids in self.prompt_ids)
-        total = L + self.max_steps
-
-        # everything the loop touches, allocated once: (B, L) prefill ids, the (B, L + steps) mask
-        ids = np.zeros((B, L), dtype=np.int64)  # 0 fills the left padding: any valid id, masked out
-        mask = np.ones((B, total), dtype=np.int64)
-        for b, p in enumerate(self.prompt_ids):
-            ids[b, L - len(p):] = p
-            mask[b, : L - len(p)] = 0
-        pos = np.maximum(np.cumsum(mask[:, :L], axis=1) - 1, 0)  # (B, L)
-        next_ids = np.zeros((B, 1), dtype=np.int64)
-        next_pos = pos[:, -1:].copy() + 1  # (B, 1)
-        live = [True] * B
-        slots = list(range(B))  # the rows in the cache, in its order (finished rows leave it: keep_rows)
+        backend, st = self.backend, self._batch
         can_drop = callable(getattr(backend, "keep_rows", None))
-
-        t0 = time.perf_counter()
-        backend.reset(B)
-        logits = backend.forward(ids, mask[:, :L], pos)[:, -1, :]  # (B, V); a logits="last" graph returns only this
-        prefill = t_prev = time.perf_counter() - t0
-        for step in range(self.max_steps):
-            deltas = []
-            for i, b in enumerate(slots):
-                if live[b]:
-                    deltas.append(self._advance(b, logits[i], step, t0, prefill))
-                    if self.completions[b].token_ids:
-                        next_ids[i, 0] = self.completions[b].token_ids[-1]
-            now = time.perf_counter() - t0
-            for d in deltas:
-                if step and d.token_ids:  # the gap since this row's previous token: forward + sampling (+ the consumer's time)
-                    self.completions[d.row].timing.decode_latencies_s.append(now - t_prev)
-                if d.finish_reason:
-                    live[d.row] = False
-                if d.text or d.token_ids or d.finish_reason:
-                    yield d
-            t_prev = now
-            if not any(live):
-                return
-            keep = [i for i, b in enumerate(slots) if live[b]]
-            if can_drop and len(keep) < len(slots) and self._worth_dropping(slots, keep):
+        start = time.perf_counter()
+        for b in self._joining:  # the clocks of the rows given at construction start now
+            self._start[b] = start
+        while True:
+            keep = [i for i, b in enumerate(st.slots) if self.completions[b].finish_reason is None]
+            if keep and can_drop and len(keep) < len(st.slots) and (self._joining or self._worth_dropping(st.slots, keep)):
                 backend.keep_rows(keep)  # finished rows leave the batch: later steps compute the live ones only
-                slots, next_ids, next_pos, mask = [slots[i] for i in keep], next_ids[keep], next_pos[keep], mask[keep]
-            n = L + step + 1
-            logits = backend.forward(next_ids, mask[:, :n], next_pos)[:, -1, :]
-            next_pos += 1
-        raise AssertionError("every row ends by max_new_tokens")  # pragma: no cover
+                st.take(keep)
+            if self._joining:
+                yield from self._join(bool(keep))
+                continue
+            if not keep:
+                self._done = True
+                return
+            st.width += 1
+            logits = backend.forward(st.next_ids, st.mask[:, :st.width], st.next_pos)[:, -1, :]  # (B, V)
+            st.next_pos += 1
+            yield from self._emit([self._advance(b, logits[i], len(self.completions[b].token_ids), self._start[b], 0.0)
+                                   for i, b in enumerate(st.slots) if self.completions[b].finish_reason is None])
+
+    def _join(self, running: bool) -> Iterator[Delta]:
+        """Prefill the joining rows (as the batch's first rows, or beside the running ones) and sample their first
+        tokens; the mask is rebuilt for every step still to come."""
+        st, rows, self._joining = self._batch, self._joining, []
+        P, n, k = max(len(self.prompt_ids[b]) for b in rows), len(rows), len(st.slots)
+        ids, mask = np.zeros((n, P), np.int64), np.zeros((n, P), np.int64)  # 0 fills the left padding: masked out
+        for j, b in enumerate(rows):
+            ids[j, P - len(self.prompt_ids[b]):] = self.prompt_ids[b]
+            mask[j, P - len(self.prompt_ids[b]):] = 1
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        t = time.perf_counter()
+        if running:
+            logits = self.backend.add_rows(ids, mask, pos)[:, -1, :]
+        else:
+            st.clear()
+            k = 0
+            self.backend.reset(n)
+            logits = self.backend.forward(ids, mask, pos)[:, -1, :]  # (n, V); a logits="last" graph returns only this
+        prefill = time.perf_counter() - t
+        width = max(st.width, P)
+        left = max(self.params[b].max_new_tokens - len(self.completions[b].token_ids) for b in st.slots + rows)
+        full = np.ones((k + n, width + left), np.int64)  # the steps to come: every row is real there
+        full[:k, :width - st.width] = 0  # the running rows gain masked positions on the left (Backend.add_rows)
+        full[:k, width - st.width:width] = st.mask[:, :st.width]
+        full[k:, :width - P] = 0
+        full[k:, width - P:width] = mask
+        st.slots, st.width, st.mask = st.slots + rows, width, full
+        st.next_ids = np.concatenate([st.next_ids, np.zeros((n, 1), np.int64)])
+        st.next_pos = np.concatenate([st.next_pos, pos[:, -1:] + 1])
+        yield from self._emit([self._advance(b, logits[j], 0, self._start[b], prefill) for j, b in enumerate(rows)])
+
+    def _emit(self, deltas: list[Delta]) -> Iterator[Delta]:
+        """Record each row's new token (next input, latency since its previous one) and hand the Deltas out."""
+        now, st = time.perf_counter(), self._batch
+        slot = {b: i for i, b in enumerate(st.slots)}
+        for d in deltas:
+            if d.token_ids:
+                st.next_ids[slot[d.row], 0] = d.token_ids[-1]
+                if self._last[d.row] is not None:  # forward + sampling (+ the consumer's time) since its previous token
+                    self.completions[d.row].timing.decode_latencies_s.append(now - self._last[d.row])
+                self._last[d.row] = now
+        for d in deltas:
+            if d.text or d.token_ids or d.finish_reason:
+                yield d
 
     def _worth_dropping(self, slots: list[int], keep: list[int]) -> bool:
         """Whether to drop the finished rows now: when a quarter of the batch has finished and the live rows

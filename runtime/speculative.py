@@ -258,6 +258,12 @@ class SpeculativeGeneration(Generation):
         self._guess_params = [SamplingParams(temperature=0, repetition_penalty=sp.repetition_penalty)
                               for sp in self.params]
 
+    def fits(self, prompt_lengths: Sequence[int], max_new_tokens: Sequence[int]) -> bool:
+        return False  # a speculative batch runs the rows it started with
+
+    def admit(self, prompts: Sequence[Prompt], params) -> list[int]:
+        raise GenerationError("a speculative batch takes no rows while it runs; run these prompts in the next batch")
+
     def __iter__(self) -> Iterator[Delta]:
         if self._started:
             raise GenerationError("a Generation runs once; make a new one")

@@ -106,6 +106,44 @@ def test_keep_rows_equals_never_having_had_the_others(ort_tiny, ort_tiny_shared,
         be.keep_rows([3])
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-shared", "torch"])
+@pytest.mark.parametrize("new_len", [3, 9], ids=["shorter", "longer"])
+def test_add_rows_equals_each_row_alone(ort_tiny, ort_tiny_shared, torch_tiny, backend, new_len):
+    """Two rows run 6 tokens; two more join (left-padded among themselves, shorter or longer than the cache);
+    the next steps' logits of all four equal each row's alone."""
+    be = {"onnxruntime": ort_tiny, "onnxruntime-shared": ort_tiny_shared, "torch": torch_tiny}[backend]
+    rng = np.random.default_rng(1)
+    old, new = rng.integers(0, 512, (2, 6)), rng.integers(0, 512, (2, new_len))
+    new_mask = np.ones((2, new_len), np.int64)
+    new_mask[1, :2] = 0  # the second new row has 2 tokens fewer
+    steps = rng.integers(0, 512, (3, 4, 1))
+    be.reset(2)
+    be.forward(old, np.ones((2, 6), np.int64), np.tile(np.arange(6), (2, 1)))
+    joined = be.add_rows(new, new_mask, np.maximum(np.cumsum(new_mask, 1) - 1, 0))
+    width = max(6, new_len)
+    assert be.past_length == width and joined.shape[0] == 2
+    mask = np.zeros((4, width), np.int64)
+    mask[:2, width - 6:] = 1
+    mask[2:, width - new_len:] = new_mask
+    lens = mask.sum(1)
+    got = []
+    for t, ids in enumerate(steps):
+        mask = np.concatenate([mask, np.ones((4, 1), np.int64)], 1)
+        got.append(be.forward(ids, mask, (lens + t)[:, None]))
+    rows = [old[0], old[1], new[0], new[1, 2:]]
+    for r, prompt in enumerate(rows):
+        be.reset(1)
+        first = be.forward(prompt[None], np.ones((1, len(prompt)), np.int64), np.arange(len(prompt))[None])
+        if r >= 2:
+            assert max_abs_diff(joined[r - 2, -1], first[0, -1]) < 1e-5, f"row {r}'s prefill logits"
+        for t in range(3):
+            n = len(prompt) + t
+            want = be.forward(steps[t, r:r + 1], np.ones((1, n + 1), np.int64), np.array([[n]]))
+            assert max_abs_diff(got[t][r], want[0]) < 1e-5, f"row {r}, step {t}"
+    with pytest.raises(BackendError, match="at least one real token"):
+        be.add_rows(new[:1], np.zeros((1, new_len), np.int64), np.zeros((1, new_len), np.int64))
+
+
 def test_pack_rows_moves_runs_to_the_front():
     from runtime.backends import pack_rows
 
@@ -136,6 +174,41 @@ def test_generation_drops_finished_rows_with_the_same_output(ort_tiny, ort_tiny_
         assert [c.token_ids for c in generate(be, None, prompts, params)] == alone, be.name
         assert kept == [[1, 2, 3], [0, 2]], (be.name, kept)  # row 0 done at 4 tokens, then row 2 at 6
         monkeypatch.undo()
+
+
+def test_rows_admitted_into_a_running_batch_get_their_tokens_alone(ort_tiny, ort_tiny_shared, torch_tiny):
+    """Continuous batching: rows join a running Generation after 5 and 12 steps (prompts shorter and longer
+    than its cache, one row finished and dropped before the second join); every row still gets exactly the
+    tokens its prompt gets alone, and its own timings."""
+    from runtime.generate import Generation, GenerationError
+
+    def sp(n):
+        return SamplingParams(temperature=0, max_new_tokens=n, repetition_penalty=3.0, stop_token_ids=())
+
+    first, joins = [([1, 2, 3, 4, 5, 6, 7], sp(20)), ([9, 8], sp(8))], {5: [([7] * 30, sp(10)), ([3, 4], sp(24))],
+                                                                        12: [([50, 60, 70], sp(6))]}
+    everything = first + [r for rs in joins.values() for r in rs]
+    for be in (ort_tiny, ort_tiny_shared, torch_tiny):
+        alone = [generate(be, None, [p], s)[0].token_ids for p, s in everything]
+        g = Generation(be, None, [p for p, _ in first], [s for _, s in first])
+        seen = 0
+        for d in g:
+            if d.row == 0 and len(g.completions[0].token_ids) in joins:
+                rows = joins[len(g.completions[0].token_ids)]
+                assert g.admit([p for p, _ in rows], [s for _, s in rows]) == list(range(len(g.completions) - len(rows),
+                                                                                          len(g.completions)))
+            seen += len(d.token_ids)
+        assert [c.token_ids for c in g.completions] == alone, be.name
+        assert seen == sum(len(t) for t in alone)
+        for c in g.completions:
+            assert c.finish_reason == "length" and 0 < c.timing.ttft_s <= c.timing.total_s
+            assert len(c.timing.decode_latencies_s) == len(c.token_ids) - 1
+        with pytest.raises(GenerationError, match="finished"):
+            g.admit([[1]], sp(1))
+    g = Generation(ort_tiny, None, [[1, 2]], sp(ort_tiny.config.block_size - 2))
+    assert not g.fits([3], [1]) and g.fits([2], [0])  # the cache would outgrow block_size
+    with pytest.raises(GenerationError, match="do not fit"):
+        g.admit([[1, 2, 3]], sp(1))
 
 
 def test_seeded_sampling_is_reproducible(ort_tiny):

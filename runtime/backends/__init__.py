@@ -48,6 +48,17 @@ class Backend(Protocol):
         a backend without it keeps finished rows riding along.
         """
 
+    def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Prefill n new rows beside the cached ones and append them to the batch; returns their logits.
+
+        (n, P) ids, (n, P) mask and positions of the new rows alone, left-padded among themselves. The
+        cache's width becomes W = max(past_length, P): the rows already cached gain W - past_length masked
+        positions on their left, each new row W - P (as left padding does in a batched prefill), so the next
+        forward's mask is (B + n, W + T) with zeros there. The running rows' cached keys and values are
+        unchanged. A server admits requests into a running batch with it (Generation.admit). Optional: a
+        backend without it batches only requests that start together.
+        """
+
 
 # a backend's missing dependency -> how to install it
 MISSING_HINTS = {
@@ -95,6 +106,32 @@ def check_keep_rows(rows, batch: int) -> list[int]:
     if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch:
         raise BackendError(f"keep_rows needs distinct ascending row indices in 0..{batch - 1}, at least one; got {rows}")
     return rows
+
+
+def check_add_rows(config, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                   batch: int, past_length: int) -> int:
+    """The check every backend's add_rows makes (on top of check_step's, for the new rows alone); returns the
+    cache width after it, max(past_length, P)."""
+    if not batch:
+        raise BackendError("add_rows joins rows to a running batch, and this cache holds none; reset() and forward() "
+                           "the rows instead")
+    check_step(config, input_ids, attention_mask, position_ids, 0)
+    if not np.asarray(attention_mask).any(axis=1).all():
+        raise BackendError("add_rows: every new row needs at least one real token (a 1 in its attention_mask)")
+    width = max(past_length, input_ids.shape[1])
+    if width > config.block_size:  # not reached: check_step bounds P, past_length is bounded already
+        raise BackendError(f"add_rows would make the cache {width} positions wide (block_size {config.block_size})")
+    return width
+
+
+def merge_rows(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """(B, H, L, D) cached rows and (n, H, P, D) new ones -> (B + n, H, max(L, P), D), each part aligned to the
+    right (zeros on the left: positions the mask leaves out), the layout add_rows promises."""
+    width = max(old.shape[2], new.shape[2])
+    out = np.zeros((old.shape[0] + new.shape[0], old.shape[1], width, old.shape[3]), old.dtype)
+    out[:old.shape[0], :, width - old.shape[2]:] = old
+    out[old.shape[0]:, :, width - new.shape[2]:] = new
+    return out
 
 
 def pack_rows(rows: list[int], in_place: bool = True) -> list[tuple[int, int, int]]:

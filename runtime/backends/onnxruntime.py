@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError, check_io, resolve_onnx
-from . import BackendError, check_keep_rows, check_rewind, check_step, pack_rows
+from . import BackendError, check_add_rows, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MIN_CAPACITY = 128  # kv_cache="shared": positions a cache buffer holds at least (it doubles when outgrown)
@@ -195,6 +195,39 @@ class OnnxRuntimeBackend:
                                                                  self._device_id) for v in self._past]
         self._batch = len(rows)
 
+    def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Prefill new rows and append them to the batch (Backend.add_rows). Concat graph: the new rows run as
+        their own batch, then both caches are merged, right-aligned (through host memory on CUDA). Shared
+        buffers: the buffers gain the rows, each prefilled alone on its real tokens (rows are left-aligned
+        there, so no row gains padding; only the mask's width follows the widest)."""
+        B, L = self._batch, self._length
+        width = check_add_rows(self.config, input_ids, attention_mask, position_ids, B, L)
+        n = input_ids.shape[0]
+        n_new = (attention_mask != 0).sum(1)
+        if self.kv_cache == "shared":
+            if not all(attention_mask[j, -c:].all() for j, c in enumerate(n_new) if c):
+                raise BackendError("add_rows: the new rows' attention_mask must pad on the left only")
+            self._reserve(width, B + n)
+            self._rows = np.concatenate([self._rows, np.zeros(n, np.int64)])
+            self._batch = B + n
+            logits = self._run_rows(range(B, B + n), input_ids, position_ids, n_new)
+            self._rows[B:] = n_new
+            self._length = width
+            return logits
+        old = self._past
+        self.reset(n)
+        try:
+            logits = self.forward(input_ids, attention_mask, position_ids)
+        except Exception:
+            self._past, self._batch, self._length = old, B, L  # the running rows' cache is untouched
+            raise
+        ort, dev = self._ort, self._device
+        merged = [merge_rows(o.numpy(), nw.numpy()) for o, nw in zip(old, self._past)]
+        self._past = [ort.OrtValue.ortvalue_from_numpy(m) if dev == "cpu" else
+                      ort.OrtValue.ortvalue_from_numpy(m, dev, self._device_id) for m in merged]
+        self._batch, self._length = B + n, width
+        return logits
+
     # ------------------------------------------------------------------ kv_cache="shared"
 
     def _forward_shared(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -214,21 +247,29 @@ class OnnxRuntimeBackend:
                 raise BackendError("a decode step's newest mask column must be 1 for every row")
             logits = self._run_shared(input_ids, attention_mask, position_ids, rows=-1)
         else:  # left-padded prefill, a step after a past, or a long prompt: row by row, real tokens only
-            V, P = self.config.vocab_size, self.artifact.logits_positions(T)
-            logits = np.zeros((B, P, V), np.float32)
-            for b, n in enumerate(int(n) for n in n_new):
-                # chunks of PREFILL_CHUNK: attention then skips most of the causally masked half of a long prompt
-                for a in range(T - n, T, PREFILL_CHUNK):
-                    z = min(a + PREFILL_CHUNK, T)
-                    row = self._run_shared(input_ids[b:b + 1, a:z], np.ones((1, self._rows[b] + z - T + n), np.int64),
-                                           position_ids[b:b + 1, a:z], rows=b)
-                    # the chunk's logits cover its last positions [z - q, z); the step's cover [T - P, T)
-                    q = row.shape[1]
-                    lo = max(z - q, T - P)
-                    if lo < z:
-                        logits[b, lo - (T - P):z - (T - P)] = row[0, lo - (z - q):]
+            logits = self._run_rows(range(B), input_ids, position_ids, n_new)
         self._rows += n_new
         self._length += T
+        return logits
+
+    def _run_rows(self, rows, input_ids: np.ndarray, position_ids: np.ndarray, n_new: np.ndarray) -> np.ndarray:
+        """Each cache row rows[j] takes the last n_new[j] tokens of input_ids[j] alone (batch-1 runs on its real
+        tokens); returns their logits as one (len(rows), logits_positions(T), V) step. self._rows still counts
+        the tokens cached before."""
+        T = input_ids.shape[1]
+        V, P = self.config.vocab_size, self.artifact.logits_positions(T)
+        logits = np.zeros((len(rows), P, V), np.float32)
+        for j, (b, n) in enumerate(zip(rows, (int(n) for n in n_new))):
+            # chunks of PREFILL_CHUNK: attention then skips most of the causally masked half of a long prompt
+            for a in range(T - n, T, PREFILL_CHUNK):
+                z = min(a + PREFILL_CHUNK, T)
+                row = self._run_shared(input_ids[j:j + 1, a:z], np.ones((1, self._rows[b] + z - T + n), np.int64),
+                                       position_ids[j:j + 1, a:z], rows=b)
+                # the chunk's logits cover its last positions [z - q, z); the step's cover [T - P, T)
+                q = row.shape[1]
+                lo = max(z - q, T - P)
+                if lo < z:
+                    logits[j, lo - (T - P):z - (T - P)] = row[0, lo - (z - q):]
         return logits
 
     def _run_shared(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, rows: int) -> np.ndarray:
@@ -251,19 +292,21 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(io)
         return logits.astype(np.float32, copy=False)
 
-    def _reserve(self, length: int) -> None:
-        """Make the shared buffers hold `length` positions: allocate, or grow (x2, copying what they hold)."""
-        cap = self._capacity
-        if length <= cap:
+    def _reserve(self, length: int, batch: int | None = None) -> None:
+        """Make the shared buffers hold `length` positions (allocate, or grow x2) and `batch` rows (default: the
+        batch's), copying what they hold."""
+        cap, old_batch = self._capacity, len(self._rows)
+        batch = old_batch if batch is None else batch
+        if length <= cap and batch == old_batch and self._cache:
             return
         c = self.config
-        new_cap = min(c.block_size, max(length, 2 * cap, MIN_CAPACITY))
-        shape = (self._batch, c.n_head, new_cap, c.head_dim)
+        new_cap = cap if length <= cap else min(c.block_size, max(length, 2 * cap, MIN_CAPACITY))
+        shape = (batch, c.n_head, new_cap, c.head_dim)
         grown = []
         for old in self._cache or [None] * len(self._past_names):
             host = np.zeros(shape, self._kv_dtype)
             if old is not None:
-                host[:, :, :cap] = old if self._device == "cpu" else old.numpy()
+                host[:old_batch, :, :cap] = old if self._device == "cpu" else old.numpy()
             grown.append(host if self._device == "cpu" else
                          self._ort.OrtValue.ortvalue_from_numpy(host, self._device, self._device_id))
         self._cache, self._capacity, self._bound = grown, new_cap, None

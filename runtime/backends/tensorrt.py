@@ -32,7 +32,7 @@ from model.config import GPTConfig
 
 from ..artifact import Artifact, ArtifactError, check_io, input_names, resolve_file
 from ..files import atomic_write_text
-from . import BackendError, check_keep_rows, check_rewind, check_step, pack_rows
+from . import BackendError, check_add_rows, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
 ENGINE_NAME = "model.engine"
@@ -497,6 +497,48 @@ class TensorRTBackend:
                               "keep rows of the KV cache (cudaMemcpyAsync)")
             cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self._current, self._batch = 1 - self._current, len(rows)
+
+    def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Prefill new rows as their own batch and append them (Backend.add_rows): the running rows' cache and
+        the new rows' are merged, right-aligned, through host memory (the packed layout's row pitch changes
+        with the width), into the set that becomes the past."""
+        B, L, current = self._batch, self._length, self._current
+        width = check_add_rows(self.config, input_ids, attention_mask, position_ids, B, L)
+        self.meta.select_profile(B + input_ids.shape[0], 1, width)  # the merged batch's next step must fit the engine
+        old = self._download(current, B, L)
+        self.reset(input_ids.shape[0])
+        try:
+            logits = self.forward(input_ids, attention_mask, position_ids)
+        except Exception:
+            self._batch, self._length, self._current = B, L, current
+            self._upload(current, old)  # the prefill may have written over it
+            raise
+        new = self._download(self._current, input_ids.shape[0], input_ids.shape[1])
+        self._upload(self._current, [merge_rows(o, nw) for o, nw in zip(old, new)])
+        self._batch, self._length = B + input_ids.shape[0], width
+        return logits
+
+    def _download(self, kv_set: int, batch: int, length: int) -> list[np.ndarray]:
+        """The packed (batch, n_head, length, head_dim) cache tensors of one ping-pong set, on the host."""
+        c, cudart = self.config, self._cudart
+        out = [np.empty((batch, c.n_head, length, c.head_dim), np.dtype(self.artifact.kv_dtype)) for _ in self._kv[kv_set]]
+        for a, ptr in zip(out, self._kv[kv_set]):
+            if a.nbytes:
+                cuda_call(cudart, cudart.cudaMemcpyAsync(a.ctypes.data, ptr, a.nbytes,
+                                                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream),
+                          "copy the KV cache to the host")
+        cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return out
+
+    def _upload(self, kv_set: int, arrays: list[np.ndarray]) -> None:
+        """Write packed cache tensors (C-contiguous) at the start of one ping-pong set's buffers."""
+        cudart = self._cudart
+        for a, ptr in zip(arrays, self._kv[kv_set]):
+            if a.nbytes:
+                cuda_call(cudart, cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes,
+                                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream),
+                          "copy the KV cache to the GPU")
+        cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
     def close(self) -> None:
         """Free the device buffers and the stream (also done when the backend is garbage-collected)."""

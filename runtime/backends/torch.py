@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..artifact import read_onnx_artifact
-from . import BackendError, check_keep_rows, check_rewind, check_step
+from . import BackendError, check_add_rows, check_keep_rows, check_rewind, check_step
 
 DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
           "float16": (torch.float16, "fp16"), "fp16": (torch.float16, "fp16")}
@@ -88,6 +88,25 @@ class TorchBackend:
         B = self._past[0][0].size(0) if self._past is not None else 0
         index = torch.tensor(check_keep_rows(rows, B), device=self.device)
         self._past = tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self._past)
+
+    @torch.inference_mode()
+    def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Prefill new rows as their own batch, then append their cache to the running rows', both right-aligned
+        (Backend.add_rows)."""
+        B = self._past[0][0].size(0) if self._past is not None else 0
+        old, L = self._past, self._length
+        width = check_add_rows(self.config, input_ids, attention_mask, position_ids, B, L)
+        self.reset(input_ids.shape[0])
+        try:
+            logits = self.forward(input_ids, attention_mask, position_ids)
+        except Exception:
+            self._past, self._length = old, L
+            raise
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, width - t.size(2), 0))  # noqa: E731 - zeros on the left
+        self._past = tuple((torch.cat([pad(ko), pad(kn)]), torch.cat([pad(vo), pad(vn)]))
+                           for (ko, vo), (kn, vn) in zip(old, self._past))
+        self._length = width
+        return logits
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
