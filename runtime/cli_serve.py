@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting while a batch runs; more get 429")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long a batch's first request waits for others to join")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous (default): a request arriving while a batch runs joins it at its next step when "
+                        "it has rows free (not in a speculative batch); static: it waits for the next batch")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds from arrival to the last token, queueing included; then 504 / an error event")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
@@ -91,12 +94,13 @@ def run(args) -> int:
     path = Path(args.model)
     name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model
     settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                              batch_window_ms=args.batch_window_ms, request_timeout_s=args.request_timeout,
+                              batch_window_ms=args.batch_window_ms, batching=args.batching,
+                              request_timeout_s=args.request_timeout,
                               max_body_bytes=args.max_body_bytes)
     app = create_app(backend, tokenizer, settings, draft, args.speculate)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {name!r} on http://{host}:{args.port}/v1 [{backend.name}, {backend.provider}, {backend.precision}] "
-          f"max batch {args.max_batch}, queue {args.max_queue}, timeout {args.request_timeout:g} s"
+          f"max batch {args.max_batch} ({args.batching}), queue {args.max_queue}, timeout {args.request_timeout:g} s"
           f"{f', speculative with {args.draft}' if draft else ''}"
           f"{' (lone requests: shared KV cache)' if draft and not draft_for(backend, draft, 2) else ''}"
           f"{', API key required' if api_key else ''}", flush=True)

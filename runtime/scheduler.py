@@ -5,8 +5,10 @@ Backends are not thread-safe and hold one KV cache, so exactly one thread ever c
 keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and runs them all as one
 `Generation`: shared forward passes, each row with its own SamplingParams (with a draft, a batch decodes
 speculatively, runtime/speculative.py; on a kv_cache="shared" pair only a batch of one row does). Jobs
-that arrive while a batch runs wait for the next one; a full queue refuses at once (`Overloaded`), so
-nothing hangs.
+that arrive while a batch runs join it between two steps (continuous batching, `Generation.admit`), in
+FIFO order, while it has fewer than `max_batch` live rows and its cache fits them; otherwise (or in a
+speculative batch) they wait for the next one. A full queue refuses at once (`Overloaded`), so nothing
+hangs.
 A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
 rows cancelled at the next step; the other rows of the batch go on.
 
@@ -27,7 +29,7 @@ import time
 from collections import deque
 from typing import Sequence
 
-from .generate import Generation, SamplingParams, make_generation
+from .generate import Generation, GenerationError, SamplingParams, make_generation
 from .speculative import draft_for
 
 log = logging.getLogger("nanogpt_deploy.scheduler")
@@ -73,13 +75,14 @@ class Scheduler:
     """A bounded queue of Jobs and the one thread that runs them in batches (see the module docstring)."""
 
     def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, batch_window_s: float = 0.01,
-                 draft=None, speculate: int | None = None):
+                 draft=None, speculate: int | None = None, continuous: bool = True):
         if max_batch < 1 or max_queue < 1 or batch_window_s < 0:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and "
                              f"batch_window_s ({batch_window_s}) >= 0")
         self.backend, self.tokenizer = backend, tokenizer
         self.draft, self.speculate = draft, speculate  # batches decode speculatively with the draft (draft_for)
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
+        self.continuous = continuous  # False: jobs never join a running batch (static batching)
         self.block_size = backend.config.block_size
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -89,7 +92,7 @@ class Scheduler:
         self._running: list[Job] = []
         # written under self._cond (submit) or by the worker thread only; read by /health
         self.stats = {"jobs_submitted": 0, "jobs_rejected": 0, "jobs_dropped_while_queued": 0, "batches": 0,
-                      "rows": 0, "largest_batch": 0, "rows_cancelled": 0, "tokens_generated": 0, "batch_errors": 0,
+                      "rows": 0, "rows_admitted_running": 0, "largest_batch": 0, "rows_cancelled": 0, "tokens_generated": 0, "batch_errors": 0,
                       "speculative_batches": 0, "guesses_drafted": 0, "guesses_accepted": 0}
 
     def start(self) -> "Scheduler":
@@ -190,8 +193,10 @@ class Scheduler:
                                   [job.params[j] for job, j in owners], draft, self.speculate)
             last_row = -1
             for delta in gen:
-                if delta.row <= last_row:  # a new step began (deltas come in row order): look for cancellations
+                if delta.row <= last_row:  # a new step began (deltas come in row order): cancellations, new jobs
                     self._cancel_rows(gen, owners, done)
+                    if self._queue and self.continuous:
+                        self._admit(gen, owners, done, batch)
                 last_row = delta.row
                 job, j = owners[delta.row]
                 job.post(("delta", j, delta))
@@ -210,6 +215,28 @@ class Scheduler:
                 self.stats["speculative_batches"] += 1
                 self.stats["guesses_drafted"] += spec["drafted"]
                 self.stats["guesses_accepted"] += spec["accepted"]
+
+    def _admit(self, gen: Generation, owners: list, done: list[bool], batch: list[Job]) -> None:
+        """Queued jobs join the running batch, oldest first, while it has rows free and its cache fits them."""
+        with self._cond:
+            while (job := self._pop_live()) is not None and not self._closed:
+                if gen.rows + len(job.prompt_ids) > self.max_batch or not gen.fits(
+                        [len(p) for p in job.prompt_ids], [sp.max_new_tokens for sp in job.params]):
+                    return  # FIFO: it leads the next batch, or joins this one when rows free up
+                self._queue.popleft()
+                try:
+                    rows = gen.admit(job.prompt_ids, job.params)
+                except GenerationError as e:  # its own fault (the server validates first): the others go on
+                    job.post(("error", f"generation failed: {e}"))
+                    continue
+                assert rows == list(range(len(owners), len(owners) + len(rows)))
+                owners += [(job, j) for j in range(len(rows))]
+                done += [False] * len(rows)
+                batch.append(job)
+                self.running_rows = gen.rows
+                self.stats["rows"] += len(rows)
+                self.stats["rows_admitted_running"] += len(rows)
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], gen.rows)
 
     def _cancel_rows(self, gen: Generation, owners: list, done: list[bool]) -> None:
         for r, (job, _) in enumerate(owners):

@@ -41,6 +41,7 @@ class ServerSettings:
     max_batch: int = 16  # rows per batch
     max_queue: int = 64  # requests waiting while a batch runs
     batch_window_ms: float = 10.0  # how long the first request of a batch waits for company
+    batching: str = "continuous"  # "continuous": requests join a running batch; "static": they wait for the next
     request_timeout_s: float = 60.0  # arrival -> last token, queueing included
     max_body_bytes: int = 1 << 20
 
@@ -202,7 +203,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
             `speculate` is its most guesses per round.
     """
     scheduler = Scheduler(backend, tokenizer, settings.max_batch, settings.max_queue, settings.batch_window_ms / 1000,
-                          draft, speculate)
+                          draft, speculate, continuous=settings.batching == "continuous")
     counts = {"requests": 0, "completed": 0, "disconnected": 0, "timed_out": 0}  # written by the event loop only
     created = int(time.time())
 
@@ -248,7 +249,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         return {"status": "ok", "model": settings.model_name, "backend": backend.name, "provider": backend.provider,
                 "precision": backend.precision, "block_size": backend.config.block_size,
                 "running_rows": scheduler.running_rows, "queued": scheduler.queued,
-                "limits": {"max_batch": settings.max_batch, "max_queue": settings.max_queue,
+                "limits": {"max_batch": settings.max_batch, "max_queue": settings.max_queue, "batching": settings.batching,
                            "request_timeout_s": settings.request_timeout_s},
                 "counts": dict(counts), "scheduler": dict(scheduler.stats)}
 

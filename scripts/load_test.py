@@ -92,6 +92,8 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
         cmd += ["--threads", str(args.threads)]
     if args.draft:
         cmd += ["--draft", args.draft]
+    if args.batching:
+        cmd += ["--batching", args.batching]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NANOGPT_DEPLOY_API_KEY", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sys.stderr)  # stdout stays the report (--json)
@@ -193,7 +195,8 @@ def print_table(r: dict) -> None:
           f"{a['ttft_p50_s']:>9.3f}s{'':>10}{a['total_p50_s']:>10.3f}s")
     sch = s["scheduler"]
     print(f"{r['complete_and_equal']}/{r['requests']} responses complete ([DONE]) and equal to the request alone; "
-          f"{sch['batches']} batches, largest {sch['largest_batch']} rows, {sch['rows_cancelled']} rows cancelled"
+          f"{sch['batches']} batches ({s['limits'].get('batching', 'static')}; {sch.get('rows_admitted_running', 0)} rows "
+          f"joined a running one), largest {sch['largest_batch']} rows, {sch['rows_cancelled']} rows cancelled"
           + (f"; {sch['speculative_batches']} speculative, {sch['guesses_accepted']}/{sch['guesses_drafted']} guesses "
              f"accepted" if sch.get("speculative_batches") else ""))
     for f in r["failures"]:
@@ -216,6 +219,8 @@ def main() -> int:
                    help="spread the requests' max_tokens evenly from --max-tokens down to this (rows of a batch "
                         "then finish at different steps)")
     p.add_argument("--max-batch", type=int, default=32, help="the started server's --max-batch")
+    p.add_argument("--batching", choices=("continuous", "static"), default=None,
+                   help="the started server's --batching (default: the server's, continuous)")
     p.add_argument("--draft", default=None, metavar="DIR", help="the started server's --draft (speculative decoding)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (seconds)")
     p.add_argument("--deadline", type=float, default=900.0, help="give up after this many seconds in all")

@@ -47,6 +47,13 @@ class SlowBackend:
     def artifact(self):
         return self.inner.artifact
 
+    def keep_rows(self, rows):
+        self.inner.keep_rows(rows)
+
+    def add_rows(self, *args):
+        time.sleep(self.delay_s)
+        return self.inner.add_rows(*args)
+
     def forward(self, *args):
         time.sleep(self.delay_s)
         if self.fail_once:
@@ -158,6 +165,26 @@ def test_batched_greedy_equals_alone(tiny_onnx_dir, tokenizer):
             batched = list(pool.map(lambda r: c.completions.create(model=MODEL, **r).choices[0].text, requests))
         assert health(url)["scheduler"]["largest_batch"] == len(requests), "the requests were not batched"
     assert batched == alone
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_request_joins_the_running_batch(tiny_onnx_dir, tokenizer, batching):
+    """Continuous batching: a request arriving while another generates joins its batch at the next step and
+    finishes first, with the text it gets alone; so does the long one. Static: it waits for the next batch."""
+    long, short = dict(prompt=[3, 1, 4, 1, 5], max_tokens=80, temperature=0), dict(prompt="a b c", max_tokens=5, temperature=0)
+    with serve(tiny_onnx_dir, tokenizer, delay_s=0.02, batch_window_ms=0, batching=batching) as (url, _):
+        c = client(url)
+        alone = [c.completions.create(model=MODEL, **r).choices[0].text for r in (long, short)]
+        with cf.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(lambda: c.completions.create(model=MODEL, **long).choices[0].text)
+            assert wait_for(lambda: health(url)["running_rows"] == 1)
+            joined = c.completions.create(model=MODEL, **short).choices[0].text
+            assert first.done() == (batching == "static"), "the short request should join / wait for the long one"
+            assert first.result() == alone[0]
+        stats = health(url)["scheduler"]
+        want = (3, 1, 2) if batching == "continuous" else (4, 0, 1)
+        assert (stats["batches"], stats["rows_admitted_running"], stats["largest_batch"]) == want, stats
+    assert joined == alone[1]
 
 
 def test_requests_decode_speculatively_with_a_draft(tiny_onnx_dir, tokenizer):
