@@ -2,7 +2,7 @@
 
 Starts its own server on 127.0.0.1 (or uses --url, which must be a loopback address), runs every request
 once alone (the reference), then several rounds of N concurrent streaming clients with the same greedy
-requests. Every response must end with `data: [DONE]` and equal its reference; throughput (tokens/s,
+requests (all at once, or arriving as a Poisson process: --request-rate). Every response must end with `data: [DONE]` and equal its reference; throughput (tokens/s,
 requests/s) and p50/p95 latency (time to first token, total) are reported as a table or --json. It stops
 by itself: a fixed number of rounds, a per-request timeout and an overall --deadline.
 
@@ -10,6 +10,7 @@ by itself: a fixed number of rounds, a per-request timeout and an overall --dead
     python scripts/load_test.py out/demo --clients 64 --rounds 3 --max-tokens 32 --json
     python scripts/load_test.py --url http://127.0.0.1:8000 --model-name demo
     python scripts/load_test.py out/gpt2-last5 --draft out/gpt2-int8 --clients 8 --max-batch 8   # speculative
+    python scripts/load_test.py out/gpt2 --clients 32 --request-rate 4 --batching static   # Poisson arrivals, A/B
 
 MODEL is an exported folder, or a checkpoint folder (exported to a temporary folder first; needs torch).
 Exit status 1 when any response is incomplete or differs from its reference.
@@ -30,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "model" / "weights" / "pycode"
@@ -112,8 +114,18 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not answer /health within 120 s")
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, req: dict) -> dict:
-    """One streaming request: its text, token count, TTFT, total seconds, and whether it ended with [DONE]."""
+def arrivals(n: int, rate: float | None, seed: int) -> list[float]:
+    """When each of n requests starts (seconds into the round): all at once, or a Poisson process of `rate`
+    requests per second (exponential gaps, seeded by the round: every server sees the same arrivals)."""
+    if not rate:
+        return [0.0] * n
+    return np.cumsum(np.random.default_rng(seed).exponential(1 / rate, n)).tolist()
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, req: dict, delay: float = 0.0) -> dict:
+    """One streaming request (sent `delay` seconds from now): its text, token count, TTFT and total seconds
+    from when it was sent, and whether it ended with [DONE]."""
+    await asyncio.sleep(delay)
     body = {"model": model, **req, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, text, tokens, done, error = None, [], 0, False, None
@@ -159,7 +171,8 @@ async def load_test(url: str, args) -> dict:
         rounds, failures = [], []
         for k in range(args.rounds):
             t0 = time.perf_counter()
-            results = await asyncio.gather(*(one(client, url, args.model_name, r) for r in reqs))
+            results = await asyncio.gather(*(one(client, url, args.model_name, r, delay)
+                                             for r, delay in zip(reqs, arrivals(len(reqs), args.request_rate, k))))
             wall = time.perf_counter() - t0
             for i, (res, ref) in enumerate(zip(results, alone)):
                 if not res["done"] or res["text"] != ref["text"] or res["tokens"] != ref["tokens"]:
@@ -171,7 +184,7 @@ async def load_test(url: str, args) -> dict:
     tokens = sum(r["tokens"] for rd in rounds for r in rd["results"])
     wall = sum(rd["wall_s"] for rd in rounds)
     return {
-        "clients": args.clients, "rounds": args.rounds, "requests": args.clients * args.rounds,
+        "clients": args.clients, "rounds": args.rounds, "request_rate": args.request_rate, "requests": args.clients * args.rounds,
         "complete_and_equal": args.clients * args.rounds - len(failures), "failures": failures[:10],
         "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "requests_per_s": args.clients * args.rounds / wall,
         "ttft_p50_s": pct([r["ttft_s"] for r in results], 50), "ttft_p95_s": pct([r["ttft_s"] for r in results], 95),
@@ -185,10 +198,11 @@ async def load_test(url: str, args) -> dict:
 
 def print_table(r: dict) -> None:
     s = r["server"]
-    print(f"\n{r['clients']} concurrent streaming clients x {r['rounds']} rounds against {s['model']} "
+    arrive = f"Poisson-arriving ({r['request_rate']:g} req/s)" if r.get("request_rate") else "concurrent"
+    print(f"\n{r['clients']} {arrive} streaming clients x {r['rounds']} rounds against {s['model']} "
           f"[{s['backend']}, {s['provider']}, {s['precision']}], max batch {s['limits']['max_batch']}; {r['machine']}")
     print(f"{'':22}{'tokens/s':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}{'total p50':>11}{'total p95':>11}")
-    print(f"{'concurrent (batched)':22}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_s']:>9.3f}s"
+    print(f"{'Poisson' if r.get('request_rate') else 'concurrent'} (batched)".ljust(22) + f"{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_s']:>9.3f}s"
           f"{r['ttft_p95_s']:>9.3f}s{r['total_p50_s']:>10.3f}s{r['total_p95_s']:>10.3f}s")
     a = r["alone"]
     print(f"{'one at a time':22}{a['tokens_per_s']:>10.1f}{r['clients'] / a['seconds']:>8.2f}"
@@ -215,6 +229,8 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--request-rate", type=float, default=None, metavar="R",
+                   help="send each round's requests as a Poisson process of R requests/s (default: all at once)")
     p.add_argument("--min-tokens", type=int, default=None,
                    help="spread the requests' max_tokens evenly from --max-tokens down to this (rows of a batch "
                         "then finish at different steps)")

@@ -102,6 +102,7 @@ class OnnxRuntimeBackend:
                                f"provider has in fp16 only (this graph is {self.precision}); export it with "
                                f"`--dtype fp16 --kv-cache shared`, or use --provider cpu")
         self._cache: list = []  # shared: one buffer per past/present pair (numpy on CPU, OrtValue on CUDA)
+        self._base: list = []  # shared, CPU: the arrays _cache views (room for rows joining the batch)
         self._rows = np.zeros(0, np.int64)  # shared: real tokens cached per row
         self._capacity = 0  # shared: positions each buffer holds
         self._bound = None  # shared: which rows the cache bindings point at (None: none, -1: all, b: row b)
@@ -293,23 +294,31 @@ class OnnxRuntimeBackend:
         return logits.astype(np.float32, copy=False)
 
     def _reserve(self, length: int, batch: int | None = None) -> None:
-        """Make the shared buffers hold `length` positions (allocate, or grow x2) and `batch` rows (default: the
-        batch's), copying what they hold."""
-        cap, old_batch = self._capacity, len(self._rows)
-        batch = old_batch if batch is None else batch
-        if length <= cap and batch == old_batch and self._cache:
+        """Make the shared buffers hold `length` positions and `batch` rows (default: the batch's), keeping what
+        the cached rows hold. Positions grow x2. On the CPU the buffers outlive reset() (a later batch that fits
+        reuses them: no fresh pages to fault in) and a batch that grows (rows joining it) gets room for up to
+        8 more rows, so the next joins only extend views of the same arrays."""
+        cpu, held = self._device == "cpu", (len(self._rows) if self._cache else 0)
+        batch = len(self._rows) if batch is None else batch
+        if cpu and self._base and batch <= self._base[0].shape[0] and length <= self._base[0].shape[2]:
+            if not self._cache or len(self._cache[0]) != batch:
+                self._cache, self._bound = [base[:batch] for base in self._base], None
+            self._capacity = self._base[0].shape[2]
             return
-        c = self.config
+        if not cpu and self._cache and length <= self._capacity and batch == held:
+            return
+        c, cap = self.config, self._capacity
         new_cap = cap if length <= cap else min(c.block_size, max(length, 2 * cap, MIN_CAPACITY))
-        shape = (batch, c.n_head, new_cap, c.head_dim)
+        rows = max(batch, min(2 * held, batch + 8)) if cpu and held and batch > held else batch
         grown = []
         for old in self._cache or [None] * len(self._past_names):
-            host = np.zeros(shape, self._kv_dtype)
+            host = np.zeros((rows, c.n_head, new_cap, c.head_dim), self._kv_dtype)
             if old is not None:
-                host[:old_batch, :, :cap] = old if self._device == "cpu" else old.numpy()
-            grown.append(host if self._device == "cpu" else
-                         self._ort.OrtValue.ortvalue_from_numpy(host, self._device, self._device_id))
-        self._cache, self._capacity, self._bound = grown, new_cap, None
+                host[:held, :, :cap] = old if cpu else old.numpy()
+            grown.append(host if cpu else self._ort.OrtValue.ortvalue_from_numpy(host, self._device, self._device_id))
+        self._base = grown if cpu else []  # CPU: the arrays; the batch's rows are their first
+        self._cache = [g[:batch] for g in grown] if cpu else grown
+        self._capacity, self._bound = new_cap, None
 
 
 def _compact(a: np.ndarray, length: int) -> np.ndarray:
