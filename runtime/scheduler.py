@@ -203,6 +203,7 @@ class Scheduler:
                 self.stats["tokens_generated"] += len(delta.token_ids)
                 if delta.finish_reason:
                     done[delta.row] = True
+                    self.running_rows -= 1
         except Exception as e:  # noqa: BLE001 - a failed batch must not kill the worker; every job hears why
             log.exception("batch of %d rows failed", len(owners))
             self.stats["batch_errors"] += 1
@@ -233,7 +234,7 @@ class Scheduler:
                 owners += [(job, j) for j in range(len(rows))]
                 done += [False] * len(rows)
                 batch.append(job)
-                self.running_rows = gen.rows
+                self.running_rows += len(rows)
                 self.stats["rows"] += len(rows)
                 self.stats["rows_admitted_running"] += len(rows)
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], gen.rows)

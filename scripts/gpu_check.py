@@ -9,7 +9,7 @@ wheel to the lent device):
    torch CUDA fp32 (max|Δlogits|) and fp16 (top-1 agreement); onnxruntime CUDA EP with IO binding,
    fp32 and fp16, driven step by step through the runtime's backend (prefill then one-token decode),
    checking that every present/past OrtValue stays on the GPU; greedy token identity over 64 tokens.
-   Cache surgery on the device: Backend.rewind and Backend.keep_rows (onnxruntime CUDA concat and shared,
+   Cache surgery on the device: Backend.rewind, keep_rows and add_rows (onnxruntime CUDA concat and shared,
    torch CUDA) against never having had the dropped positions / rows; speculative decoding on a batch
    (runtime/speculative.py, concat caches with holes) against plain generation, token for token.
 2. Speed: TTFT, decode tok/s, per-token latency p50/p95; batch 1 and 8; fp32 and fp16; torch eager
@@ -59,8 +59,8 @@ def step_logits(backend, ids: np.ndarray, prefill: int) -> np.ndarray:
 
 
 def cache_ops(backend, vocab: int) -> dict:
-    """max|Δlogits| of a step after rewind(), and after keep_rows(), against the same step on a cache that
-    never held the dropped positions / rows."""
+    """max|Δlogits| of a step after rewind(), after keep_rows(), and after add_rows() (the joined row), against
+    the same step on a cache that never held the dropped positions / rows, or held the joined row alone."""
     rng = np.random.default_rng(1)
     ids, nxt = rng.integers(0, vocab, (3, 12)), rng.integers(0, vocab, (3, 2))
     ones, pos = np.ones((3, 16), np.int64), np.tile(np.arange(16), (3, 1))
@@ -82,6 +82,16 @@ def cache_ops(backend, vocab: int) -> dict:
     backend.forward(ids[keep], ones[keep, :12], pos[keep, :12])
     want = backend.forward(nxt[keep, :1], ones[keep, :13], pos[keep, 12:13])
     out["keep_rows_max_abs_diff"] = float(np.abs(got - want).max())
+    backend.reset(2)  # add_rows: rows 0 and 2 run 12 positions, row 1 joins with 7, then one step of all three
+    backend.forward(ids[keep], ones[keep, :12], pos[keep, :12])
+    joined = backend.add_rows(ids[1:2, :7], ones[:1, :7], pos[:1, :7])
+    mask = ones[:, :13].copy()
+    mask[2, :5] = 0  # the joining row's cache is 5 positions narrower: masked on its left
+    got = backend.forward(nxt[[0, 2, 1], :1], mask, np.array([[12], [12], [7]]))
+    backend.reset(1)
+    first = backend.forward(ids[1:2, :7], ones[:1, :7], pos[:1, :7])
+    want = backend.forward(nxt[1:2, :1], ones[:1, :8], pos[:1, 7:8])
+    out["add_rows_max_abs_diff"] = float(max(np.abs(got[2] - want[0]).max(), np.abs(joined[:, -1] - first[:, -1]).max()))
     return out
 
 

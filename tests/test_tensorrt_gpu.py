@@ -210,3 +210,35 @@ def test_greedy_tokens_identical_to_onnxruntime(trained, tmp_path):
     want = _greedy_onnxruntime(fp32_dir, prompt, 24)
     got = _greedy_tensorrt(TensorRTBackend(engine), prompt, 24)
     assert np.array_equal(got, want), f"greedy tokens differ:\ntensorrt    {got.tolist()}\nonnxruntime {want.tolist()}"
+
+
+def test_cache_surgery_equals_a_fresh_cache(fp32_engine):
+    """rewind (a 2D device copy), keep_rows (device runs) and add_rows (a merge through the host): each next
+    step equals the same step on a cache that never held the dropped positions / rows, or the row alone."""
+    backend = TensorRTBackend(fp32_engine[0])
+    rng = np.random.default_rng(3)
+    ids, nxt = rng.integers(0, 512, (2, 10)), rng.integers(0, 512, (2, 1))
+    ones, pos = np.ones((2, 12), np.int64), np.tile(np.arange(12), (2, 1))
+
+    def fresh(rows, n):  # rows' first n ids cached, then the step with nxt
+        backend.reset(len(rows))
+        backend.forward(ids[rows, :n], ones[rows, :n], pos[rows, :n])
+        return backend.forward(nxt[rows], ones[rows, :n + 1], pos[rows, n:n + 1])
+
+    backend.reset(2)
+    backend.forward(ids, ones[:, :10], pos[:, :10])
+    backend.rewind(8)
+    got = backend.forward(nxt, ones[:, :9], pos[:, 8:9])
+    assert max_abs_diff(got, fresh([0, 1], 8)) <= 1e-5
+    backend.reset(2)
+    backend.forward(ids, ones[:, :10], pos[:, :10])
+    backend.keep_rows([1])
+    got = backend.forward(nxt[[1]], ones[:1, :11], pos[:1, 10:11])
+    assert max_abs_diff(got, fresh([1], 10)) <= 1e-5
+    backend.reset(1)
+    backend.forward(ids[:1], ones[:1, :10], pos[:1, :10])
+    backend.add_rows(ids[1:, :6], ones[:1, :6], pos[:1, :6])  # joins 4 positions narrower
+    mask = ones[:, :11].copy()
+    mask[1, :4] = 0
+    got = backend.forward(nxt, mask, np.array([[10], [6]]))
+    assert max_abs_diff(got[0], fresh([0], 10)[0]) <= 1e-5 and max_abs_diff(got[1], fresh([1], 6)[0]) <= 1e-5
