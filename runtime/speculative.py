@@ -67,6 +67,10 @@ class Depth:
     # when they accept different numbers of guesses and the batch runs until its slowest row is done (124M,
     # batch 8, an int4 draft that the estimate put level with plain rounds: 195 tok/s against 256 plain)
     HURDLE = 1.1
+    # a probe's catch-up (the draft prefilling every token of the plain rounds before it) must be won back over
+    # the tokens left: it costs about as much as the target's own prefill of them (124M at batch 8, an int4
+    # draft: 304 ms for 64 tokens a row, ten target steps), so a probe needs twice its catch-up still to go
+    PROBE_PAYBACK = 2
 
     def __init__(self, max_k: int, adaptive: bool = True):
         self.max_k, self.adaptive = max_k, adaptive
@@ -84,26 +88,32 @@ class Depth:
             p[i] = prior = (self.hits[i] + prior) / (self.tries[i] + 1)
         return np.minimum(p, 0.999)
 
-    def next(self, cap: int) -> int:
+    def next(self, cap: int, catch_up: int = 0, left: int | None = None) -> int:
+        """The next round's number of guesses, at most `cap`. catch_up: tokens the draft must take in before it
+        guesses again (each row's plain-round tokens); left: tokens the longest row still needs. A probe
+        is skipped when fewer than PROBE_PAYBACK * catch_up tokens are left to win its catch-up back."""
         cap = min(cap, self.max_k)
         if not self.adaptive or cap <= 0:
             return max(cap, 0)
         measured = np.flatnonzero(~np.isnan(self.t_round))
-        if not measured.size:  # first a plain round: the cost every number of guesses must beat
+        if not measured.size:  # first a plain round: the cost to beat
             return 0
-        if measured.max() == 0:  # then the deepest
-            return cap
-        # a k not measured yet: interpolated between the measured ones, flat beyond them
-        t_round = np.interp(np.arange(self.max_k + 1), measured, self.t_round[measured])
         tokens = np.concatenate([[1.0], 1 + np.cumsum(np.cumprod(self.acceptance()))])  # expected, k = 0..max_k
-        rate = tokens[:cap + 1] / t_round[:cap + 1]
-        rate[1:] /= self.HURDLE
+        if measured.max() == 0:  # then the deepest, to measure it, unless guessing cannot pay even if free
+            if self.tries.sum() == 0 or tokens[1:cap + 1].max() > self.HURDLE:
+                return cap
+            rate = np.zeros(cap + 1)  # a round of guesses costs at least a plain round: stay plain
+        else:
+            # a k not measured yet: interpolated between the measured ones, flat beyond them
+            t_round = np.interp(np.arange(self.max_k + 1), measured, self.t_round[measured])
+            rate = tokens[:cap + 1] / t_round[:cap + 1]
+            rate[1:] /= self.HURDLE
         k = int(np.argmax(rate))
         if k:
             self.plain, self.probe_every = 0, self.PROBE_EVERY
         else:
             self.plain += 1
-            if self.plain >= self.probe_every:
+            if self.plain >= self.probe_every and (left is None or left >= self.PROBE_PAYBACK * catch_up):
                 self.plain, self.probe_every, k = 0, 2 * self.probe_every, 1
         return k
 
@@ -296,7 +306,7 @@ class SpeculativeGeneration(Generation):
             # row may advance by one token; plain rounds must still fit every row's remaining tokens
             room = target.config.block_size - tc.length - (1 if len(rows) == 1 else left)
             width = max(len(t) for t in todo)
-            k = self.depth.next(min(K, left - 1, room, draft.config.block_size - dc.length - width))
+            k = self.depth.next(min(K, left - 1, room, draft.config.block_size - dc.length - width), width, left)
             started, prefill_draft = time.perf_counter(), k and not dc.length
             guesses = self._guess(dc, todo, slots, rows, k)
             scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (n, k + 1, V): every guess, one step

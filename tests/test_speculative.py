@@ -137,6 +137,14 @@ def test_depth_picks_the_fastest_number_of_guesses():
     d.t_round[4] = 0.028 + 4 * (0.005 + 0.008)
     assert d.next(4) == 1
 
+    d = Depth(max_k=4)  # a draft that missed every guess of its first (unmeasured) round is not measured again:
+    d.update(0, [0] * 8, 0.03)  # even free guesses would not clear the hurdle (a round costs a plain one at least)
+    d.update(4, [0] * 8, None)
+    assert d.next(4) == 0
+    d.plain = Depth.PROBE_EVERY
+    assert d.next(4, catch_up=40, left=70) == 0  # a probe would not win its 40-token catch-up back in 70 tokens
+    assert d.next(4, catch_up=40, left=80) == 1
+
     d = Depth(max_k=4)
     d.update(4, [2], 0.02)  # guesses 1, 2 accepted, 3 missed, 4 never checked
     assert d.tries.tolist() == [1, 1, 1, 0] and d.hits.tolist() == [1, 1, 0, 0]
