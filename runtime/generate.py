@@ -19,11 +19,14 @@ silent truncation or sliding window).
         print(d.text, end="", flush=True)
 
     g = Generation(backend, tokenizer, prompts, [params_a, params_b])   # a server's shared batch
-    for d in g: ...; g.cancel(1)                                       # per-row deltas, cancellation
+    for d in g: ...; g.cancel(1); g.admit([prompt_c], params_c)         # per-row deltas, cancellation, joins
     g.completions                                                      # list[Completion] when done
 
-A backend holds one KV cache, so one Generation runs on it at a time: a server batches the requests
-that arrive together into one Generation and queues the next batch behind it.
+A backend holds one KV cache, so one Generation runs on it at a time. A server batches the requests that
+arrive together into one Generation, and `g.admit(prompts, params)` adds later ones while it runs
+(continuous batching): between two steps their prompts are prefilled beside the running rows
+(`Backend.add_rows`; the cache is as wide as its longest row, the others left-masked), and they stream
+under new row numbers.
 """
 from __future__ import annotations
 
