@@ -44,6 +44,7 @@ __all__ = ["SamplingParams", "Timing", "Completion", "Delta", "Generation", "gen
 
 Prompt = str | Sequence[int]
 DROP_AFTER = 8  # finished rows leave a batch when the live ones have this many steps or more to go
+TRIM_AT_LEAST = 8  # leading cache columns no row needs (left padding of rows that left) go in runs this long
 
 
 class GenerationError(ValueError):
@@ -251,7 +252,7 @@ class Generation:
         if not callable(getattr(self.backend, "add_rows", None)):
             return False
         live = [b for b in self._batch.slots if self.completions[b].finish_reason is None]
-        width = max([self._batch.width if live else 0, *prompt_lengths,
+        width = max([self._width_at_join() if live else 0, *prompt_lengths,
                      *(len(self.prompt_ids[b]) for b in self._joining)])
         left = max([*max_new_tokens, *(self.params[b].max_new_tokens for b in self._joining),
                     *(self.params[b].max_new_tokens - len(self.completions[b].token_ids) for b in live)])
@@ -292,7 +293,10 @@ class Generation:
             if keep and can_drop and len(keep) < len(st.slots) and (self._joining or self._worth_dropping(st.slots, keep)):
                 backend.keep_rows(keep)  # finished rows leave the batch: later steps compute the live ones only
                 st.take(keep)
+                self._trim()
             if self._joining:
+                if keep:
+                    self._trim()
                 yield from self._join(bool(keep))
                 continue
             if not keep:
@@ -303,6 +307,31 @@ class Generation:
             st.next_pos += 1
             yield from self._emit([self._advance(b, logits[i], len(self.completions[b].token_ids), self._start[b], 0.0)
                                    for i, b in enumerate(st.slots) if self.completions[b].finish_reason is None])
+
+    def _lead(self, rows: list[int] | None = None) -> int:
+        """Leading cache columns that none of these cache rows (default: all) needs, when drop_front would remove
+        them (TRIM_AT_LEAST or more); else 0."""
+        st = self._batch
+        rows = list(range(len(st.slots))) if rows is None else rows
+        if not st.width or not rows or not callable(getattr(self.backend, "drop_front", None)):
+            return 0
+        lead = int(np.argmax(st.mask[rows, :st.width].any(axis=0)))
+        return lead if lead >= TRIM_AT_LEAST else 0
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns no row needs (the left padding of rows that left): the cache of a batch
+        that rows keep joining stays as wide as its rows need, not as long as it has run."""
+        lead, st = self._lead(), self._batch
+        if lead:
+            self.backend.drop_front(lead)
+            st.mask, st.width = st.mask[:, lead:], st.width - lead
+
+    def _width_at_join(self) -> int:
+        """The cache's width when rows join next: finished rows leave first (with keep_rows), then it is trimmed."""
+        st = self._batch
+        if not callable(getattr(self.backend, "keep_rows", None)):
+            return st.width - self._lead()
+        return st.width - self._lead([i for i, b in enumerate(st.slots) if self.completions[b].finish_reason is None])
 
     def _join(self, running: bool) -> Iterator[Delta]:
         """Prefill the joining rows (as the batch's first rows, or beside the running ones) and sample their first

@@ -9,7 +9,7 @@ wheel to the lent device):
    torch CUDA fp32 (max|Δlogits|) and fp16 (top-1 agreement); onnxruntime CUDA EP with IO binding,
    fp32 and fp16, driven step by step through the runtime's backend (prefill then one-token decode),
    checking that every present/past OrtValue stays on the GPU; greedy token identity over 64 tokens.
-   Cache surgery on the device: Backend.rewind, keep_rows and add_rows (onnxruntime CUDA concat and shared,
+   Cache surgery on the device: Backend.rewind, keep_rows, add_rows and drop_front (onnxruntime CUDA concat and shared,
    torch CUDA) against never having had the dropped positions / rows; speculative decoding on a batch
    (runtime/speculative.py, concat caches with holes) against plain generation, token for token.
 2. Speed: TTFT, decode tok/s, per-token latency p50/p95; batch 1 and 8; fp32 and fp16; torch eager
@@ -82,6 +82,15 @@ def cache_ops(backend, vocab: int) -> dict:
     backend.forward(ids[keep], ones[keep, :12], pos[keep, :12])
     want = backend.forward(nxt[keep, :1], ones[keep, :13], pos[keep, 12:13])
     out["keep_rows_max_abs_diff"] = float(np.abs(got - want).max())
+    pad = ones[:, :12].copy()  # drop_front: 4 positions of left padding in every row, dropped
+    pad[:, :4] = 0
+    backend.reset(3)
+    backend.forward(ids, pad, np.maximum(np.cumsum(pad, 1) - 1, 0))
+    backend.drop_front(4)
+    got = backend.forward(nxt[:, :1], ones[:, :9], np.full((3, 1), 8))
+    backend.reset(3)
+    backend.forward(ids[:, 4:], ones[:, :8], pos[:, :8])
+    out["drop_front_max_abs_diff"] = float(np.abs(got - backend.forward(nxt[:, :1], ones[:, :9], np.full((3, 1), 8))).max())
     backend.reset(2)  # add_rows: rows 0 and 2 run 12 positions, row 1 joins with 7, then one step of all three
     backend.forward(ids[keep], ones[keep, :12], pos[keep, :12])
     joined = backend.add_rows(ids[1:2, :7], ones[:1, :7], pos[:1, :7])

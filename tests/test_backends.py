@@ -211,6 +211,49 @@ def test_rows_admitted_into_a_running_batch_get_their_tokens_alone(ort_tiny, ort
         g.admit([[1, 2, 3]], sp(1))
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-shared", "torch"])
+def test_drop_front_equals_never_having_had_the_padding(ort_tiny, ort_tiny_shared, torch_tiny, backend):
+    be = {"onnxruntime": ort_tiny, "onnxruntime-shared": ort_tiny_shared, "torch": torch_tiny}[backend]
+    rng = np.random.default_rng(2)
+    ids, nxt = rng.integers(0, 512, (2, 9)), rng.integers(0, 512, (2, 1))
+    mask = np.ones((2, 9), np.int64)
+    mask[:, :3] = 0  # both rows left-padded by 3 (row 1 by 5)
+    mask[1, 3:5] = 0
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    be.reset(2)
+    be.forward(ids, mask, pos)
+    be.drop_front(3)
+    assert be.past_length == 6
+    got = be.forward(nxt, np.concatenate([mask[:, 3:], np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1)
+    be.reset(2)
+    be.forward(ids[:, 3:], mask[:, 3:], pos[:, 3:])
+    want = be.forward(nxt, np.concatenate([mask[:, 3:], np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1)
+    assert max_abs_diff(got, want) < 1e-5
+    with pytest.raises(BackendError, match="cannot drop"):
+        be.drop_front(8)
+
+
+def test_a_batch_that_rows_keep_joining_stays_narrow(ort_tiny, ort_tiny_shared, torch_tiny, monkeypatch):
+    """A long prompt's row leaves; the short row left behind no longer needs its left padding, which is dropped
+    (drop_front) before a new row joins: tokens stay each prompt's alone."""
+    from runtime.generate import Generation
+
+    sp = [SamplingParams(temperature=0, max_new_tokens=n, repetition_penalty=3.0, stop_token_ids=()) for n in (4, 30, 12)]
+    prompts = [list(range(1, 41)), [9, 8, 7], [5, 6]]
+    for be in (ort_tiny, ort_tiny_shared, torch_tiny):
+        dropped, original = [], type(be).drop_front
+        monkeypatch.setattr(type(be), "drop_front", lambda self, n, original=original: (dropped.append(n), original(self, n)))
+        alone = [generate(be, None, [p], s)[0].token_ids for p, s in zip(prompts, sp)]
+        g = Generation(be, None, prompts[:2], sp[:2])
+        for d in g:
+            if d.row == 1 and len(g.completions[1].token_ids) == 10:
+                g.admit([prompts[2]], sp[2])
+                widths = g._batch.width
+        assert [c.token_ids for c in g.completions] == alone, be.name
+        assert dropped == [37] and widths < 40 - 37 + 10 + 1, (be.name, dropped, widths)  # row 1's padding went
+        monkeypatch.undo()
+
+
 def test_seeded_sampling_is_reproducible(ort_tiny):
     params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=32, seed=11, stop_token_ids=())
     a, b = (generate(ort_tiny, None, PROMPTS, params) for _ in range(2))

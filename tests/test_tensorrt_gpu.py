@@ -213,7 +213,7 @@ def test_greedy_tokens_identical_to_onnxruntime(trained, tmp_path):
 
 
 def test_cache_surgery_equals_a_fresh_cache(fp32_engine):
-    """rewind (a 2D device copy), keep_rows (device runs) and add_rows (a merge through the host): each next
+    """rewind and drop_front (2D device copies), keep_rows (device runs) and add_rows (a merge through the host): each next
     step equals the same step on a cache that never held the dropped positions / rows, or the row alone."""
     backend = TensorRTBackend(fp32_engine[0])
     rng = np.random.default_rng(3)
@@ -230,6 +230,15 @@ def test_cache_surgery_equals_a_fresh_cache(fp32_engine):
     backend.rewind(8)
     got = backend.forward(nxt, ones[:, :9], pos[:, 8:9])
     assert max_abs_diff(got, fresh([0, 1], 8)) <= 1e-5
+    backend.reset(2)  # drop_front: 2 positions of left padding in both rows, dropped
+    pad = ones[:, :10].copy()
+    pad[:, :2] = 0
+    backend.forward(ids, pad, np.maximum(np.cumsum(pad, 1) - 1, 0))
+    backend.drop_front(2)
+    got = backend.forward(nxt, ones[:, :9], np.array([[8], [8]]))
+    backend.reset(2)
+    backend.forward(ids[:, 2:], ones[:, :8], pos[:, :8])
+    assert max_abs_diff(got, backend.forward(nxt, ones[:, :9], np.array([[8], [8]]))) <= 1e-5
     backend.reset(2)
     backend.forward(ids, ones[:, :10], pos[:, :10])
     backend.keep_rows([1])

@@ -48,6 +48,11 @@ class Backend(Protocol):
         a backend without it keeps finished rows riding along.
         """
 
+    def drop_front(self, n: int) -> None:
+        """Drop every row's first n cached positions (0 <= n <= past_length): columns the mask leaves out in
+        every row, such as the left padding of rows that have left the batch. Optional: Generation trims a
+        running batch's cache with it, so rows joining over a long run do not widen it without end."""
+
     def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Prefill n new rows beside the cached ones and append them to the batch; returns their logits.
 
@@ -98,6 +103,14 @@ def check_rewind(length: int, past_length: int) -> int:
         raise BackendError(f"cannot rewind the KV cache to {length} positions: it holds {past_length}; "
                            f"rewind only drops positions (0 <= length <= past_length)")
     return past_length - length
+
+
+def check_drop_front(n: int, past_length: int) -> int:
+    """The check every backend's drop_front makes; returns the positions left."""
+    if not 0 <= n <= past_length:
+        raise BackendError(f"cannot drop the first {n} positions of a KV cache holding {past_length} "
+                           f"(0 <= n <= past_length)")
+    return past_length - n
 
 
 def check_keep_rows(rows, batch: int) -> list[int]:

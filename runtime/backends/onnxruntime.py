@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError, check_io, resolve_onnx
-from . import BackendError, check_add_rows, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
+from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MIN_CAPACITY = 128  # kv_cache="shared": positions a cache buffer holds at least (it doubles when outgrown)
@@ -175,6 +175,23 @@ class OnnxRuntimeBackend:
                                                            self._device_id) for v in self._past]
         self._length = length
 
+    def drop_front(self, n: int) -> None:
+        """Drop every row's first n positions. Shared buffers: rows are left-aligned there (no padding is cached),
+        so only the mask's width shrinks. Concat: compacted in place on the CPU, through host memory on CUDA."""
+        length = check_drop_front(n, self._length)
+        if not n:
+            return
+        if self.kv_cache == "shared":
+            if (self._length - self._rows < n).any():
+                raise BackendError(f"cannot drop the first {n} positions: a row holds real tokens there")
+        elif self._device == "cpu":
+            self._past = [self._ort.OrtValue.ortvalue_from_numpy(_compact(v.numpy(), length, n)) for v in self._past]
+        else:
+            ort, dev = self._ort, self._device
+            self._past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, n:]), dev,
+                                                           self._device_id) for v in self._past]
+        self._length = length
+
     def keep_rows(self, rows) -> None:
         """Keep only these rows of the cache. On the CPU the kept rows move to the front of their own buffers
         (no allocation); on CUDA, a copy of the kept rows through host memory."""
@@ -321,14 +338,16 @@ class OnnxRuntimeBackend:
         self._capacity, self._bound = new_cap, None
 
 
-def _compact(a: np.ndarray, length: int) -> np.ndarray:
-    """(B, H, P, D) C-contiguous -> its first `length` positions as (B, H, length, D), moved within a's own
-    memory (each (b, h) block moves toward the start, in order, so no block overwrites one still to move);
+def _compact(a: np.ndarray, length: int, start: int = 0) -> np.ndarray:
+    """(B, H, P, D) C-contiguous -> its positions [start, start + length) as (B, H, length, D), moved within a's
+    own memory (each (b, h) block moves toward the start, in order, so no block overwrites one still to move);
     the result is a view of a."""
     B, H, P, D = a.shape
     flat, n = a.reshape(-1), length * D
-    for i in range(1, B * H):  # block 0 is already in place
-        flat[i * n:(i + 1) * n] = flat[i * P * D:i * P * D + n]  # numpy copies overlapping ranges correctly
+    for i in range(B * H):
+        src = (i * P + start) * D
+        if src != i * n:  # block 0 of a rewind is already in place
+            flat[i * n:(i + 1) * n] = flat[src:src + n]  # numpy copies overlapping ranges correctly
     return flat[:B * H * n].reshape(B, H, length, D)
 
 

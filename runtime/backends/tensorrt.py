@@ -32,7 +32,7 @@ from model.config import GPTConfig
 
 from ..artifact import Artifact, ArtifactError, check_io, input_names, resolve_file
 from ..files import atomic_write_text
-from . import BackendError, check_add_rows, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
+from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
 ENGINE_NAME = "model.engine"
@@ -466,17 +466,28 @@ class TensorRTBackend:
     def rewind(self, length: int) -> None:
         """Drop the cache's positions past `length`: a device-to-device repack of the current past set into the
         other ping-pong set (the packed layout's row pitch changes), which becomes the past."""
-        if not check_rewind(length, self._length):
-            return
+        if check_rewind(length, self._length):
+            self._repack(0, length)
+
+    def drop_front(self, n: int) -> None:
+        """Drop every row's first n positions: the same repack as rewind, from position n on."""
+        length = check_drop_front(n, self._length)
+        if n:
+            self._repack(n, length)
+
+    def _repack(self, start: int, length: int) -> None:
+        """Keep positions [start, start + length) of every (batch, head) row: one cudaMemcpy2DAsync per tensor
+        from the current set into the other, which becomes the past."""
         cudart, c = self._cudart, self.config
-        dpitch, spitch, width, height = rewind_copy(self._batch, c.n_head, c.head_dim,
-                                                    np.dtype(self.artifact.kv_dtype).itemsize, self._length, length)
+        itemsize = np.dtype(self.artifact.kv_dtype).itemsize
+        dpitch, spitch, width, height = rewind_copy(self._batch, c.n_head, c.head_dim, itemsize, self._length, length)
         src, dst = self._kv[self._current], self._kv[1 - self._current]
         if width:
             for s_ptr, d_ptr in zip(src, dst):
-                cuda_call(cudart, cudart.cudaMemcpy2DAsync(d_ptr, dpitch, s_ptr, spitch, width, height,
-                                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream),
-                          "rewind the KV cache (cudaMemcpy2DAsync)")
+                cuda_call(cudart, cudart.cudaMemcpy2DAsync(d_ptr, dpitch, s_ptr + start * c.head_dim * itemsize, spitch,
+                                                           width, height, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                                           self._stream),
+                          "repack the KV cache (cudaMemcpy2DAsync)")
             cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self._current, self._length = 1 - self._current, length
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..artifact import read_onnx_artifact
-from . import BackendError, check_add_rows, check_keep_rows, check_rewind, check_step
+from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step
 
 DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
           "float16": (torch.float16, "fp16"), "fp16": (torch.float16, "fp16")}
@@ -82,6 +82,12 @@ class TorchBackend:
         if check_rewind(length, self._length):
             self._past = tuple((k[:, :, :length], v[:, :, :length]) for k, v in self._past)
             self._length = length
+
+    def drop_front(self, n: int) -> None:
+        """Drop every row's first n positions (views of the rest; the next forward concatenates)."""
+        self._length = check_drop_front(n, self._length)
+        if n:
+            self._past = tuple((k[:, :, n:], v[:, :, n:]) for k, v in self._past)
 
     def keep_rows(self, rows) -> None:
         """Keep only these rows of the cache (index_select along the batch)."""
