@@ -144,6 +144,32 @@ def test_add_rows_equals_each_row_alone(ort_tiny, ort_tiny_shared, torch_tiny, b
         be.add_rows(new[:1], np.zeros((1, new_len), np.int64), np.zeros((1, new_len), np.int64))
 
 
+def test_chained_cache_ops_keep_their_memory(ort_tiny):
+    """keep_rows, rewind and drop_front back to back (no forward between; speculative decoding and continuous
+    batching do this) on the CPU concat cache: the arrays the OrtValues view are held by the backend itself.
+    The view `OrtValue.numpy()` gives of an OrtValue made from numpy does not keep that array alive; an
+    in-place op on it that outlived the wrapper read onnxruntime arena memory freed and reused by the next
+    run (a join after keep_rows + drop_front once gave a row wrong tokens)."""
+    rng = np.random.default_rng(4)
+    ids, more, nxt = rng.integers(0, 512, (3, 12)), rng.integers(0, 512, (3, 2)), rng.integers(0, 512, (2, 1))
+    mask = np.ones((3, 15), np.int64)
+    mask[:, :3] = 0
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    keep = [0, 2]
+    be = ort_tiny
+    be.reset(3)
+    be.forward(ids, mask[:, :12], pos[:, :12])
+    be.forward(more, mask[:, :14], pos[:, 12:14])
+    for op in (lambda: be.keep_rows(keep), lambda: be.rewind(12), lambda: be.drop_front(3)):
+        op()
+        assert all(np.shares_memory(v.numpy(), h) for v, h in zip(be._past, be._past_host))
+    got = be.forward(nxt, mask[keep, 3:13], pos[keep, 12:13])
+    be.reset(2)
+    be.forward(ids[keep, 3:], mask[keep, 3:12], pos[keep, 3:12])
+    want = be.forward(nxt, mask[keep, 3:13], pos[keep, 12:13])
+    assert max_abs_diff(got, want) < 1e-5
+
+
 def test_pack_rows_moves_runs_to_the_front():
     from runtime.backends import pack_rows
 
@@ -249,7 +275,7 @@ def test_a_batch_that_rows_keep_joining_stays_narrow(ort_tiny, ort_tiny_shared, 
             if d.row == 1 and len(g.completions[1].token_ids) == 10:
                 g.admit([prompts[2]], sp[2])
                 widths = g._batch.width
-        assert [c.token_ids for c in g.completions] == alone, be.name
+        assert [c.token_ids for c in g.completions] == alone, (be.name, getattr(be, "kv_cache", None))
         assert dropped == [37] and widths < 40 - 37 + 10 + 1, (be.name, dropped, widths)  # row 1's padding went
         monkeypatch.undo()
 

@@ -94,6 +94,7 @@ class OnnxRuntimeBackend:
         self._present_names = self.artifact.outputs[1:]
         self._io = self.session.io_binding()
         self._past: list | None = None  # OrtValues, one per past_key_values.* input
+        self._past_host: list | None = None  # CPU: the numpy arrays _past wraps, when this backend made them
         self._batch = 0
         self._length = 0  # positions in the cache (the mask's width so far)
         self.kv_cache = self.artifact.kv_cache
@@ -121,7 +122,7 @@ class OnnxRuntimeBackend:
         # Step 0's empty past (B, nh, 0, hs): zero-length host tensors; zero bytes to copy even on CUDA
         empty = np.zeros((batch_size, c.n_head, 0, c.head_dim), dtype=self._kv_dtype)
         ov = self._ort.OrtValue.ortvalue_from_numpy(empty)
-        self._past = [ov] * len(self._past_names)
+        self._past, self._past_host = [ov] * len(self._past_names), None
         self._batch, self._length = batch_size, 0
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -151,7 +152,7 @@ class OnnxRuntimeBackend:
             io.bind_output(name, self._device, self._device_id)  # onnxruntime allocates (B, nh, P+T, hs) there
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        self._past = list(outputs[1:])  # stays on the device: next step's past
+        self._past, self._past_host = list(outputs[1:]), None  # stays on the device: next step's past
         self._length += T
         return outputs[0].numpy().astype(np.float32, copy=False)  # (B, artifact.logits_positions(T), V)
 
@@ -167,12 +168,8 @@ class OnnxRuntimeBackend:
             if (self._rows < drop).any():
                 raise BackendError(f"cannot rewind {drop} positions: a row holds only {int(self._rows.min())} real tokens")
             self._rows -= drop
-        elif self._device == "cpu":
-            self._past = [self._ort.OrtValue.ortvalue_from_numpy(_compact(v.numpy(), length)) for v in self._past]
         else:
-            ort, dev = self._ort, self._device
-            self._past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]), dev,
-                                                           self._device_id) for v in self._past]
+            self._put([_compact(a, length) if self._device == "cpu" else a[:, :, :length] for a in self._host()])
         self._length = length
 
     def drop_front(self, n: int) -> None:
@@ -184,12 +181,8 @@ class OnnxRuntimeBackend:
         if self.kv_cache == "shared":
             if (self._length - self._rows < n).any():
                 raise BackendError(f"cannot drop the first {n} positions: a row holds real tokens there")
-        elif self._device == "cpu":
-            self._past = [self._ort.OrtValue.ortvalue_from_numpy(_compact(v.numpy(), length, n)) for v in self._past]
         else:
-            ort, dev = self._ort, self._device
-            self._past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, n:]), dev,
-                                                           self._device_id) for v in self._past]
+            self._put([_compact(a, length, n) if self._device == "cpu" else a[:, :, n:] for a in self._host()])
         self._length = length
 
     def keep_rows(self, rows) -> None:
@@ -206,11 +199,8 @@ class OnnxRuntimeBackend:
                                                                       self._device, self._device_id)
                                for buf in self._cache]
             self._rows, self._bound = self._rows[rows], None
-        elif self._device == "cpu":
-            self._past = [self._ort.OrtValue.ortvalue_from_numpy(_keep(v.numpy(), rows)) for v in self._past]
         else:
-            self._past = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self._device,
-                                                                 self._device_id) for v in self._past]
+            self._put([_keep(a, rows) if self._device == "cpu" else a[rows] for a in self._host()])
         self._batch = len(rows)
 
     def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -232,19 +222,37 @@ class OnnxRuntimeBackend:
             self._rows[B:] = n_new
             self._length = width
             return logits
-        old = self._past
+        old, old_host = self._past, self._host()
         self.reset(n)
         try:
             logits = self.forward(input_ids, attention_mask, position_ids)
-        except Exception:
-            self._past, self._batch, self._length = old, B, L  # the running rows' cache is untouched
+        except Exception:  # the running rows' cache is untouched
+            self._past, self._past_host, self._batch, self._length = old, old_host, B, L
             raise
-        ort, dev = self._ort, self._device
-        merged = [merge_rows(o.numpy(), nw.numpy()) for o, nw in zip(old, self._past)]
-        self._past = [ort.OrtValue.ortvalue_from_numpy(m) if dev == "cpu" else
-                      ort.OrtValue.ortvalue_from_numpy(m, dev, self._device_id) for m in merged]
+        self._put([merge_rows(o, nw) for o, nw in zip(old_host, self._host())])
         self._batch, self._length = B + n, width
         return logits
+
+    def _host(self) -> list[np.ndarray]:
+        """The concat cache as host arrays: on the CPU, views whose memory stays alive while they do (the arrays
+        _put wrapped, or views of onnxruntime's own outputs); on CUDA, copies."""
+        if self._past_host is not None:
+            return self._past_host
+        return [v.numpy() for v in self._past]
+
+    def _put(self, arrays: list[np.ndarray]) -> None:
+        """Make these host arrays the concat cache: wrapped without a copy on the CPU, copied to the GPU on CUDA.
+        On the CPU the arrays stay referenced here, and _host hands them out again, never `OrtValue.numpy()`
+        of the wrappers: that view's base holds the OrtValue but not the numpy array it was made from, so an
+        in-place view of it outlives the memory once the wrapper goes (keep_rows then rewind read freed
+        onnxruntime arena memory that way)."""
+        ort = self._ort
+        if self._device == "cpu":
+            self._past, self._past_host = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], list(arrays)
+        else:
+            self._past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self._device, self._device_id)
+                          for a in arrays]
+            self._past_host = None
 
     # ------------------------------------------------------------------ kv_cache="shared"
 
