@@ -449,11 +449,13 @@ def test_tensorrt_rewind_copy_repacks_the_packed_cache():
 
     B, H, P, D, keep = 2, 3, 7, 4, 5
     cache = np.arange(B * H * P * D, dtype=np.float32).reshape(B, H, P, D)
-    dpitch, spitch, width, height = rewind_copy(B, H, D, 4, P, keep)
-    src, dst = cache.tobytes(), bytearray(B * H * keep * D * 4)
-    for r in range(height):
-        dst[r * dpitch: r * dpitch + width] = src[r * spitch: r * spitch + width]
-    assert np.array_equal(np.frombuffer(bytes(dst), np.float32).reshape(B, H, keep, D), cache[:, :, :keep])
+    for start in (0, 2):  # rewind keeps the first 5 positions; drop_front(2) the last 5
+        offset, dpitch, spitch, width, height = rewind_copy(B, H, D, 4, P, keep, start)
+        src, dst = cache.tobytes()[offset:], bytearray(B * H * keep * D * 4)
+        for r in range(height):
+            dst[r * dpitch: r * dpitch + width] = src[r * spitch: r * spitch + width]
+        got = np.frombuffer(bytes(dst), np.float32).reshape(B, H, keep, D)
+        assert np.array_equal(got, cache[:, :, start:start + keep])
 
 
 # ---------------------------------------------------------------------------------- logits="last:N"

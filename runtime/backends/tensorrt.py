@@ -321,11 +321,13 @@ class BufferPlan:
         return {**dict(zip(self.past_names, past)), **dict(zip(self.present_names, present))}
 
 
-def rewind_copy(batch: int, n_head: int, head_dim: int, itemsize: int, past: int, length: int) -> tuple[int, int, int, int]:
-    """cudaMemcpy2D's (dst pitch, src pitch, width, height), all in bytes but height, that repack a packed
-    (batch, n_head, past, head_dim) cache into a packed (batch, n_head, length, head_dim) one: one row per
-    (batch, head), keeping its first `length` positions."""
-    return length * head_dim * itemsize, past * head_dim * itemsize, length * head_dim * itemsize, batch * n_head
+def rewind_copy(batch: int, n_head: int, head_dim: int, itemsize: int, past: int, length: int,
+                start: int = 0) -> tuple[int, int, int, int, int]:
+    """cudaMemcpy2D's (source offset, dst pitch, src pitch, width, height), all in bytes but height, that repack
+    a packed (batch, n_head, past, head_dim) cache into a packed (batch, n_head, length, head_dim) one: one row
+    per (batch, head), keeping its positions [start, start + length) (rewind: start 0; drop_front: start n)."""
+    row = head_dim * itemsize
+    return start * row, length * row, past * row, length * row, batch * n_head
 
 
 def plan_buffers(artifact: Artifact, max_batch: int, max_seq: int) -> BufferPlan:
@@ -480,11 +482,12 @@ class TensorRTBackend:
         from the current set into the other, which becomes the past."""
         cudart, c = self._cudart, self.config
         itemsize = np.dtype(self.artifact.kv_dtype).itemsize
-        dpitch, spitch, width, height = rewind_copy(self._batch, c.n_head, c.head_dim, itemsize, self._length, length)
+        offset, dpitch, spitch, width, height = rewind_copy(self._batch, c.n_head, c.head_dim, itemsize, self._length,
+                                                            length, start)
         src, dst = self._kv[self._current], self._kv[1 - self._current]
         if width:
             for s_ptr, d_ptr in zip(src, dst):
-                cuda_call(cudart, cudart.cudaMemcpy2DAsync(d_ptr, dpitch, s_ptr + start * c.head_dim * itemsize, spitch,
+                cuda_call(cudart, cudart.cudaMemcpy2DAsync(d_ptr, dpitch, s_ptr + offset, spitch,
                                                            width, height, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                                                            self._stream),
                           "repack the KV cache (cudaMemcpy2DAsync)")
