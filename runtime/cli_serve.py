@@ -74,6 +74,16 @@ def check_limits(args) -> None:
                          f"({args.request_timeout}) > 0")
 
 
+def check_engine_batch(backends, max_batch: int) -> None:
+    """A TensorRT engine holds at most the batch it was built for: --max-batch above it would fail whole
+    batches (or rows joining one) at run time, so it is refused at startup."""
+    for b in backends:
+        limit = getattr(getattr(b, "meta", None), "max_batch", None)
+        if b is not None and limit is not None and max_batch > limit:
+            raise ValueError(f"--max-batch {max_batch} exceeds the {limit} rows {getattr(b, 'path', 'the engine')} was "
+                             f"built for; serve with --max-batch {limit}, or rebuild the engine with --max-batch {max_batch}")
+
+
 def run(args) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key)  # before anything slow: a refused bind costs nothing
@@ -91,6 +101,7 @@ def run(args) -> int:
     # a pair that cannot speculate is refused here, at startup, not per request
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
                                provider=args.provider, threads=args.threads)
+    check_engine_batch((backend, draft), args.max_batch)
     path = Path(args.model)
     name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model
     settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 
 from runtime.backends import load_backend  # noqa: E402
 from runtime.cli import main  # noqa: E402
-from runtime.cli_serve import check_bind, is_loopback  # noqa: E402
+from runtime.cli_serve import check_bind, check_engine_batch, is_loopback  # noqa: E402
 from runtime.generate import SamplingParams, generate  # noqa: E402
 from runtime.server import ServerSettings, create_app  # noqa: E402
 
@@ -348,3 +348,14 @@ def test_failed_batch_is_a_500_and_the_server_goes_on(tiny_onnx_dir, tokenizer):
         assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"], r.text
         r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_max_batch_above_a_tensorrt_engines_is_refused_at_startup():
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(meta=SimpleNamespace(max_batch=8), path="out/m.engine")
+    check_engine_batch((engine, None), 8)
+    check_engine_batch((SimpleNamespace(), None), 64)  # onnxruntime / torch: no engine limit
+    with pytest.raises(ValueError, match="--max-batch 16 exceeds the 8 rows out/m.engine was built for; serve with "
+                                         "--max-batch 8, or rebuild the engine with --max-batch 16"):
+        check_engine_batch((engine, None), 16)
