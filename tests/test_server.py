@@ -13,6 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -359,3 +360,18 @@ def test_max_batch_above_a_tensorrt_engines_is_refused_at_startup():
     with pytest.raises(ValueError, match="--max-batch 16 exceeds the 8 rows out/m.engine was built for; serve with "
                                          "--max-batch 8, or rebuild the engine with --max-batch 16"):
         check_engine_batch((engine, None), 16)
+
+
+def test_load_test_arrivals_are_all_at_once_or_a_seeded_poisson_process():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    assert load_test.arrivals(3, None, 0) == [0.0, 0.0, 0.0]
+    times = load_test.arrivals(2000, 4.0, 1)
+    assert times == load_test.arrivals(2000, 4.0, 1) != load_test.arrivals(2000, 4.0, 2)  # seeded by the round
+    gaps = np.diff([0.0] + times)
+    assert (gaps > 0).all() and abs(gaps.mean() - 0.25) < 0.02  # exponential gaps of mean 1 / rate
