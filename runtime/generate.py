@@ -290,13 +290,13 @@ class Generation:
             self._start[b] = start
         while True:
             keep = [i for i, b in enumerate(st.slots) if self.completions[b].finish_reason is None]
-            if keep and can_drop and len(keep) < len(st.slots) and (self._joining or self._worth_dropping(st.slots, keep)):
+            drop = keep and can_drop and len(keep) < len(st.slots) and (self._joining or self._worth_dropping(st.slots, keep))
+            if drop:
                 backend.keep_rows(keep)  # finished rows leave the batch: later steps compute the live ones only
                 st.take(keep)
+            if drop or keep and self._joining:  # what only finished rows needed goes before anything joins
                 self._trim()
             if self._joining:
-                if keep:
-                    self._trim()
                 yield from self._join(bool(keep))
                 continue
             if not keep:
