@@ -92,7 +92,8 @@ class Scheduler:
         self._running: list[Job] = []
         # written under self._cond (submit) or by the worker thread only; read by /health
         self.stats = {"jobs_submitted": 0, "jobs_rejected": 0, "jobs_dropped_while_queued": 0, "batches": 0,
-                      "rows": 0, "rows_admitted_running": 0, "largest_batch": 0, "rows_cancelled": 0, "tokens_generated": 0, "batch_errors": 0,
+                      "rows": 0, "rows_admitted_running": 0, "largest_batch": 0, "rows_cancelled": 0,
+                      "tokens_generated": 0, "batch_errors": 0,
                       "speculative_batches": 0, "guesses_drafted": 0, "guesses_accepted": 0}
 
     def start(self) -> "Scheduler":
