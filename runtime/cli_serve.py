@@ -39,8 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a batch's first request waits for others to join")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous (default): a request arriving while a batch runs joins it at its next step when "
-                        "it has rows free (not a --kv-cache shared pair's one-row speculative batch); static: it waits "
-                        "for the next batch")
+                        "it has rows free (not in a speculative batch); static: it waits for the next batch")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds from arrival to the last token, queueing included; then 504 / an error event")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")

@@ -6,8 +6,8 @@ keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and run
 `Generation`: shared forward passes, each row with its own SamplingParams (with a draft, a batch decodes
 speculatively, runtime/speculative.py; on a kv_cache="shared" pair only a batch of one row does). Jobs
 that arrive while a batch runs join it between two steps (continuous batching, `Generation.admit`), in
-FIFO order, while it has fewer than `max_batch` live rows and its cache fits them (a speculative batch
-too, unless a kv_cache="shared" pair runs it: one row); otherwise they wait for the next one. A full queue refuses at once (`Overloaded`), so nothing
+FIFO order, while it has fewer than `max_batch` live rows and its cache fits them; otherwise (or in a
+speculative batch) they wait for the next one. A full queue refuses at once (`Overloaded`), so nothing
 hangs.
 A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
 rows cancelled at the next step; the other rows of the batch go on.

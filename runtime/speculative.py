@@ -132,15 +132,6 @@ class Depth:
                 self.hits[:a] += 1
 
 
-def _left_padded(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask, positions), each (len(prompts), longest): the prompts aligned right, zeros on the left."""
-    P = max(len(p) for p in prompts)
-    ids, mask = np.zeros((len(prompts), P), np.int64), np.zeros((len(prompts), P), np.int64)
-    for j, p in enumerate(prompts):
-        ids[j, P - len(p):], mask[j, P - len(p):] = p, 1
-    return ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-
-
 def load_pair(backend: str, model: str, draft: str | None, speculate: int | None = None, **options):
     """(target, draft) as the CLIs load them; draft is None without `draft`. With one, both sessions stop
     their threads spinning between runs (they take turns on the same cores) and the pair is checked now,
@@ -224,18 +215,6 @@ class _Cache:
         self.length += W
         return logits
 
-    def add_rows(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Prefill new rows beside the cached ones (Backend.add_rows: both sides aligned right, the narrower
-        one's left a hole); their last position's logits."""
-        logits = self.backend.add_rows(ids, mask, pos)[:, -1]
-        B, P, L = len(self.real), ids.shape[1], self.length
-        width = max(L, P)
-        grown = np.ones((B + len(ids), self.mask.shape[1]), np.int64)
-        grown[:B, :width - L], grown[:B, width - L:width] = 0, self.mask[:, :L]
-        grown[B:, :width - P], grown[B:, width - P:width] = 0, mask
-        self.mask, self.real, self.length = grown, np.concatenate([self.real, mask.sum(1)]), width
-        return logits
-
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows (Backend.keep_rows), with their masks and lengths."""
         self.backend.keep_rows(rows)
@@ -266,9 +245,6 @@ class SpeculativeGeneration(Generation):
         speculate: tokens the draft guesses per round at most (>= 1).
         adaptive: choose each round's number of guesses, 0..speculate, from the measured acceptance and
             step costs (Depth); False always guesses `speculate` (the output is the same either way).
-
-    `admit()` adds rows between rounds (Generation.admit): both caches gain them (Backend.add_rows), and the
-    draft takes in their prompts then, or with its first round if it has cached nothing yet.
     """
 
     def __init__(self, backend, tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams],
@@ -288,42 +264,15 @@ class SpeculativeGeneration(Generation):
         self.stats = {"rounds": 0, "plain_rounds": 0, "drafted": 0, "accepted": 0, "acceptance": 0.0,
                       "tokens_per_target_step": 0.0}
         self._row_steps = 0  # target steps times the rows live in them
-        self._running = None  # while iterating: (target _Cache, slots, live), what fits() reads
-
-    @property
-    def rows(self) -> int:
-        """Rows running or waiting to join (finished ones not counted)."""
-        if self._running is None:
-            return len(self.prompt_ids)
-        return int(self._running[2].sum()) + len(self._joining)
-
-    def _register(self, ids: list[list[int]], params: list[SamplingParams]) -> list[int]:
         # the draft guesses greedily under each row's repetition penalty: the best guess of the target's pick
-        self._guess_params = getattr(self, "_guess_params", []) + [
-            SamplingParams(temperature=0, repetition_penalty=sp.repetition_penalty) for sp in params]
-        return super()._register(ids, params)
-
-    def admit(self, prompts: Sequence[Prompt], params) -> list[int]:
-        if not all(batches(b) for b in (self.backend, self.draft)):
-            raise GenerationError("a --kv-cache shared pair speculates one prompt at a time and takes no rows while it "
-                                  "runs; run these prompts in the next batch")
-        return super().admit(prompts, params)
+        self._guess_params = [SamplingParams(temperature=0, repetition_penalty=sp.repetition_penalty)
+                              for sp in self.params]
 
     def fits(self, prompt_lengths: Sequence[int], max_new_tokens: Sequence[int]) -> bool:
-        """Whether rows can join (Generation.fits): both caches must batch (concat graphs) and add rows, and the
-        target's cache, holes included, must hold every row's remaining tokens within block_size."""
-        if not all(batches(b) and callable(getattr(b, "add_rows", None)) for b in (self.backend, self.draft)):
-            return False
-        width, live = 0, []
-        if self._running is not None:
-            tc, slots, alive = self._running
-            live = [slots[i] for i in np.flatnonzero(alive)]
-            width = tc.length
-        waiting = self._joining if self._running is not None else range(len(self.prompt_ids))
-        width = max([width, *prompt_lengths, *(len(self.prompt_ids[b]) for b in waiting)])
-        left = max([*max_new_tokens, *(self.params[b].max_new_tokens for b in waiting),
-                    *(self.params[b].max_new_tokens - len(self.completions[b].token_ids) for b in live)])
-        return width + left <= self.backend.config.block_size
+        return False  # a speculative batch runs the rows it started with
+
+    def admit(self, prompts: Sequence[Prompt], params) -> list[int]:
+        raise GenerationError("a speculative batch takes no rows while it runs; run these prompts in the next batch")
 
     def __iter__(self) -> Iterator[Delta]:
         if self._started:
@@ -331,7 +280,6 @@ class SpeculativeGeneration(Generation):
         self._started = True
         target, draft, K, B = self.backend, self.draft, self.speculate, len(self.prompt_ids)
         cs = self.completions
-        self._joining = []  # every row registered so far is in the first prefill
         # the caches' rows, in their order (finished rows leave them: keep_rows); the arrays below follow it
         slots = list(range(B))
         can_drop = all(callable(getattr(b, "keep_rows", None)) for b in (target, draft))
@@ -343,41 +291,15 @@ class SpeculativeGeneration(Generation):
         deltas = [self._advance(b, logits[b], 0, t0, prefill) for b in range(B)]
         t_prev = time.perf_counter() - t0
         live = np.array([not d.finish_reason for d in deltas])
-        self._running = (tc, slots, live)
         yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
-        if not live.any() and not self._joining:
-            self._done = True
+        if not live.any():
             return
         dc = _Cache(draft, B)
         # the target caches prompt + output but its last token (`pending`); the draft caches + todo: prompt + output
-        pending = np.array([c.token_ids[-1] if c.token_ids else 0 for c in cs[:B]], np.int64)
+        pending = np.array([c.token_ids[-1] if c.token_ids else 0 for c in cs], np.int64)
         # the draft's prefill rides with its first round; a finished row feeds the draft a filler token
-        todo = [list(p) + [pending[b]] if live[b] else [0] for b, p in enumerate(self.prompt_ids[:B])]
+        todo = [list(p) + [pending[b]] if live[b] else [0] for b, p in enumerate(self.prompt_ids)]
         while True:
-            if self._joining:  # rows admitted since the last round join both caches (finished ones may ride along)
-                new, self._joining = self._joining, []
-                ids, mask, pos = _left_padded([self.prompt_ids[b] for b in new])
-                t = time.perf_counter()
-                logits = tc.add_rows(ids, mask, pos)
-                fresh = not dc.length  # the draft has cached nothing yet: its prefill still rides with a round
-                if fresh:
-                    dc = _Cache(draft, len(slots) + len(new))
-                else:
-                    dc.add_rows(ids, mask, pos)
-                joined = [self._advance(b, logits[j], 0, self._start[b], time.perf_counter() - t)
-                          for j, b in enumerate(new)]
-                first = [cs[b].token_ids[-1] if cs[b].token_ids else 0 for b in new]
-                slots = slots + new
-                live = np.concatenate([live, [not d.finish_reason for d in joined]])
-                pending = np.concatenate([pending, np.array(first, np.int64)])
-                todo = todo + [(list(self.prompt_ids[b]) if fresh else []) + [first[j]] if not joined[j].finish_reason
-                               else [0] for j, b in enumerate(new)]
-                self._running = (tc, slots, live)
-                yield from (d for d in joined if d.text or d.token_ids or d.finish_reason)
-                continue
-            if not live.any():
-                self._done = True
-                return
             n, rows = len(slots), [int(i) for i in np.flatnonzero(live)]  # rows: the live ones, as cache rows
             left = max(self.params[slots[i]].max_new_tokens - len(cs[slots[i]].token_ids) for i in rows)
             # room in the target's block: a round grows it by the most guesses one row keeps, while the slowest
@@ -414,22 +336,22 @@ class SpeculativeGeneration(Generation):
             s["accepted"] += int(accepted[rows].sum())
             self._row_steps += len(rows)
             self._update_stats()
-            self._running = (tc, slots, live)
             yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
-            if live.any():
-                self.depth.update(k, accepted[live].tolist(), seconds)
-                # a row keeps pending + its accepted guesses; the target's own pick (a correction or a bonus) is pending
-                tc.take_back(k - accepted, live)
-                pending = np.array([cs[b].token_ids[-1] if live[i] else 0 for i, b in enumerate(slots)], np.int64)
-                if k:  # the draft cached todo + guesses[:k-1]: a row keeps its accepted ones
-                    dc.take_back(k - 1 - np.minimum(accepted, k - 1), live)
-                    todo = [[guesses[i, k - 1]] if accepted[i] == k else [] for i in range(n)]
-                todo = [t + [pending[i]] if live[i] else [0] for i, t in enumerate(todo)]
-                keep = [int(i) for i in np.flatnonzero(live)]
-                if can_drop and len(keep) < n and (self._joining or self._worth_dropping(slots, keep)):
-                    tc.keep_rows(keep)  # finished rows leave both caches
-                    dc.keep_rows(keep)
-                    slots, live, pending, todo = [slots[i] for i in keep], live[keep], pending[keep], [todo[i] for i in keep]
+            if not live.any():
+                return
+            self.depth.update(k, accepted[live].tolist(), seconds)
+            # a row keeps pending + its accepted guesses; the target's own pick (a correction or a bonus) is pending
+            tc.take_back(k - accepted, live)
+            pending = np.array([cs[b].token_ids[-1] if live[i] else 0 for i, b in enumerate(slots)], np.int64)
+            if k:  # the draft cached todo + guesses[:k-1]: a row keeps its accepted ones
+                dc.take_back(k - 1 - np.minimum(accepted, k - 1), live)
+                todo = [[guesses[i, k - 1]] if accepted[i] == k else [] for i in range(n)]
+            todo = [t + [pending[i]] if live[i] else [0] for i, t in enumerate(todo)]
+            keep = [int(i) for i in np.flatnonzero(live)]
+            if can_drop and len(keep) < n and self._worth_dropping(slots, keep):  # finished rows leave both caches
+                tc.keep_rows(keep)
+                dc.keep_rows(keep)
+                slots, live, pending, todo = [slots[i] for i in keep], live[keep], pending[keep], [todo[i] for i in keep]
 
     def _guess(self, dc: _Cache, todo: list[list[int]], slots: list[int], rows: list[int], k: int) -> np.ndarray:
         """(n, k) draft guesses for the live cache `rows` (slots: each cache row's prompt row): the draft's greedy

@@ -243,38 +243,6 @@ def test_a_batch_gets_each_rows_own_output(exports, draft, adaptive):
         assert g.stats["acceptance"] > 0.9 and g.stats["tokens_per_target_step"] > 3.5, g.stats
 
 
-@pytest.mark.parametrize("draft", ["int8_concat", "other"])
-def test_rows_join_a_speculative_batch(exports, draft):
-    """Continuous batching on a speculative batch: rows join during the prefill's deltas, and at the delta that
-    finishes the last running row (they then run beside finished rows); each gets the tokens it gets alone."""
-    t, dr = ort(exports["target_concat"]), ort(exports[draft], spinning=False)
-
-    def sp(n, **kw):
-        return SamplingParams(**{"temperature": 0, "max_new_tokens": n, "repetition_penalty": 3.0,
-                                 "stop_token_ids": (), **kw})
-
-    first = [([5, 17, 99, 3], sp(12)), ([8, 9], sp(9))]
-    joins = [[([7] * 20, sp(10)), ([3, 4], sp(14, temperature=0.9, seed=5))], [([50, 60, 70], sp(6))]]
-    everything = first + [r for rs in joins for r in rs]
-    alone = [generate(t, None, [p], s)[0].token_ids for p, s in everything]
-    g = SpeculativeGeneration(t, None, [p for p, _ in first], [s for _, s in first], dr, speculate=4)
-    waves = iter(joins)
-    for d in g:
-        if (d.row == 0 and len(g.completions) == 2) or all(c.finish_reason for c in g.completions[:4]) and \
-                len(g.completions) == 4:
-            rows = next(waves)
-            assert g.fits([len(p) for p, _ in rows], [s.max_new_tokens for _, s in rows])
-            g.admit([p for p, _ in rows], [s for _, s in rows])
-    assert [c.token_ids for c in g.completions] == alone
-    assert all(c.finish_reason == "length" for c in g.completions) and g.stats["drafted"] > 0
-    with pytest.raises(GenerationError, match="finished"):
-        g.admit([[1]], sp(1))
-    shared = SpeculativeGeneration(ort(exports["target_shared"]), None, [[1, 2]], sp(4), ort(exports["int8"]))
-    assert not shared.fits([2], [4])
-    with pytest.raises(GenerationError, match="one prompt at a time"):
-        shared.admit([[3]], sp(2))
-
-
 def test_a_batch_with_holes_matches_plain_batched_steps(exports, monkeypatch):
     """The caches' holes are exact: a batch whose rows keep different numbers of guesses (greedy rows beside
     sampled ones, every round 4 guesses) gives the plain batched Generation's tokens, a stop ending a row early."""
