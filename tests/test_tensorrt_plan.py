@@ -285,3 +285,19 @@ def test_buffer_plan_for_a_last_logits_engine_holds_one_position():
     # the sidecar keeps the mode, so the backend plans (and reads back) one position after a reload
     meta = dataclasses.replace(make_meta(), artifact=art)
     assert EngineMeta.from_dict(meta.to_dict()).artifact.logits == "last"
+
+
+def test_the_backend_presents_the_engines_context_as_block_size():
+    """An engine built with --max-seq below the model's block_size: generation (and the scheduler and server,
+    which check the same config) refuses a request beyond it up front, not inside the engine's profiles."""
+    from types import SimpleNamespace
+
+    from runtime.generate import Generation, GenerationError, SamplingParams
+
+    assert make_meta(max_seq=128).serving_config is TINY
+    short = make_meta(max_seq=32).serving_config
+    assert short.block_size == 32 and (short.n_layer, short.vocab_size) == (TINY.n_layer, TINY.vocab_size)
+    backend = SimpleNamespace(config=short, name="tensorrt")
+    Generation(backend, None, [[1] * 20], SamplingParams(max_new_tokens=12))
+    with pytest.raises(GenerationError, match="exceeds block_size 32"):
+        Generation(backend, None, [[1] * 20], SamplingParams(max_new_tokens=13))

@@ -142,6 +142,14 @@ class EngineMeta:
     def precision(self) -> str:
         return self.artifact.precision
 
+    @property
+    def serving_config(self) -> GPTConfig:
+        """The model's config with block_size cut to the positions this engine holds (max_seq), as the backend
+        presents it: generation, the scheduler and the server check lengths against it, so a request the
+        engine cannot run is refused up front instead of failing its whole batch in the engine's profile check."""
+        c = self.artifact.config
+        return c if self.max_seq >= c.block_size else dataclasses.replace(c, block_size=self.max_seq)
+
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["artifact"] = self.artifact.to_dict()
@@ -384,7 +392,7 @@ class TensorRTBackend:
         check_gpu(meta, gpu_name, cc, path)
 
         self.meta, self.artifact, self.path = meta, meta.artifact, path
-        self.config, self.precision = meta.artifact.config, meta.precision
+        self.config, self.precision = meta.serving_config, meta.precision
         self.provider = f"cuda:{device} ({gpu_name})"
         self._trt, self._cudart = trt, cudart
         self._ptrs: list[int] = []
