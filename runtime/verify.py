@@ -164,14 +164,8 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return logz - x[np.arange(len(x)), ids[1:]]
 
 
-def greedy_ids(backend, ids: np.ndarray, new: int) -> list[int]:
-    from .generate import SamplingParams, generate
-
-    [c] = generate(backend, None, [ids.tolist()], SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()))
-    return c.token_ids
-
-
 def greedy_batch(backend, prompts: list[np.ndarray], new: int) -> list[list[int]]:
+    """Greedy token ids of `new` tokens per prompt, the prompts run as one (left-padded) batch."""
     from .generate import SamplingParams, generate
 
     cs = generate(backend, None, [p.tolist() for p in prompts],
@@ -185,7 +179,7 @@ def measure(backend, prompts, windows, greedy_new: int) -> dict:
         "shapes": {f"B{b}xT{t}xP{p}": shape_logits(backend, b, t, p) for b, t, p in SHAPES},
         "prompts": [full_logits(backend, ids) for ids in prompts],
         "windows": [full_logits(backend, ids) for ids in windows],
-        "greedy": [greedy_ids(backend, ids, greedy_new) for ids in prompts[:GREEDY_PROMPTS]],
+        "greedy": [greedy_batch(backend, [ids], greedy_new)[0] for ids in prompts[:GREEDY_PROMPTS]],
         "batched": greedy_batch(backend, prompts[:GREEDY_PROMPTS], greedy_new),
     }
 

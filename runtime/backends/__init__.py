@@ -131,10 +131,7 @@ def check_add_rows(config, input_ids: np.ndarray, attention_mask: np.ndarray, po
     check_step(config, input_ids, attention_mask, position_ids, 0)
     if not np.asarray(attention_mask).any(axis=1).all():
         raise BackendError("add_rows: every new row needs at least one real token (a 1 in its attention_mask)")
-    width = max(past_length, input_ids.shape[1])
-    if width > config.block_size:  # not reached: check_step bounds P, past_length is bounded already
-        raise BackendError(f"add_rows would make the cache {width} positions wide (block_size {config.block_size})")
-    return width
+    return max(past_length, input_ids.shape[1])  # within block_size: check_step bounds both
 
 
 def merge_rows(old: np.ndarray, new: np.ndarray) -> np.ndarray:
