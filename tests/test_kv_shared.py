@@ -117,6 +117,23 @@ def test_capacity_grows_and_generation_matches_torch(shared_dir, torch_tiny, mon
     assert got == alone
 
 
+
+def test_cpu_buffers_outlive_reset_and_never_shrink(shared_dir, torch_tiny, monkeypatch):
+    """A one-row prompt longer than the buffers must grow them for every row they held: a wide batch after it
+    reuses the same arrays (no fresh pages to fault in mid-decode) and still generates like torch."""
+    import runtime.backends.onnxruntime as ortb
+
+    monkeypatch.setattr(ortb, "MIN_CAPACITY", 4)
+    be = load_backend("onnxruntime", str(shared_dir), threads=1)
+    generate(be, None, PROMPTS, GREEDY_VARIED)
+    rows, cap = be._base[0].shape[0], be._base[0].shape[2]
+    generate(be, None, [list(range(1, cap + 3))], SamplingParams(max_new_tokens=2, temperature=0.0))
+    base = be._base[0]
+    assert base.shape[0] >= rows and base.shape[2] >= cap + 4
+    got = [c.token_ids for c in generate(be, None, PROMPTS, GREEDY_VARIED)]
+    assert be._base[0] is base  # reused, not reallocated
+    assert got == [c.token_ids for c in generate(torch_tiny, None, PROMPTS, GREEDY_VARIED)]
+
 def test_quantized_shared_variant_generates_like_the_concat_one(tiny_model, tmp_path):
     """int8 with an in-place cache == int8 with a concat cache (one row at a time: int8's dynamic activation
     scale is per tensor, so a row's tokens depend on its batch-mates in either layout)."""

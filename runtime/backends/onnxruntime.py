@@ -335,6 +335,9 @@ class OnnxRuntimeBackend:
         c, cap = self.config, self._capacity
         new_cap = cap if length <= cap else min(c.block_size, max(length, 2 * cap, MIN_CAPACITY))
         rows = max(batch, min(2 * held, batch + 8)) if cpu and held and batch > held else batch
+        if cpu and self._base:  # never fewer rows or positions than before: a longer prompt for one row must not
+            # leave the next wide batch fresh pages to fault in (4% of a batch-8 decode here)
+            rows, new_cap = max(rows, self._base[0].shape[0]), max(new_cap, self._base[0].shape[2])
         grown = []
         for old in self._cache or [None] * len(self._past_names):
             host = np.zeros((rows, c.n_head, new_cap, c.head_dim), self._kv_dtype)
