@@ -321,8 +321,9 @@ class OnnxRuntimeBackend:
     def _reserve(self, length: int, batch: int | None = None) -> None:
         """Make the shared buffers hold `length` positions and `batch` rows (default: the batch's), keeping what
         the cached rows hold. Positions grow x2. On the CPU the buffers outlive reset() (a later batch that fits
-        reuses them: no fresh pages to fault in) and a batch that grows (rows joining it) gets room for up to
-        8 more rows, so the next joins only extend views of the same arrays."""
+        reuses them: no fresh pages to fault in), never shrink (they keep the most rows and positions any batch
+        needed), and a batch that grows (rows joining it) gets room for up to 8 more rows, so the next joins only
+        extend views of the same arrays."""
         cpu, held = self._device == "cpu", (len(self._rows) if self._cache else 0)
         batch = len(self._rows) if batch is None else batch
         if cpu and self._base and batch <= self._base[0].shape[0] and length <= self._base[0].shape[2]:
@@ -335,8 +336,8 @@ class OnnxRuntimeBackend:
         c, cap = self.config, self._capacity
         new_cap = cap if length <= cap else min(c.block_size, max(length, 2 * cap, MIN_CAPACITY))
         rows = max(batch, min(2 * held, batch + 8)) if cpu and held and batch > held else batch
-        if cpu and self._base:  # never fewer rows or positions than before: a longer prompt for one row must not
-            # leave the next wide batch fresh pages to fault in (4% of a batch-8 decode here)
+        if cpu and self._base:  # a longer prompt for one row must not leave the next wide batch fresh pages to
+            # fault in (4% of a batch-8 decode here)
             rows, new_cap = max(rows, self._base[0].shape[0]), max(new_cap, self._base[0].shape[2])
         grown = []
         for old in self._cache or [None] * len(self._past_names):
