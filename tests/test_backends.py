@@ -144,6 +144,30 @@ def test_add_rows_equals_each_row_alone(ort_tiny, ort_tiny_shared, torch_tiny, b
         be.add_rows(new[:1], np.zeros((1, new_len), np.int64), np.zeros((1, new_len), np.int64))
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-shared", "torch"])
+def test_a_failed_add_rows_leaves_the_running_rows_as_they_were(ort_tiny, ort_tiny_shared, torch_tiny, backend,
+                                                                 monkeypatch):
+    be = {"onnxruntime": ort_tiny, "onnxruntime-shared": ort_tiny_shared, "torch": torch_tiny}[backend]
+    rng = np.random.default_rng(2)
+    old, new, nxt = rng.integers(0, 512, (2, 6)), rng.integers(0, 512, (1, 9)), rng.integers(0, 512, (2, 1))
+    step = (nxt, np.ones((2, 7), np.int64), np.full((2, 1), 6))
+    be.reset(2)
+    be.forward(old, np.ones((2, 6), np.int64), np.tile(np.arange(6), (2, 1)))
+    want = be.forward(*step)
+    be.reset(2)
+    be.forward(old, np.ones((2, 6), np.int64), np.tile(np.arange(6), (2, 1)))
+
+    def fail(*a, **k):
+        raise RuntimeError("the prefill failed")
+
+    with monkeypatch.context() as m:  # the joining rows' prefill fails, however each backend runs it
+        m.setattr(be, "_run_rows" if backend == "onnxruntime-shared" else "forward", fail)
+        with pytest.raises(RuntimeError, match="the prefill failed"):
+            be.add_rows(new, np.ones((1, 9), np.int64), np.arange(9)[None])
+    assert be.past_length == 6
+    assert max_abs_diff(be.forward(*step), want) < 1e-5
+
+
 def test_chained_cache_ops_keep_their_memory(ort_tiny):
     """keep_rows, rewind and drop_front back to back (no forward between; speculative decoding and continuous
     batching do this) on the CPU concat cache: the arrays the OrtValues view are held by the backend itself.

@@ -216,9 +216,14 @@ class OnnxRuntimeBackend:
             if not all(attention_mask[j, -c:].all() for j, c in enumerate(n_new) if c):
                 raise BackendError("add_rows: the new rows' attention_mask must pad on the left only")
             self._reserve(width, B + n)
-            self._rows = np.concatenate([self._rows, np.zeros(n, np.int64)])
-            self._batch = B + n
-            logits = self._run_rows(range(B, B + n), input_ids, position_ids, n_new)
+            rows = self._rows
+            self._rows, self._batch = np.concatenate([rows, np.zeros(n, np.int64)]), B + n
+            try:
+                logits = self._run_rows(range(B, B + n), input_ids, position_ids, n_new)
+            except Exception:  # the running rows' cache is untouched: they go on alone
+                self._rows, self._batch, self._bound = rows, B, None
+                self._cache = [c[:B] for c in self._cache]
+                raise
             self._rows[B:] = n_new
             self._length = width
             return logits
