@@ -396,8 +396,8 @@ class TensorRTBackend:
         self.provider = f"cuda:{device} ({gpu_name})"
         self._trt, self._cudart = trt, cudart
         self._ptrs: list[int] = []
-        self._stream = None
-        cuda_call(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")
+        self._stream, self._device = None, device
+        self._on_device()
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -419,6 +419,11 @@ class TensorRTBackend:
         self._profile = -1
         self._batch, self._length, self._current = 0, 0, 0
 
+    def _on_device(self) -> None:
+        """Make this backend's GPU current for the calling thread (CUDA's current device is per host thread, and
+        the server steps from its scheduler thread, not the one that opened the engine)."""
+        cuda_call(self._cudart, self._cudart.cudaSetDevice(self._device), "cudaSetDevice")
+
     def _malloc(self, nbytes: int, what: str) -> int:
         ptr = int(cuda_call(self._cudart, self._cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({what}, {nbytes} bytes)"))
         self._ptrs.append(ptr)
@@ -433,6 +438,7 @@ class TensorRTBackend:
         self._batch, self._length, self._current = batch_size, 0, 0
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        self._on_device()
         cudart, ctx = self._cudart, self.context
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
@@ -488,6 +494,7 @@ class TensorRTBackend:
     def _repack(self, start: int, length: int) -> None:
         """Keep positions [start, start + length) of every (batch, head) row: one cudaMemcpy2DAsync per tensor
         from the current set into the other, which becomes the past."""
+        self._on_device()
         cudart, c = self._cudart, self.config
         itemsize = np.dtype(self.artifact.kv_dtype).itemsize
         offset, dpitch, spitch, width, height = rewind_copy(self._batch, c.n_head, c.head_dim, itemsize, self._length,
@@ -508,6 +515,7 @@ class TensorRTBackend:
         rows = check_keep_rows(rows, self._batch)
         if len(rows) == self._batch:
             return
+        self._on_device()
         cudart, c = self._cudart, self.config
         block = c.n_head * self._length * c.head_dim * np.dtype(self.artifact.kv_dtype).itemsize
         src, dst = self._kv[self._current], self._kv[1 - self._current]
@@ -527,6 +535,7 @@ class TensorRTBackend:
         B, L, current = self._batch, self._length, self._current
         width = check_add_rows(self.config, input_ids, attention_mask, position_ids, B, L)
         self.meta.select_profile(B + input_ids.shape[0], 1, width)  # the merged batch's next step must fit the engine
+        self._on_device()
         old = self._download(current, B, L)
         self.reset(input_ids.shape[0])
         try:
@@ -568,6 +577,7 @@ class TensorRTBackend:
         if cudart is None:
             return
         self.context = None  # the context goes before the memory it points at
+        cudart.cudaSetDevice(getattr(self, "_device", 0))  # no raise: this also runs from __del__
         for ptr in getattr(self, "_ptrs", []):
             cudart.cudaFree(ptr)
         self._ptrs = []
