@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,6 +28,19 @@ HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # buffers some writers save that are not weights (causal-mask caches)
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# HF GPT-2 config options that change what the model computes, with GPT-2's value (the only one this model
+# computes) and what another value does. reorder_and_upcast_attn is accepted: it only moves the 1/sqrt(head_dim)
+# scaling and upcasts under fp16 autocast; in fp32 transformers' logits are unchanged (bit-equal, 5.23).
+HF_FIXED_OPTIONS = {
+    "scale_attn_weights": (True, "leaves attention scores unscaled (no 1/sqrt(head_dim))"),
+    "scale_attn_by_inverse_layer_idx": (False, "divides layer i's attention scores by i + 1"),
+    "add_cross_attention": (False, "adds cross-attention layers over an encoder's output"),
+}
+# what transformers also accepts for GPT-2's config keys (GPT2Config.attribute_map)
+HF_ALIASES = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+              "n_positions": "max_position_embeddings"}
+# GPTConfig fields a nanoGPT model_args must give as integers
+INT_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "real_vocab_size")
 
 
 class CheckpointError(ValueError):
@@ -109,18 +123,26 @@ def _read_folder(path: Path) -> tuple[GPTConfig, dict, list[Path]]:
 def _config_from_hf(raw: dict, where: Path) -> GPTConfig:
     if raw.get("model_type") != "gpt2":
         raise CheckpointError(f"{where}: model_type {raw.get('model_type')!r} is not supported; only GPT-2 ('gpt2') is")
+    raw = {**{key: raw[alias] for key, alias in HF_ALIASES.items() if alias in raw}, **raw}
     act = raw.get("activation_function", "gelu_new")
     gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "exact"}.get(act)
     if gelu is None:
         raise CheckpointError(f"{where}: activation_function {act!r} is not supported (gelu_new or gelu)")
+    for key, (default, what) in HF_FIXED_OPTIONS.items():
+        if raw.get(key, default) != default:
+            raise CheckpointError(f"{where}: {key}={raw[key]!r} is not supported: it {what}, which this model "
+                                  f"does not compute (GPT-2's {key}={default!r})")
     n_embd = raw.get("n_embd", 768)
     if raw.get("n_inner") not in (None, 4 * n_embd):
         raise CheckpointError(f"{where}: n_inner={raw['n_inner']} is not supported (must be 4*n_embd={4 * n_embd})")
     vocab = raw.get("vocab_size", GPT2_VOCAB_SIZE)
-    return GPTConfig(
-        block_size=raw.get("n_positions", raw.get("n_ctx", 1024)), vocab_size=vocab, n_layer=raw.get("n_layer", 12),
-        n_head=raw.get("n_head", 12), n_embd=n_embd, bias=True, gelu=gelu,
-        layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5), real_vocab_size=_real_vocab(vocab))
+    try:
+        return GPTConfig(
+            block_size=raw.get("n_positions", raw.get("n_ctx", 1024)), vocab_size=vocab, n_layer=raw.get("n_layer", 12),
+            n_head=raw.get("n_head", 12), n_embd=n_embd, bias=True, gelu=gelu,
+            layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5), real_vocab_size=_real_vocab(vocab))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: does not describe a GPT-2: {e}") from None
 
 
 def _config_native(raw: dict, where: Path) -> GPTConfig:
@@ -140,14 +162,22 @@ def _read_nanogpt_ckpt(path: Path) -> tuple[GPTConfig, dict, list[Path]]:
         raise CheckpointError(f"{path}: a bare .safetensors has no config; put it in a folder with its config.json")
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = sorted(ckpt, key=str)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a nanoGPT checkpoint: expected keys 'model' and 'model_args', found {keys}")
+    if not isinstance(ckpt["model_args"], dict):
+        raise CheckpointError(f"{path}: model_args is {type(ckpt['model_args']).__name__}, not a dict of GPT settings "
+                              f"(n_layer, n_head, n_embd, block_size, vocab_size, ...) as nanoGPT's train.py saves")
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is {type(ckpt['model']).__name__}, not a state dict (name -> tensor)")
     args = dict(ckpt["model_args"])
     known = {f.name for f in dataclasses.fields(GPTConfig)} - {"dropout"}
-    vocab = int(args.get("vocab_size", GPT2_VOCAB_SIZE))
-    # nanoGPT's model_args have neither key: its MLP is nn.GELU() (exact) and its vocab may be padded
+    not_int = {k: args[k] for k in INT_FIELDS if k in args and type(args[k]) is not int and args[k] is not None}
+    if not_int:
+        raise CheckpointError(f"{path}: model_args {not_int} must be integers")
+    # nanoGPT's model_args have neither gelu nor real_vocab_size: its MLP is nn.GELU() (exact), its vocab may be padded
     args.setdefault("gelu", "exact")
-    args["real_vocab_size"] = args.get("real_vocab_size") or _real_vocab(vocab)
+    vocab = args.get("vocab_size", GPT2_VOCAB_SIZE)
+    args["real_vocab_size"] = args.get("real_vocab_size") or (_real_vocab(vocab) if type(vocab) is int else None)
     try:
         config = GPTConfig(**{k: v for k, v in args.items() if k in known})
     except (TypeError, ValueError) as e:
@@ -158,12 +188,19 @@ def _read_nanogpt_ckpt(path: Path) -> tuple[GPTConfig, dict, list[Path]]:
 def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure here means "not a safe checkpoint"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+    except Exception as e:  # noqa: BLE001 - every failure here means "not a safe, readable checkpoint"
+        # torch wraps the weights_only unpickler's error in a long generic one; the original is its context
+        inner = e.__context__ if isinstance(e, pickle.UnpicklingError) and e.__context__ is not None else e
+        msg = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+        # the unpickler read a well-formed pickle and refused what it builds (a global such as os.system, an
+        # object); "Unsupported operand" / "String is too long" mean bytes it cannot parse: not a checkpoint
+        if isinstance(e, pickle.UnpicklingError) and not msg.startswith(("Unsupported operand", "String is too long")):
             raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain containers, "
                                   f"which could run code on load (torch.load weights_only=True: {msg})") from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or another format?): {msg}") from None
+        hint = (" (model.onnx is an export, not a SOURCE: give the checkpoint it was exported from)"
+                if path.suffix == ".onnx" else "")
+        raise CheckpointError(f"{path} is not a torch checkpoint (ckpt.pt saved by torch.save), or it is truncated: "
+                              f"torch.load could not read it ({msg}){hint}") from None
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -197,7 +234,7 @@ def _download_from_hub(name: str) -> Path:
 
 # ---------------------------------------------------------------------------------- state dicts
 
-def _normalize_keys(state: dict) -> dict:
+def _normalize_keys(state: dict, where: Path) -> dict:
     out = {}
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
@@ -208,6 +245,10 @@ def _normalize_keys(state: dict) -> dict:
         if key.endswith(IGNORED_SUFFIXES):
             continue
         out[key] = tensor
+    wte, head = out.get("transformer.wte.weight"), out.get("lm_head.weight")
+    if wte is not None and head is not None and not torch.equal(wte, head):
+        raise CheckpointError(f"{where}: the checkpoint has an untied lm_head (lm_head.weight differs from "
+                              f"transformer.wte.weight), which this model (tied wte/lm_head, as GPT-2) cannot represent")
     if "lm_head.weight" not in out and "transformer.wte.weight" in out:
         out["lm_head.weight"] = out["transformer.wte.weight"]  # tied; safetensors stores it once
     out.pop("transformer.wte.weight", None)  # same storage as lm_head in our module
@@ -215,7 +256,7 @@ def _normalize_keys(state: dict) -> dict:
 
 
 def _load_state(model: GPT, state: dict, where: Path) -> None:
-    state = _normalize_keys(state)
+    state = _normalize_keys(state, where)
     expected = {k: v for k, v in model.state_dict().items() if k != "transformer.wte.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

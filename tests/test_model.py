@@ -178,7 +178,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
         load_model(tmp_path / "nope" / "ckpt.pt")
     junk = tmp_path / "junk.pt"
     junk.write_text("this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a torch checkpoint"):
         load_model(junk)
     # a pickle that would run code: refused, and nothing ran
     import os
@@ -245,3 +245,106 @@ def test_logits_to_keep_is_the_last_rows_of_the_full_logits(tiny_model, k):
     for (a, b), (c, e) in zip(present, present_k):  # the cache is the same whatever is kept
         assert torch.equal(a, c) and torch.equal(b, e)
     assert torch.equal(d_last, d_full)
+
+
+def test_untied_hf_checkpoint_is_refused(tmp_path):
+    # this model ties wte and lm_head (as GPT-2): an untied head must not silently replace the embedding
+    _hf_gpt2(tmp_path, n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16, tie_word_embeddings=False)
+    with pytest.raises(CheckpointError, match="untied lm_head.*tied"):
+        load_model(tmp_path)
+
+
+def test_untied_config_with_equal_weights_loads(tmp_path):
+    # tie_word_embeddings=False but wte == lm_head (e.g. a tied model saved untied): loads, parity with transformers
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16, tie_word_embeddings=False)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.copy_(hf.transformer.wte.weight)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_close("logits vs GPT2LMHeadModel", load_model(tmp_path)(ids)[0], hf(ids).logits, 1e-4)
+
+
+@pytest.mark.parametrize("option,value", [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
+                                          ("add_cross_attention", True), ("n_inner", 100)])
+def test_hf_config_options_that_change_the_math_are_refused(tmp_path, option, value):
+    _hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16, **{option: value})
+    with pytest.raises(CheckpointError, match=rf"config\.json: {option}={value}"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("option,value", [("reorder_and_upcast_attn", True), ("layer_norm_epsilon", 1e-2)])
+def test_hf_config_options_honoured(tmp_path, option, value):
+    # reorder_and_upcast_attn only reorders the scaling and upcasts under fp16 autocast: fp32 logits are the
+    # same (bit-equal in transformers 5.23, eager attention); layer_norm_epsilon is the model's layer_norm_eps
+    hf = _hf_gpt2(tmp_path, n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=128,
+                  attn_implementation="eager", **{option: value})
+    m = load_model(tmp_path)
+    ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _assert_close(f"{option}={value} logits vs GPT2LMHeadModel", m(ids)[0], hf(ids).logits, 1e-4)
+
+
+def test_hf_config_aliases_honoured_and_bad_values_refused(tmp_path):
+    # transformers also reads num_attention_heads etc. (GPT2Config.attribute_map); so does the loader
+    hf = _hf_gpt2(tmp_path, n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=128)
+    cfg_path = tmp_path / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["num_attention_heads"] = raw.pop("n_head")
+    cfg_path.write_text(json.dumps(raw))
+    m = load_model(tmp_path)
+    assert m.config.n_head == 4
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_close("logits vs GPT2LMHeadModel", m(ids)[0], hf(ids).logits, 1e-4)
+    cfg_path.write_text(json.dumps({**raw, "num_attention_heads": 5}))
+    with pytest.raises(CheckpointError, match=r"config\.json: does not describe a GPT-2: n_embd \(64\) must be divisible"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("ckpt", [
+    {"model": {}, "model_args": None},
+    {"model": {}, "model_args": [1, 2]},
+    {"model": {}, "model_args": {"n_layer": None, "n_head": 4, "n_embd": 64}},
+    {"model": {}, "model_args": {"vocab_size": None}},
+    {"model": {}, "model_args": {"n_layer": 2.0, "n_head": 4, "n_embd": 64}},
+    {"model": None, "model_args": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128, "vocab_size": 512}},
+    {0: torch.zeros(1), "model": {}},  # mixed-type keys, no model_args
+])
+def test_malformed_nanogpt_ckpt_is_a_checkpoint_error(tmp_path, ckpt):
+    path = tmp_path / "ckpt.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt.*(model_args|'model'|not a nanoGPT checkpoint)"):
+        load_model(path)
+
+
+def test_non_checkpoint_file_is_not_called_unsafe(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    good = tmp_path / "good.pt"
+    torch.save({"model": {}, "model_args": {}}, good)
+    (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:40])
+    for name in ("model.onnx", "empty.pt", "trunc.pt"):
+        with pytest.raises(CheckpointError, match="is not a torch checkpoint") as err:
+            load_model(tmp_path / name)
+        assert "run code" not in str(err.value), str(err.value)
+    with pytest.raises(CheckpointError, match="model.onnx is an export"):
+        load_model(tmp_path / "model.onnx")
+    # a protocol-2 pickle (torch's legacy format) naming os.system: still refused as unsafe, nothing ran
+    import os
+    marker = "/tmp/nanogpt_deploy_pwned"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    evil = tmp_path / "evil2.pt"
+    with open(evil, "wb") as f:
+        pickle.dump(_Evil(), f, protocol=2)
+    with pytest.raises(CheckpointError, match="refusing to load.*could run code"):
+        load_model(evil)
+    assert not os.path.exists(marker)
