@@ -78,6 +78,10 @@ class Completion:
                 "finish_reason": self.finish_reason, "stop": self.stop, "timing": self.timing.to_dict()}
 
 
+# Generation.release's stubs, one per finish_reason (never mutated: released rows are finished)
+_RELEASED: dict[str, Completion] = {}
+
+
 @dataclass
 class Delta:
     """What one row produced in one step: new text (never a partial UTF-8 character) and new ids."""
@@ -237,9 +241,24 @@ class Generation:
             return self.tokenizer.encode(prompt, allowed_special="all")
         return [int(t) for t in prompt]
 
+    def release(self, row: int) -> None:
+        """Forget a finished row: its Completion becomes a stub (finish_reason only) and its prompt, sampler and
+        text state go. A server's batch can run for hours while rows join and leave; it calls this once it has
+        handed a row's last Delta on, so memory follows the live rows, not every row the batch ever ran."""
+        reason = self.completions[row].finish_reason
+        if reason is None:
+            raise GenerationError(f"row {row} is still running; release() takes finished rows")
+        self.completions[row] = _RELEASED.setdefault(reason, Completion([], [], "", reason))
+        self.prompt_ids[row] = self.params[row] = self._samplers[row] = self._texts[row] = None
+        self._start[row] = self._last[row] = None
+
     def cancel(self, row: int) -> None:
         """Stop `row` at the next step (finish_reason "cancelled"); the other rows go on."""
         self._cancelled[row] = True
+
+    def cancelling(self, row: int) -> bool:
+        """Whether cancel(row) was called."""
+        return self._cancelled[row]
 
     @property
     def rows(self) -> int:
@@ -353,7 +372,8 @@ class Generation:
             logits = self.backend.forward(ids, mask, pos)[:, -1, :]  # (n, V); a logits="last" graph returns only this
         prefill = time.perf_counter() - t
         width = max(st.width, P)
-        left = max(self.params[b].max_new_tokens - len(self.completions[b].token_ids) for b in st.slots + rows)
+        left = max(self.params[b].max_new_tokens - len(self.completions[b].token_ids) for b in st.slots + rows
+                   if self.completions[b].finish_reason is None)
         full = np.ones((k + n, width + left), np.int64)  # the steps to come: every row is real there
         full[:k, :width - st.width] = 0  # the running rows gain masked positions on the left (Backend.add_rows)
         full[:k, width - st.width:width] = st.mask[:, :st.width]

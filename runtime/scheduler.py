@@ -181,30 +181,34 @@ class Scheduler:
             return batch
 
     def _run(self, batch: list[Job]) -> None:
-        owners = [(job, j) for job in batch for j in range(len(job.prompt_ids))]  # row -> (job, its prompt index)
+        rows = [(job, j) for job in batch for j in range(len(job.prompt_ids))]
+        owners = dict(enumerate(rows))  # live row -> (job, its prompt index); finished rows leave it
         self.running_rows, self._running = len(owners), batch
         self.stats["batches"] += 1
         self.stats["rows"] += len(owners)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(owners))
-        done = [False] * len(owners)  # finished or cancelled
         gen = None
         try:
             draft = draft_for(self.backend, self.draft, len(owners))  # a shared-cache pair speculates on lone rows
-            gen = make_generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in owners],
-                                  [job.params[j] for job, j in owners], draft, self.speculate)
+            gen = make_generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in rows],
+                                  [job.params[j] for job, j in rows], draft, self.speculate)
             last_row = -1
             for delta in gen:
                 if delta.row <= last_row:  # a new step began (deltas come in row order): cancellations, new jobs
-                    self._cancel_rows(gen, owners, done)
+                    self._cancel_rows(gen, owners)
                     if self._queue and self.continuous:
-                        self._admit(gen, owners, done, batch)
+                        self._admit(gen, owners, batch)
                 last_row = delta.row
                 job, j = owners[delta.row]
                 job.post(("delta", j, delta))
                 self.stats["tokens_generated"] += len(delta.token_ids)
                 if delta.finish_reason:
-                    done[delta.row] = True
+                    del owners[delta.row]
                     self.running_rows -= 1
+                    if self.continuous and draft is None:  # a batch rows keep joining holds only its live ones
+                        gen.release(delta.row)
+                        if all(o is not job for o, _ in owners.values()):
+                            batch.remove(job)
         except Exception as e:  # noqa: BLE001 - a failed batch must not kill the worker; every job hears why
             log.exception("batch of %d rows failed", len(owners))
             self.stats["batch_errors"] += 1
@@ -218,7 +222,7 @@ class Scheduler:
                 self.stats["guesses_drafted"] += spec["drafted"]
                 self.stats["guesses_accepted"] += spec["accepted"]
 
-    def _admit(self, gen: Generation, owners: list, done: list[bool], batch: list[Job]) -> None:
+    def _admit(self, gen: Generation, owners: dict, batch: list[Job]) -> None:
         """Queued jobs join the running batch, oldest first, while it has rows free and its cache fits them."""
         with self._cond:
             while (job := self._pop_live()) is not None and not self._closed:
@@ -231,18 +235,15 @@ class Scheduler:
                 except GenerationError as e:  # its own fault (the server validates first): the others go on
                     job.post(("error", f"generation failed: {e}"))
                     continue
-                assert rows == list(range(len(owners), len(owners) + len(rows)))
-                owners += [(job, j) for j in range(len(rows))]
-                done += [False] * len(rows)
+                owners.update((r, (job, j)) for j, r in enumerate(rows))
                 batch.append(job)
                 self.running_rows += len(rows)
                 self.stats["rows"] += len(rows)
                 self.stats["rows_admitted_running"] += len(rows)
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], gen.rows)
 
-    def _cancel_rows(self, gen: Generation, owners: list, done: list[bool]) -> None:
-        for r, (job, _) in enumerate(owners):
-            if job.cancelled and not done[r]:
+    def _cancel_rows(self, gen: Generation, owners: dict) -> None:
+        for r, (job, _) in owners.items():
+            if job.cancelled and not gen.cancelling(r):
                 gen.cancel(r)  # takes effect at the next step: the row ends with finish_reason "cancelled"
-                done[r] = True
                 self.stats["rows_cancelled"] += 1

@@ -261,6 +261,32 @@ def test_rows_admitted_into_a_running_batch_get_their_tokens_alone(ort_tiny, ort
         g.admit([[1, 2, 3]], sp(1))
 
 
+def test_released_rows_leave_a_long_running_batch(ort_tiny_shared):
+    """A server's batch runs while rows keep joining and leaving: release() drops what a finished row held, so
+    the batch holds its live rows only; the rows' tokens (as streamed) are still each prompt's alone."""
+    from runtime.generate import Generation, GenerationError
+
+    be, rng = ort_tiny_shared, np.random.default_rng(5)
+    reqs = [(rng.integers(1, 500, int(rng.integers(1, 9))).tolist(),
+             SamplingParams(temperature=0, max_new_tokens=int(rng.integers(1, 7)), stop_token_ids=())) for _ in range(40)]
+    got: dict[int, list[int]] = {}
+    g = Generation(be, None, [reqs[0][0]], [reqs[0][1]])
+    with pytest.raises(GenerationError, match="still running"):
+        g.release(0)
+    nxt = 1
+    for d in g:
+        got.setdefault(d.row, []).extend(d.token_ids)
+        if d.finish_reason:
+            g.release(d.row)
+        while nxt < len(reqs) and g.rows < 3 and g.fits([len(reqs[nxt][0])], [reqs[nxt][1].max_new_tokens]):
+            g.admit([reqs[nxt][0]], [reqs[nxt][1]])
+            nxt += 1
+    assert nxt == len(reqs) and len(g.completions) == len(reqs)
+    assert all(c.token_ids == [] and c.finish_reason == "length" for c in g.completions)  # stubs only
+    assert all(x is None for x in (*g.prompt_ids, *g.params, *g._samplers, *g._texts))
+    assert [got[r] for r in range(len(reqs))] == [generate(be, None, [p], s)[0].token_ids for p, s in reqs]
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-shared", "torch"])
 def test_drop_front_equals_never_having_had_the_padding(ort_tiny, ort_tiny_shared, torch_tiny, backend):
     be = {"onnxruntime": ort_tiny, "onnxruntime-shared": ort_tiny_shared, "torch": torch_tiny}[backend]
