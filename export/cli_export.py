@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="concat: present = Concat(past, new), standard ONNX that TensorRT and other runtimes run "
                         "(default); shared: onnxruntime's GroupQueryAttention updates one cache buffer in place "
                         "(faster decode, most at batch > 1; onnxruntime only, CUDA needs --dtype fp16)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
+    p.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset: 18 (default) up to the highest the installed torch exporter, onnx and "
+                        "onnxruntime support (23 with torch 2.13)")
     p.add_argument("--force", action="store_true", help="write into a DIR that holds unrelated files")
     p.add_argument("--no-gate", action="store_true",
                    help="record a variant's agreement with fp32 but do not fail on its thresholds")
@@ -50,20 +53,47 @@ def run(args) -> int:
 
     from model import GPT
 
-    from .onnx import MIN_OPSET, ExportError, export_onnx, prepare_out_dir
+    from .onnx import check_options, export_onnx, prepare_out_dir
 
-    if args.opset < MIN_OPSET:  # the cheap checks before a slow load
-        raise ExportError(f"--opset {args.opset} is below {MIN_OPSET}; the dynamo exporter needs --opset {MIN_OPSET} or higher")
-    prepare_out_dir(args.out, args.force)
-    stage(f"loading {args.source}")
-
-    model = GPT.from_pretrained(args.source)
-    path = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize,
-                       logits=args.logits, kv_cache=args.kv_cache, source=args.source, force=args.force,
-                       gate=False if args.no_gate else None, progress=stage)
+    check_options(args.opset, args.dtype, args.quantize, args.logits, args.kv_cache)  # cheap checks before a slow load
+    out = Path(args.out).expanduser()
+    made = missing_dirs(out)
+    try:
+        prepare_out_dir(out, args.force)
+        stage(f"loading {args.source}")
+        model = GPT.from_pretrained(args.source)
+        path = export_onnx(model, out, opset=args.opset, dtype=args.dtype, quantize=args.quantize,
+                           logits=args.logits, kv_cache=args.kv_cache, source=args.source, force=args.force,
+                           gate=False if args.no_gate else None, progress=stage)
+    except BaseException:
+        remove_made_dirs(made)  # a failed export leaves no DIR behind that it created; one that existed stays
+        raise
     summary = summarize(path, time.perf_counter() - t0)
     print(json.dumps(summary, sort_keys=True) if args.json else format_summary(summary))
     return 0
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """The folders of `path` that do not exist yet, deepest first: what creating it makes."""
+    made, p = [], path.absolute()
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    return made
+
+
+def remove_made_dirs(made: list[Path]) -> None:
+    """Remove the folders `missing_dirs` listed, deepest first, while they are empty (our `.export-*` temp
+    folders aside): never a file, nor a folder something else has since written into."""
+    from .onnx import clear_temp_dirs
+
+    if made and made[0].is_dir():
+        clear_temp_dirs(made[0])
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def summarize(path, seconds: float) -> dict:

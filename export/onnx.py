@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -37,10 +38,11 @@ from model import GPT
 from runtime.artifact import (KV_CACHES, Artifact, ArtifactError, input_names, logits_keep, output_names,
                               read_onnx_artifact)
 
-MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter
+MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter; the highest is max_opset()
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
 PARITY_ATOL = 1e-4
-# (batch, sequence, past, left padding of row 0): prefill, decode, chunked decode, left-padded prefill/decode
+# (batch, sequence, past, left padding of row 0): prefill, decode, chunked decode, left-padded prefill/decode;
+# a model with fewer than 12 positions (block_size) is checked at these shapes fitted to it (parity_shapes)
 PARITY_SHAPES = ((1, 1, 0, 0), (1, 7, 0, 0), (2, 1, 0, 0), (2, 7, 0, 0), (1, 1, 5, 0), (2, 1, 5, 0),
                  (1, 7, 5, 0), (2, 7, 5, 0), (2, 7, 0, 3), (2, 1, 5, 2))
 EXTERNAL_DATA_THRESHOLD = 1024  # bytes; larger tensors live in model.onnx.data (protobuf stops at 2 GB)
@@ -98,7 +100,7 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
     Args:
         model: the GPT to export (any dtype; it is traced in fp32).
         out_dir: folder receiving model.onnx; must be empty, new, or hold a previous export (else `force`).
-        opset: ONNX opset, >= MIN_OPSET.
+        opset: ONNX opset, MIN_OPSET to max_opset() (what torch, onnx and onnxruntime here support).
         dtype: "fp32" or "fp16" (fp16 graph for GPUs, see export/quantize.py).
         quantize: None, "int8" or "int4" (CPU variants); DIR then holds the quantized graph only.
         logits: "all" (logits [batch, sequence, vocab], what other tools expect) or "last" ([batch, 1,
@@ -108,7 +110,7 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         kv_cache: "concat" (present = Concat(past, new): standard ONNX, runs anywhere, TensorRT included) or
             "shared" (onnxruntime's GroupQueryAttention updates one cache buffer in place: faster decode on
             onnxruntime, see export/kv_shared.py; not for TensorRT).
-        source: what the model was loaded from, recorded in the metadata.
+        source: what the model was loaded from, recorded in the metadata (a local path made absolute).
         force: write into a DIR holding unrelated files.
         validate: run the onnxruntime-vs-torch parity check (fp32 gate PARITY_ATOL).
         eval_ids: (B, T) tokens to judge a variant on; default samples from the model itself.
@@ -119,20 +121,10 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         the path of DIR/model.onnx.
     """
     t0 = time.perf_counter()
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is below {MIN_OPSET}; the dynamo exporter needs --opset {MIN_OPSET} or higher")
-    if dtype not in ("fp32", "fp16"):
-        raise ExportError(f"dtype {dtype!r} is not supported; choose fp32 or fp16")
-    if quantize not in (None, "int8", "int4"):
-        raise ExportError(f"quantize {quantize!r} is not supported; choose int8 or int4")
-    if quantize and dtype != "fp32":
-        raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
-    try:
-        logits_keep(logits)
-    except ArtifactError as e:
-        raise ExportError(f"{e}; choose all, last, or last:N for a speculative-decoding target") from None
-    if kv_cache not in KV_CACHES:
-        raise ExportError(f"kv_cache {kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}")
+    check_options(opset, dtype, quantize, logits, kv_cache)
+    if model.config.block_size < 7:  # example_inputs: 3 new + 4 past positions
+        raise ExportError(f"block_size {model.config.block_size} is too small to export: tracing needs 7 positions "
+                          f"(3 new + 4 past; distinct sizes > 1 keep the axes symbolic), so block_size >= 7")
     out_dir = prepare_out_dir(out_dir, force)
     if model.lm_head.weight.dtype != torch.float32:
         model = copy.deepcopy(model).float()
@@ -140,7 +132,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
     files = [Path(f) for f in getattr(model, "checkpoint_files", [])]
     artifact = Artifact(config=model.config, precision="fp32", tokenizer=model.config.tokenizer, logits=logits,
                         kv_cache=kv_cache,
-                        source=source, source_sha256=sha256_file(files[0]) if files else "", versions=_versions(opset),
+                        source=recorded_source(source), source_sha256=sha256_file(files[0]) if files else "",
+                        versions=_versions(opset),
                         extra={"source_files": {f.name: sha256_file(f) for f in files}} if files else {})
 
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
@@ -162,7 +155,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
             save_model(share_kv_cache(onnx.load(str(path)), model.config), path)
             check_weight_bytes(path, model.num_params() * 4)
         if validate:
-            progress(f"validating onnxruntime vs torch at {len(PARITY_SHAPES)} (batch, sequence, past) shapes")
+            shapes = parity_shapes(model.config.block_size)
+            progress(f"validating onnxruntime vs torch at {len(shapes)} (batch, sequence, past) shapes")
             parity = check_parity(model, path, logits=logits, kv_cache=kv_cache)
             artifact = dataclasses.replace(artifact, extra=dict(artifact.extra, parity=parity))
         write_metadata(path, artifact)
@@ -186,6 +180,61 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         write_metadata(Path(tmp) / "model.onnx", dataclasses.replace(artifact, extra=extra))
         publish(Path(tmp), out_dir)
     return out_dir / "model.onnx"
+
+
+def check_options(opset: int, dtype: str = "fp32", quantize: str | None = None, logits: str = "all",
+                  kv_cache: str = "concat") -> None:
+    """export_onnx's checks of its options, cheap: the CLI runs them before it loads a checkpoint."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is below {MIN_OPSET}; the dynamo exporter needs --opset {MIN_OPSET} or higher")
+    top, limited_by = max_opset()
+    if opset > top:
+        raise ExportError(f"opset {opset} is above {top}, the highest {limited_by} supports; "
+                          f"choose --opset {MIN_OPSET} (the default) to {top}")
+    if dtype not in ("fp32", "fp16"):
+        raise ExportError(f"dtype {dtype!r} is not supported; choose fp32 or fp16")
+    if quantize not in (None, "int8", "int4"):
+        raise ExportError(f"quantize {quantize!r} is not supported; choose int8 or int4")
+    if quantize and dtype != "fp32":
+        raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
+    try:
+        logits_keep(logits)
+    except ArtifactError as e:
+        raise ExportError(f"{e}; choose all, last, or last:N for a speculative-decoding target") from None
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"kv_cache {kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}")
+
+
+@functools.cache
+def max_opset() -> tuple[int, str]:
+    """(the highest ai.onnx opset this install can export and load, what sets it): the least of torch's
+    exporter maximum, onnx's opset and the newest operator version onnxruntime registers."""
+    import onnx.defs
+
+    limits = {f"onnx {onnx.__version__}": onnx.defs.onnx_opset_version()}
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch.onnx._constants import ONNX_MAX_OPSET  # torch's declared maximum (2.13: 23)
+
+        limits[f"torch {torch.__version__.split('+')[0]}'s ONNX exporter"] = ONNX_MAX_OPSET
+    with contextlib.suppress(ImportError, AttributeError, ValueError):
+        import onnxruntime
+        from onnxruntime.capi._pybind_state import get_all_operator_schema
+
+        limits[f"onnxruntime {onnxruntime.__version__}"] = max(
+            s.since_version for s in get_all_operator_schema() if s.domain in ("", "ai.onnx"))
+    name = min(limits, key=limits.get)
+    return limits[name], name
+
+
+def recorded_source(source: str | os.PathLike) -> str:
+    """`source` as the metadata records it: a local path absolute and resolved (so the torch reference loads
+    that checkpoint from any directory, not whatever the relative path names there); hub names and
+    random:PRESET specs as given."""
+    source = os.fspath(source)
+    if not source or source.startswith("random:"):
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 def _trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> None:
@@ -380,7 +429,34 @@ def new_session(path: Path):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own classes (InvalidGraph, Fail, NotImplemented, ...)
+        raise ExportError(f"{path}: onnxruntime {ort.__version__} cannot load the exported graph "
+                          f"({_opset_of(path)}): {str(e).strip()}; export with the default --opset {DEFAULT_OPSET} "
+                          f"or another opset this onnxruntime runs") from e
+
+
+def _opset_of(path: Path) -> str:
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - only names the opset in an error message
+        return "opset unknown"
+    return "opset " + ", ".join(str(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def parity_shapes(block_size: int, shapes=PARITY_SHAPES) -> tuple:
+    """`shapes` fitted into a context of `block_size` positions: one past it has its sequence and past scaled
+    down (each stays > 0 where it was) and row 0 keeps a real token; duplicates are dropped."""
+    fitted = []
+    for batch, seq, past, pad in shapes:
+        if seq + past > block_size:
+            seq = max(1, seq * block_size // (seq + past)) if past else block_size
+            past = block_size - seq
+        fitted.append((batch, seq, past, min(pad, seq + past - 1)))
+    return tuple(dict.fromkeys(fitted))
 
 
 def parity_feeds(config, batch: int, seq: int, past: int, pad: int, rng: np.random.Generator,
@@ -410,6 +486,8 @@ def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PAR
                  logits: str = "all", kv_cache: str = "concat") -> dict:
     """onnxruntime vs torch on fresh random inputs at each shape; raises naming each output's max|Δ| > atol.
 
+    Shapes longer than the model's block_size are fitted to it (parity_shapes).
+
     logits="last": the graph's (B, 1, V) logits against torch's last position (a shape mismatch is an error).
     kv_cache="shared": the graph is fed the way the runtime feeds it (rows left-aligned; see
     run_left_aligned) and its outputs are compared on the real positions.
@@ -417,6 +495,7 @@ def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PAR
     Returns {"atol", "max_abs_diff", "shapes": {"B2xT7xP5": {"logits": d, "present": d}, ...}}.
     """
     session, rng = new_session(path), np.random.default_rng(seed)
+    shapes = parity_shapes(model.config.block_size, shapes)
     names = output_names(model.config.n_layer)
     worst = dict.fromkeys(names, 0.0)
     per_shape = {}

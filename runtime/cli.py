@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, RuntimeError, OSError) as e:
         # the project's errors (CheckpointError, ArtifactError, ...) carry the fix in their message;
-        # NANOGPT_DEPLOY_DEBUG=1 shows the traceback instead
-        if os.environ.get("NANOGPT_DEPLOY_DEBUG"):
+        # --debug (where a command has it) or NANOGPT_DEPLOY_DEBUG=1 shows the traceback instead
+        if getattr(args, "debug", False) or os.environ.get("NANOGPT_DEPLOY_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """ONNX export: symbolic axes, the torch-vs-onnxruntime parity grid, metadata, atomicity, bad inputs, external data."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -122,7 +123,7 @@ def test_cli_export_from_folder_records_checkpoint_hash(tmp_path, tiny_model, ca
     assert summary["precision"] == "fp32" and summary["parity"]["max_abs_diff"] <= 1e-4
     assert "validating onnxruntime vs torch" in captured.err  # progress on stderr
     art = read_onnx_artifact(out)
-    assert art.source == str(ckpt) and art.source_sha256 == sha256_file(ckpt / "model.safetensors")
+    assert art.source == str(ckpt.resolve()) and art.source_sha256 == sha256_file(ckpt / "model.safetensors")
     assert set(art.extra["source_files"]) == {"model.safetensors", "config.json"}
     assert (out / "notes.txt").read_text() == "mine"
     # a re-export over a previous export needs no --force; the human summary names file, size and shapes
@@ -172,6 +173,8 @@ def test_failed_validation_keeps_the_previous_export(tmp_path, tiny_onnx_dir, ti
     (["random:nosuch", "--out", "{tmp}/a"], "unknown preset 'nosuch'"),
     (["{tmp}/missing/ckpt.pt", "--out", "{tmp}/a"], "does not exist"),
     (["random:tiny", "--out", "{tmp}/a", "--opset", "17"], "opset 17 is below 18"),
+    (["random:tiny", "--out", "{tmp}/a", "--opset", "99"], r"opset 99 is above \d+, the highest .* supports; choose --opset 18 \(the default\) to \d+"),
+    (["random:tiny", "--out", "{tmp}/a", "--quantize", "int8", "--dtype", "fp16"], "--quantize int8 starts from fp32 weights; drop --dtype fp16"),
     (["random:tiny", "--out", "{tmp}/file/sub"], "cannot write to --out"),
     (["random:tiny", "--out", "{tmp}/foreign"], r"model\.onnx \(not a nanogpt-deploy export\).*--force"),
 ])
@@ -186,7 +189,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, args, match):
     assert main(["export"] + [a.format(tmp=tmp_path) for a in args]) == 1
     err = capsys.readouterr().err
     assert re.search(match, err), err
-    assert not (tmp_path / "a" / "model.onnx").exists()
+    assert not (tmp_path / "a").exists()  # a failed export leaves no empty --out behind
 
 
 def test_unwritable_out_dir(tmp_path, tiny_model):
@@ -332,3 +335,143 @@ def test_artifact_without_logits_field_reads_as_all(tiny_onnx_dir):
     assert Artifact.from_metadata(props).logits == "all"
     with pytest.raises(ArtifactError, match="logits 'first'"):
         Artifact.from_metadata(dict(props, **{"nanogpt_deploy.logits": "first"}))
+
+
+# ---------------------------------------------------------------------------------- files, CLI, small models
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    from runtime.files import atomic_path, atomic_write_bytes, atomic_write_text
+
+    with _umask(0o022):
+        atomic_write_text(tmp_path / "engine.json", "{}")
+        atomic_write_bytes(tmp_path / "sub" / "timing.cache", b"x")
+        (tmp_path / "old.engine").write_bytes(b"old")
+        (tmp_path / "old.engine").chmod(0o600)
+        with atomic_path(tmp_path / "old.engine") as tmp, open(tmp, "wb") as f:  # how export/tensorrt.py writes
+            f.write(b"new")
+    with _umask(0o077):
+        atomic_write_text(tmp_path / "private.json", "{}")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes == {"engine.json": 0o644, "timing.cache": 0o644, "old.engine": 0o644, "private.json": 0o600}, modes
+    assert (tmp_path / "old.engine").read_bytes() == b"new"
+
+
+def test_export_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from model.checkpoints import CheckpointError
+    from runtime.cli import main
+
+    monkeypatch.delenv("NANOGPT_DEPLOY_DEBUG", raising=False)
+    args = ["export", "random:nosuch", "--out", str(tmp_path / "a")]
+    assert main(args) == 1 and "unknown preset" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="unknown preset 'nosuch'"):
+        main(args + ["--debug"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_failed_export_removes_only_the_out_dir_it_created(tmp_path, capsys, monkeypatch):
+    import export.onnx as ex
+    from runtime.cli import main
+
+    # a conflict is refused before anything is loaded or created
+    assert main(["export", "random:tiny", "--out", str(tmp_path / "new" / "a"), "--quantize", "int8", "--dtype", "fp16"]) == 1
+    assert "loading" not in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # a bad SOURCE, then a failure deep in the export: the folders this run made (parents too) are removed
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "new" / "a")]) == 1
+    assert not (tmp_path / "new").exists()
+
+    def fail(*a, **k):
+        raise ExportError("logits: max|Δ|=1.00e+00 > 1e-04")
+
+    monkeypatch.setattr(ex, "check_parity", fail)
+    assert main(["export", "random:tiny@0", "--out", str(tmp_path / "new" / "a")]) == 1
+    assert "max|Δ|" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # folders that existed before, empty or not, stay as they were
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["export", "random:tiny@0", "--out", str(tmp_path / "empty")]) == 1
+    assert main(["export", "random:tiny@0", "--out", str(tmp_path / "mine"), "--force"]) == 1
+    assert os.listdir(tmp_path / "empty") == [] and os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_cli_export_records_the_absolute_source_and_readable_modes(tmp_path, tiny_model, monkeypatch, capsys):
+    from export.onnx import recorded_source
+    from model.checkpoints import save_model
+    from runtime.artifact import read_onnx_artifact
+    from runtime.cli import main
+
+    save_model(tiny_model, tmp_path / "weights" / "ckpt")
+    monkeypatch.chdir(tmp_path / "weights")
+    with _umask(0o022):
+        assert main(["export", "ckpt", "--out", "out", "--json"]) == 0
+    out = tmp_path / "weights" / "out"
+    # the torch reference loads the same checkpoint whatever directory it runs from
+    assert read_onnx_artifact(out).source == str((tmp_path / "weights" / "ckpt").resolve())
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+    assert modes == {"out": 0o755, "model.onnx": 0o644, "model.onnx.data": 0o644}, modes
+    # hub names and random: specs are recorded as given
+    assert recorded_source("random:tiny@0") == "random:tiny@0" and recorded_source("gpt2") == "gpt2"
+    assert recorded_source("ckpt") == str((tmp_path / "weights" / "ckpt").resolve())
+
+
+def test_opset_beyond_the_installed_maximum_is_refused(tmp_path, tiny_model):
+    from export.onnx import export_onnx, max_opset
+
+    top, limited_by = max_opset()
+    assert top >= 23 and limited_by  # README recommends --opset 23
+    with pytest.raises(ExportError, match=rf"opset {top + 1} is above {top}, the highest .* supports"):
+        export_onnx(tiny_model, tmp_path / "a", opset=top + 1)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_graph_onnxruntime_cannot_load_is_an_export_error(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.onnx import new_session
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "model.onnx"))
+    with pytest.raises(ExportError, match=r"onnxruntime .* cannot load the exported graph \(opset 18\): .*NoSuchOp.*--opset 18"):
+        new_session(tmp_path / "model.onnx")
+
+
+def test_parity_shapes_fit_the_block_size():
+    from export.onnx import PARITY_SHAPES, parity_shapes
+
+    assert parity_shapes(128) == PARITY_SHAPES
+    for block_size in (1, 4, 7, 8, 11):
+        shapes = parity_shapes(block_size)
+        assert shapes and len(set(shapes)) == len(shapes)
+        assert all(s + p <= block_size and pad < s + p for _, s, p, pad in shapes), shapes
+    assert {(1, 4, 4, 0), (2, 7, 0, 3), (2, 1, 5, 2)} <= set(parity_shapes(8))  # chunked decode and padding kept
+
+
+def test_block_size_8_model_exports_and_is_checked(tmp_path):
+    import dataclasses
+
+    from export.onnx import export_onnx, parity_shapes
+    from model import GPT
+    from model.config import PRESETS
+    from runtime.artifact import read_onnx_artifact
+
+    small = GPT(dataclasses.replace(PRESETS["tiny"], block_size=8)).init_weights(0).eval()
+    export_onnx(small, tmp_path / "b8")
+    parity = read_onnx_artifact(tmp_path / "b8").extra["parity"]
+    assert len(parity["shapes"]) == len(parity_shapes(8)) and parity["max_abs_diff"] <= 1e-4, parity
+    assert {"B2xT4xP4", "B2xT7xP0+pad3", "B2xT1xP5+pad2"} <= set(parity["shapes"])
+    tiny = GPT(dataclasses.replace(PRESETS["tiny"], block_size=6)).init_weights(0)
+    with pytest.raises(ExportError, match="block_size 6 is too small to export.*block_size >= 7"):
+        export_onnx(tiny, tmp_path / "b6")
+    assert not (tmp_path / "b6").exists()
