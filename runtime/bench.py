@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,7 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
         elif p.is_dir() and (subs := sorted(q for q in p.iterdir() if (q / "model.onnx").is_file())):
             onnx += subs
             engines += [str(q) for q in sorted(p.iterdir()) if (q / ENGINE_NAME).is_file()]
-        elif p.exists() or str(m).startswith("random:"):
+        elif p.exists() or str(m).startswith("random:") or is_hub_name(str(m)):
             checkpoints.append(str(m))
         else:
             raise BenchError(f"{m} is neither an exported folder, a folder of them, an engine nor a checkpoint; "
@@ -156,6 +157,19 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
     if len(set(labels)) < len(labels):  # the same variant from two folders: name the folder too
         targets = [dataclasses.replace(t, name=f"{t.label} [{_short(t.model)}]") for t in targets]
     return targets, notes
+
+
+def is_hub_name(source: str) -> bool:
+    """Whether GPT.from_pretrained would fetch `source` from the Hugging Face hub (`gpt2`, `org/name`), by
+    model/checkpoints.py's own rule. A missing `out/typo` whose first part is a local folder counts as a path.
+
+    Needs torch (imported only here, for a name that is not a local path); without it: False.
+    """
+    if source.startswith("random:") or Path(source).expanduser().exists() or importlib.util.find_spec("torch") is None:
+        return False
+    from model.checkpoints import _looks_like_path
+
+    return not _looks_like_path(source) and not ("/" in source and Path(source.split("/")[0]).is_dir())
 
 
 def _speculative_targets(targets: list[Target], draft: str, speculate: int, notes: list[str]) -> list[Target]:
@@ -347,21 +361,25 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
     for target in targets:
         spec = {"target": dataclasses.asdict(target), "cases": [dataclasses.asdict(c) for c in todo],
                 "warmup": warmup, "repeats": repeats, "threads": threads}
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", json.dumps(spec)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
-        result = None
-        for line in proc.stdout:
-            if not line.startswith("{"):
-                continue  # a library printing to stdout
-            msg = json.loads(line)
-            if msg["event"] == "run":
-                done += 1
-                if progress:
-                    progress(done, total, target.label)
-            else:
-                result = msg
-        err = proc.stderr.read()
-        if proc.wait() != 0 or result is None:
+        # stderr goes to a file, not a pipe: a worker filling a stderr pipe while this loop reads stdout would hang both
+        with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errf:
+            proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", json.dumps(spec)], stdout=subprocess.PIPE,
+                                    stderr=errf, text=True, env=env)
+            result = None
+            for line in proc.stdout:
+                if not line.startswith("{"):
+                    continue  # a library printing to stdout
+                msg = json.loads(line)
+                if msg["event"] == "run":
+                    done += 1
+                    if progress:
+                        progress(done, total, target.label)
+                else:
+                    result = msg
+            proc.wait()
+            errf.seek(0)
+            err = errf.read()
+        if proc.returncode != 0 or result is None:
             lines = [ln for ln in err.strip().splitlines() if ln.strip()]
             failed.append({"target": dataclasses.asdict(target), "label": target.label,
                            "error": lines[-1] if lines else f"exit status {proc.returncode}"})

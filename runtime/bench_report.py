@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,7 @@ def format_table(report: dict) -> str:
     return "\n".join([fmt(head)] + [fmt(ln) if len(ln) == len(head) else "  ".join(map(str, ln)) for ln in lines])
 
 
-def plot_report(report: dict, path: str | os.PathLike) -> Path:
-    """PNG: decode tokens/s against context length per target (left), latency p50/p95 per target (right)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -52,6 +52,37 @@ def plot_report(report: dict, path: str | os.PathLike) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise BenchError("--plot needs matplotlib: pip install 'nanogpt-deploy[bench]'") from None
+    return plt
+
+
+def check_plot_path(path: str | os.PathLike) -> Path:
+    """The --plot path, refused before any timing when it cannot be written: matplotlib missing, a suffix it cannot
+    write, or no writable folder to put it in (missing folders are created when the plot is written)."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path).expanduser()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.is_dir():
+        raise BenchError(f"--plot {path} is a folder; give a file name such as {path / 'bench.png'}")
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise BenchError(f"--plot {path}: {repr(path.suffix) if path.suffix else 'a name without a suffix'} is not an "
+                         f"image format matplotlib writes; end the name in .png (or .{', .'.join(sorted(set(formats) - {'png'}))})")
+    folder = next(d for d in (path.absolute().parent, *path.absolute().parent.parents) if d.exists())
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise BenchError(f"--plot {path}: cannot write in {folder} ({e.strerror or e}); give a path in a writable "
+                         f"folder") from None
+    return path
+
+
+def plot_report(report: dict, path: str | os.PathLike) -> Path:
+    """PNG: decode tokens/s against context length per target (left), latency p50/p95 per target (right)."""
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     bars, styles = [], ("-", "--", ":", "-.")
     for i, r in enumerate(report["results"]):  # one color per target, one line style per case

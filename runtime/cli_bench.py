@@ -74,10 +74,11 @@ class ProgressBar:
 
 def run(args) -> int:
     from .bench import BenchError, cases, find_targets, run_bench
-    from .bench_report import format_table, plot_report
+    from .bench_report import check_plot_path, format_table, plot_report
 
     if args.repeats < 1 or args.warmup < 0:
         raise BenchError(f"--repeats {args.repeats} / --warmup {args.warmup}: need at least 1 repeat and 0+ warm-up runs")
+    plot = check_plot_path(args.plot) if args.plot else None  # a bad path fails now, not after the timing
     targets, notes = find_targets(args.models, args.backends, args.providers, args.draft, args.speculate)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
@@ -86,8 +87,8 @@ def run(args) -> int:
           file=sys.stderr)
     report = run_bench(targets, todo, args.warmup, args.repeats, args.threads, progress=ProgressBar())
     report["skipped"] = notes
-    if args.plot:
-        report["plot"] = str(plot_report(report, args.plot))
+    if plot:
+        report["plot"] = str(plot)
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()
@@ -96,6 +97,12 @@ def run(args) -> int:
     for f in report["failed"]:
         print(f"error: {f['label']} failed: {f['error']}", file=sys.stderr)
     print(summary(report), file=sys.stderr)
+    if plot:  # last: the results are out even if plotting fails
+        try:
+            plot_report(report, plot)
+        except Exception as e:  # noqa: BLE001 - matplotlib raises many kinds
+            raise BenchError(f"--plot {plot}: the plot could not be written ({type(e).__name__}: {e}); the results "
+                             f"above are complete") from e
     return 1 if report["failed"] else 0
 
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_verify import positive_int
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "weights" / "pycode"
 DEFAULT_PROMPTS = {"pycode": "def fibonacci(n):\n", "random": "Hello, my dog is cute"}
 # stand-in when the embedded checkpoint is absent: random weights, but GPT-2's vocabulary so text tokenizes
@@ -25,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help=f"checkpoint source (default: the embedded {DEFAULT_CHECKPOINT.name})")
     p.add_argument("--out", default="out/demo", help="where the export goes (default: out/demo)")
     p.add_argument("--prompt", default=None, help="prompt text (default: one suited to the checkpoint)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="default: 64")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=200, help="0 = off (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="default: 0 (the demo's text is reproducible)")
@@ -60,6 +62,16 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model, source, kind = load_demo_model(args.checkpoint)
     c = model.config
+    # the prompt and sampling settings are checked here, before the export's seconds are spent
+    prompt = args.prompt or DEFAULT_PROMPTS.get(kind, DEFAULT_PROMPTS["random"])
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed)
+    room = c.block_size - len(tokenizer.encode(prompt))
+    if room < 1:
+        raise ValueError(f"--prompt is {c.block_size - room} tokens, which leaves no room to generate within this "
+                         f"checkpoint's block_size {c.block_size}; give a shorter --prompt")
+    if room < params.max_new_tokens:  # the demo shortens; `generate` refuses (the documented policy)
+        params = dataclasses.replace(params, max_new_tokens=room)
     print(f"[1/4] loaded {source}: {c.n_layer} layers, n_embd {c.n_embd}, vocab {c.vocab_size}, "
           f"{model.num_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.1f} s)")
 
@@ -74,12 +86,6 @@ def run(args) -> int:
           f"{len(parity['shapes'])} (batch, sequence, past) shapes (tolerance {parity['atol']:.0e})")
     backend = OnnxRuntimeBackend(path, provider="cpu", threads=args.threads)
 
-    prompt = args.prompt or DEFAULT_PROMPTS.get(kind, DEFAULT_PROMPTS["random"])
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            seed=args.seed)
-    room = c.block_size - len(tokenizer.encode(prompt))
-    if 0 < room < params.max_new_tokens:  # the demo shortens; `generate` refuses (the documented policy)
-        params = dataclasses.replace(params, max_new_tokens=room)
     print(f"[4/4] generating on onnxruntime ({backend.provider}, {backend.precision}), seed {args.seed}:\n")
     print(prompt, end="", flush=True)
     gen = Generation(backend, tokenizer, [prompt], params)

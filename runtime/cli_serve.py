@@ -17,11 +17,21 @@ from pathlib import Path
 API_KEY_ENV = "NANOGPT_DEPLOY_API_KEY"
 
 
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; give 1..65535")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
                                                    "source for --backend torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback addresses need an API key")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000, help="TCP port, 1..65535 (default 8000)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
@@ -66,7 +76,7 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def check_limits(args) -> None:
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1024), ("--port", args.port, 0)):
+                             ("--max-body-bytes", args.max_body_bytes, 1024)):
         if value < low:
             raise ValueError(f"{flag} {value} is below its minimum {low}")
     if args.batch_window_ms < 0 or args.request_timeout <= 0:

@@ -17,6 +17,17 @@ import json
 import sys
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer; give 1 or more")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .verify import THRESHOLDS
 
@@ -43,9 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {shown('min_batched_alone')}; int8 / int4 reported only)")
     p.add_argument("--text", action="append", metavar="FILE",
                    help="text for perplexity and top-1 (repeatable; default: the checkpoint's held-out files)")
-    p.add_argument("--text-tokens", type=int, default=2048, help="evaluation tokens at most (default 2048)")
-    p.add_argument("--window", type=int, default=256, help="tokens per evaluation window (default 256, <= block_size)")
-    p.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
+    p.add_argument("--text-tokens", type=positive_int, default=2048, help="evaluation tokens at most (default 2048)")
+    p.add_argument("--window", type=positive_int, default=256, help="tokens per evaluation window (default 256, <= block_size)")
+    p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens per prompt (default 128)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: the cache)")

@@ -10,12 +10,14 @@ the `openai-whisper` source distribution on PyPI ships the ranks as whisper/asse
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -114,11 +116,20 @@ def fetch_ranks(dest: str | os.PathLike | None = None, sdist: str | os.PathLike 
                 raise TokenizerError(f"could not download {WHISPER_SDIST} from the package registry "
                                      f"({' '.join(cmd)}):\n{r.stderr.strip()[-2000:]}")
             sdist = found[0]
-        with tarfile.open(sdist) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith(RANKS_MEMBER)), None)
-            if member is None:
-                raise TokenizerError(f"{sdist} has no {RANKS_MEMBER}")
-            data = tar.extractfile(member).read()
+        how = (f"get it with `pip download --no-deps --no-binary :all: {WHISPER_SDIST}`, or run "
+               f"`nanogpt-deploy fetch-tokenizer` without --sdist where PyPI is reachable")
+        if not Path(sdist).is_file():
+            raise TokenizerError(f"{sdist} does not exist; {how}")
+        not_sdist = f"{sdist} is not the {WHISPER_SDIST} source distribution (openai_whisper-*.tar.gz)"
+        try:
+            with tarfile.open(sdist) as tar:
+                member = next((m for m in tar.getmembers() if m.name.endswith(RANKS_MEMBER)), None)
+                data = tar.extractfile(member).read() if member is not None and member.isfile() else None
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            detail = (str(e).strip().splitlines() or [""])[0].rstrip(":")
+            raise TokenizerError(f"{not_sdist}: not a readable .tar.gz ({type(e).__name__}: {detail}); {how}") from None
+        if data is None:
+            raise TokenizerError(f"{not_sdist}: it has no {RANKS_MEMBER}; {how}")
     digest = hashlib.sha256(data).hexdigest()
     if digest != GPT2_RANKS_SHA256:
         raise TokenizerError(f"{RANKS_MEMBER} from {WHISPER_SDIST} has sha256 {digest}, expected {GPT2_RANKS_SHA256}")

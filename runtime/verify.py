@@ -103,6 +103,9 @@ def eval_text(source: str | None, text_files: list[str] | None) -> tuple[list[st
 def token_windows(tokenizer, texts: list[str], config, window: int, total: int) -> tuple[list[np.ndarray], str]:
     """Windows of `window` tokens (at most `total` in all), ids folded into a smaller vocabulary if need be."""
     window = min(window, config.block_size)
+    if total < window:
+        raise VerifyError(f"--text-tokens {total} is less than one --window of {window} tokens; raise --text-tokens "
+                          f"or lower --window")
     out, note = [], ""
     for text in texts:
         ids = np.array(tokenizer.encode_ordinary(text), dtype=np.int64)

@@ -3,6 +3,7 @@ cases past block_size, and a torch-free parent when torch is not requested."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,66 @@ def test_parent_stays_torch_free_without_the_torch_backend(tiny_onnx_dir):
             f"'--warmup', '0', '--json']); assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_bad_plot_path_is_refused_before_any_timing(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
+    import runtime.bench
+
+    monkeypatch.setattr(runtime.bench, "run_bench", lambda *a, **k: pytest.fail("timed before checking --plot"))
+    (tmp_path / "file").write_text("")
+    bad = [(tmp_path / "x.foo", "'.foo' is not an image format matplotlib writes; end the name in .png"),
+           (tmp_path / "file" / "x.png", "is not a folder"), (tmp_path, "is a folder; give a file name"),
+           (tmp_path / "bench", "a name without a suffix is not an image format")]
+    if os.path.isdir("/proc"):
+        bad.append(("/proc/x.png", "cannot write in /proc"))
+    for path, message in bad:
+        assert cli.main(["bench", str(tiny_onnx_dir), "--backends", "onnxruntime", "--plot", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --plot {path}") and message in err, err
+
+
+def test_a_plot_failing_late_still_prints_the_results(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
+    import runtime.bench_report
+
+    def broken(report, path):
+        raise ValueError("the backend cannot draw")
+
+    monkeypatch.setattr(runtime.bench_report, "plot_report", broken)
+    rc = cli.main(["bench", str(tiny_onnx_dir), "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "4",
+                   "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--json", "--plot", str(tmp_path / "b.png")])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert json.loads(out)["results"][0]["label"] == "onnxruntime cpu fp32"  # the results came out first
+    assert "the plot could not be written (ValueError: the backend cannot draw); the results above are complete" in err
+
+
+def test_a_worker_flooding_stderr_cannot_hang_the_parent(monkeypatch):
+    """A worker writing more than a pipe holds to stderr before it finishes its stdout: the parent must not wait on
+    stdout while the worker waits on a full stderr pipe."""
+    import threading
+
+    import runtime.bench as bench
+
+    flood = ("import sys; sys.stderr.write('x' * 1_000_000 + '\\nworker broke\\n'); sys.stderr.flush(); "
+             "print('{\"event\": \"run\"}'); sys.exit(1)")
+    popen = subprocess.Popen
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda args, **kw: popen([sys.executable, "-c", flood], **kw))
+    out = {}
+    t = threading.Thread(target=lambda: out.update(bench.run_bench([bench.Target("onnxruntime", "m")], [Case(1, 4, 2)],
+                                                                   warmup=0, repeats=1)), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "run_bench hung on a worker's stderr"
+    assert [f["error"] for f in out["failed"]] == ["worker broke"] and out["results"] == []
+
+
+def test_hub_names_are_checkpoints_for_torch_but_a_missing_local_path_is_not(tiny_onnx_dir, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    targets, _ = find_targets(["gpt2", "openai-community/gpt2", str(tiny_onnx_dir)], ("torch", "onnxruntime"), ("cpu",))
+    assert [(t.backend, t.model) for t in targets] == [
+        ("torch", "gpt2"), ("torch", "openai-community/gpt2"), ("onnxruntime", str(tiny_onnx_dir))]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    for typo in ("out/typo", "./typo", "typo.pt"):
+        with pytest.raises(BenchError, match="neither an exported folder"):
+            find_targets([typo])

@@ -88,3 +88,95 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert stage in out, out
     assert SUMMARY.match(out.strip().splitlines()[-1]), out
     assert (tmp_path / "demo" / "model.onnx").is_file()
+
+
+def _saved(model, folder):
+    from model.checkpoints import save_model
+
+    return save_model(model, folder)
+
+
+def _exported_from(source_dir, out, source: str):
+    """`export SOURCE --out OUT` in-process, without the parity check (the weights are saved copies of tested ones)."""
+    from export.onnx import export_onnx
+    from model import GPT
+
+    return export_onnx(GPT.from_pretrained(str(source_dir)), out, source=source, validate=False).parent
+
+
+def test_torch_reference_refuses_a_checkpoint_that_changed_since_the_export(tiny_model, tmp_path, monkeypatch, capsys):
+    onnx = pytest.importorskip("onnx")
+    from model import GPT
+    from runtime.artifact import PREFIX
+
+    ckpt = _saved(tiny_model, tmp_path / "ckpt")
+    out = _exported_from(ckpt, tmp_path / "export", str(ckpt))
+    # an export from before paths were recorded absolute: "ckpt", relative to where `export` ran
+    old = tmp_path / "old"
+    old.mkdir()
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    next(p for p in m.metadata_props if p.key == PREFIX + "source").value = "ckpt"
+    onnx.save(m, str(old / "model.onnx"))
+    (old / "model.onnx.data").write_bytes((out / "model.onnx.data").read_bytes())
+    monkeypatch.chdir(tmp_path)
+
+    gen = ["--backend", "torch", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"]
+    for export in (out, old):
+        assert main(["generate", str(export), *gen]) == 0, capsys.readouterr().err
+    _saved(GPT.from_pretrained("random:tiny@1"), ckpt)  # other weights where the export's checkpoint was
+    for export in (out, old):
+        assert main(["generate", str(export), *gen]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {ckpt.resolve() / 'model.safetensors'} has changed since {export / 'model.onnx'}" in err, err
+        assert "Give the torch backend the original checkpoint itself" in err and "or re-export" in err
+    assert main(["generate", str(ckpt), *gen]) == 0  # the checkpoint given itself: what the user asked for
+
+
+def test_verify_takes_a_hub_name_as_the_torch_reference(tiny_model, tmp_path, monkeypatch, capsys):
+    import model.checkpoints as checkpoints
+
+    hub = _saved(tiny_model, tmp_path / "hub-cache")  # stands in for the hub's gpt2 (no network in tests)
+    out = _exported_from(hub, tmp_path / "export", "gpt2")
+    monkeypatch.setattr(checkpoints, "_download_from_hub", lambda name: hub)
+    fast = ["--text-tokens", "128", "--window", "64", "--greedy-tokens", "8", "--threads", "1"]
+    for argv in ([str(out), "gpt2"], [str(out)]):  # given, and as the export recorded it
+        assert main(["verify", *argv, *fast]) == 0, capsys.readouterr().err
+        assert "verify passed: 1 targets match torch cpu fp32" in capsys.readouterr().err
+
+    def offline(name):
+        raise checkpoints.CheckpointError(f"could not get {name!r} from the Hugging Face hub (offline)")
+
+    monkeypatch.setattr(checkpoints, "_download_from_hub", offline)
+    assert main(["verify", str(out), *fast]) == 1
+    err = capsys.readouterr().err
+    assert "could not get 'gpt2' from the Hugging Face hub" in err and "not a checkpoint this machine" not in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "x", "--window", "0"], "argument --window: 0 is not a positive integer"),
+    (["verify", "x", "--window", "-5"], "argument --window: -5 is not a positive integer"),
+    (["verify", "x", "--greedy-tokens", "0"], "argument --greedy-tokens: 0 is not a positive integer"),
+    (["verify", "x", "--text-tokens", "two"], "argument --text-tokens: 'two' is not an integer"),
+    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is not a positive integer"),
+    (["serve", "x", "--port", "70000"], "argument --port: 70000 is not a TCP port; give 1..65535"),
+    (["serve", "x", "--port", "-1"], "argument --port: -1 is not a TCP port"),
+    (["serve", "x", "--port", "http"], "argument --port: 'http' is not a port number"),
+])
+def test_bad_counts_and_ports_are_refused_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_verify_text_tokens_below_one_window_says_so(tiny_model, tokenizer):
+    from runtime.verify import VerifyError, token_windows
+
+    with pytest.raises(VerifyError, match="--text-tokens 10 is less than one --window of 64 tokens"):
+        token_windows(tokenizer, ["def f(x):\n    return x\n" * 50], tiny_model.config, 64, 10)
+
+
+def test_demo_refuses_a_prompt_past_block_size_before_exporting(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--prompt", "x " * 400]) == 1
+    err = capsys.readouterr().err
+    assert "leaves no room to generate within this checkpoint's block_size" in err and "shorter --prompt" in err, err
+    assert not (tmp_path / "demo").exists()  # refused before the export

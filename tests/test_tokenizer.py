@@ -69,3 +69,24 @@ def test_a_corrupt_rank_file_is_refused(tmp_path):
 def test_only_gpt2_is_supported():
     with pytest.raises(TokenizerError, match="tokenizer 'cl100k_base' is not supported"):
         load_tokenizer("cl100k_base")
+
+
+def test_fetch_from_a_file_that_is_not_the_whisper_sdist_says_how_to_get_it(tmp_path, capsys):
+    import tarfile
+
+    from runtime.cli import main
+    from runtime.tokenizer import fetch_ranks
+
+    text = tmp_path / "hostname"
+    text.write_text("not a tarball\n")
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(text, arcname="pkg/README")
+    dest = tmp_path / "gpt2.tiktoken"
+    for sdist, message in ((text, "not a readable .tar.gz"), (other, "it has no whisper/assets/gpt2.tiktoken"),
+                           (tmp_path / "missing.tar.gz", "does not exist")):
+        with pytest.raises(TokenizerError, match="pip download --no-deps --no-binary :all: openai-whisper==") as e:
+            fetch_ranks(dest, sdist=sdist)
+        assert message in str(e.value) and not dest.exists()
+    assert main(["fetch-tokenizer", "--sdist", str(text), "--out", str(dest)]) == 1
+    assert f"error: {text} is not the openai-whisper==" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 MODEL is any checkpoint source `GPT.from_pretrained` takes (a Hugging Face GPT-2 folder, a nanoGPT
 ckpt.pt, a hub name, `random:PRESET[@SEED]`). Given an exported folder / model.onnx instead, it loads
 the checkpoint that folder was exported from (the artifact's `source` field), so `generate DIR --backend
-torch` compares against the same weights; a folder whose source is not loadable here is an error.
+torch` compares against the same weights; a folder whose source is not loadable here, or whose checkpoint
+files no longer have the sha256 the export recorded, is an error.
 
     backend = TorchBackend("random:tiny@0"); backend.reset(1); logits = backend.forward(ids, mask, pos)
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifact import read_onnx_artifact
+from ..artifact import Artifact, read_onnx_artifact
 from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step
 
 DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
@@ -24,18 +25,43 @@ DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
 
 def checkpoint_source(model: str | os.PathLike) -> str:
     """The checkpoint behind `model`: itself, or for an exported folder / model.onnx its recorded source."""
+    return _recorded_source(model)[0]
+
+
+def _recorded_source(model: str | os.PathLike) -> tuple[str, Path | None, Artifact | None]:
+    """(checkpoint source, model.onnx, its artifact) for an export; (model, None, None) for anything else."""
+    from ..bench import is_hub_name
+
     model = os.fspath(model)
     p = Path(model).expanduser()
     onnx_path = p / "model.onnx" if p.is_dir() else p
     if not (onnx_path.suffix == ".onnx" and onnx_path.is_file()):
-        return model
-    source = read_onnx_artifact(onnx_path).source
-    loadable = source.startswith("random:") or (source and Path(source).expanduser().exists())
+        return model, None, None
+    art = read_onnx_artifact(onnx_path)
+    source = art.source
+    loadable = source.startswith("random:") or (source and (Path(source).expanduser().exists() or is_hub_name(source)))
     if not loadable:
         raise BackendError(f"{onnx_path} was exported from {source or 'an unrecorded source'!r}, which is not a "
                            f"checkpoint this machine can load; give the torch backend the checkpoint itself "
-                           f"(a folder, ckpt.pt or random:PRESET)")
-    return source
+                           f"(a folder, ckpt.pt, hub name or random:PRESET)")
+    return source, onnx_path, art
+
+
+def check_source_unchanged(files, art: Artifact, onnx_path: Path) -> None:
+    """Raise when a checkpoint file the export hashed (source_sha256 = files[0]; extra["source_files"] by name) has
+    changed since: a torch reference on other weights would blame the export for the difference."""
+    from export.onnx import sha256_file
+
+    recorded = dict(art.extra.get("source_files") or {})
+    if files and art.source_sha256:
+        recorded[Path(files[0]).name] = art.source_sha256
+    for f in map(Path, files):
+        want = recorded.get(f.name)
+        if want and (got := sha256_file(f)) != want:
+            raise BackendError(f"{f.resolve()} has changed since {onnx_path} was exported from {art.source!r} (sha256 "
+                               f"{got[:12]}..., recorded {want[:12]}...): it is no longer the exported model's reference. "
+                               f"Give the torch backend the original checkpoint itself (e.g. `nanogpt-deploy verify "
+                               f"{onnx_path.parent} CHECKPOINT`), or re-export from this one")
 
 
 class TorchBackend:
@@ -61,8 +87,10 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(int(threads))
         torch_dtype, self.precision = DTYPES[dtype]
-        self.source = checkpoint_source(model)
+        self.source, onnx_path, art = _recorded_source(model)
         self.model = GPT.from_pretrained(self.source, dtype=torch_dtype).to(device)
+        if art is not None:
+            check_source_unchanged(getattr(self.model, "checkpoint_files", []), art, onnx_path)
         self.config = self.model.config
         self.device = torch.device(device)
         self.provider = str(self.device)
