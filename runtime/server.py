@@ -27,8 +27,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .generate import SamplingParams
 from .scheduler import Overloaded, Scheduler
@@ -80,6 +81,15 @@ def _field(body: dict, name: str, types: tuple, default=None):
     return value
 
 
+def _number(body: dict, name: str, default: float) -> float:
+    """A numeric field as a float; a 400 naming the field when it is not a number or too large for one."""
+    value = _field(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError:
+        raise APIError(400, f"{name} is too large ({str(value)[:20]}...)", param=name, code="invalid_value") from None
+
+
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise APIError(400, message, param=name, code="invalid_value")
@@ -108,13 +118,13 @@ def parse_completion_request(body, model_name: str, config, tokenizer) -> tuple[
                         f"send the request n times with different seeds instead")
     max_tokens = _field(body, "max_tokens", (int,), 16)
     _check(max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
-    temperature = float(_field(body, "temperature", (int, float), 1.0))
+    temperature = _number(body, "temperature", 1.0)
     _check(0 <= temperature <= 2, "temperature", f"temperature must be in 0..2 (0 = greedy), got {temperature}")
-    top_p = float(_field(body, "top_p", (int, float), 1.0))
+    top_p = _number(body, "top_p", 1.0)
     _check(0 < top_p <= 1, "top_p", f"top_p must be in (0, 1] (1 = off), got {top_p}")
     top_k = _field(body, "top_k", (int,), 0)
     _check(top_k >= 0, "top_k", f"top_k must be >= 0 (0 = off), got {top_k}")
-    penalty = float(_field(body, "repetition_penalty", (int, float), 1.0))
+    penalty = _number(body, "repetition_penalty", 1.0)
     _check(penalty > 0, "repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got {penalty}")
     seed = _field(body, "seed", (int,))
     _check(seed is None or seed >= 0, "seed", f"seed must be >= 0, got {seed}")
@@ -269,12 +279,15 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         try:  # a client that trickles its body in must not hold the connection forever
             raw = await asyncio.wait_for(read_body(request, settings.max_body_bytes), settings.request_timeout_s)
+        except ClientDisconnect:  # left before its body arrived: nothing to answer, nothing to log
+            counts["disconnected"] += 1
+            return Response(status_code=400)
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {settings.request_timeout_s:g} s",
                            code="timeout") from None
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit integer
             raise APIError(400, f"We could not parse the JSON body of your request ({e}); send a JSON object with "
                                 f"Content-Type: application/json", code="invalid_json") from None
         prompts, params, opts = await asyncio.to_thread(  # tokenizing a long prompt must not stall the loop

@@ -237,6 +237,7 @@ BAD = [  # (body, status, param)
     ({"model": MODEL, "prompt": [1], "max_tokens": True}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": [1], "temperature": "hot"}, 400, "temperature"),
     ({"model": MODEL, "prompt": [1], "temperature": 3}, 400, "temperature"),
+    ({"model": MODEL, "prompt": [1], "temperature": 10 ** 400}, 400, "temperature"),  # no float holds it
     ({"model": MODEL, "prompt": [1], "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": 5}, 400, "prompt"),
     ({"model": MODEL, "prompt": [1], "stop": [1]}, 400, "stop"),
@@ -275,6 +276,30 @@ def test_invalid_json_and_unknown_route(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.get(f"{server}/v1/chat")
     assert r.status_code == 404 and "error" in r.json()
+    for raw in (b'{"max_tokens": 1' + b"0" * 5000 + b"}", b"[" * 50_000 + b"]" * 50_000):  # past int / nesting limits
+        r = httpx.post(f"{server}/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+
+
+def test_a_client_leaving_mid_body_is_counted_not_raised(tiny_onnx_dir, tokenizer):
+    import asyncio
+
+    app = create_app(load_backend("onnxruntime", str(tiny_onnx_dir)), tokenizer, ServerSettings(model_name=MODEL))
+    messages = [{"type": "http.request", "body": b'{"model":', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"host", b"x")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80), "scheme": "http"}
+    asyncio.run(app(scope, receive, send))  # no ClientDisconnect escapes to uvicorn's "Exception in ASGI application"
+    assert sent and sent[0]["type"] == "http.response.start"
 
 
 def test_oversized_body_rejected_before_read(tiny_onnx_dir, tokenizer):
