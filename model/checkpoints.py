@@ -68,7 +68,7 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             config, state, files = _read_nanogpt_ckpt(path)
         elif path.exists():
             raise CheckpointError(f"{path} is neither a file nor a folder")
-        elif _looks_like_path(source):
+        elif not is_hub_name(source):
             raise CheckpointError(
                 f"checkpoint {source!r} does not exist; give a Hugging Face GPT-2 folder, a nanoGPT "
                 f"ckpt.pt, a hub name ({', '.join(HUB_NAMES)}) or random:PRESET")
@@ -82,8 +82,14 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     return model.to(dtype).eval()
 
 
-def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.endswith((".pt", ".pth", ".bin", ".safetensors")) or s.count("/") > 1
+def is_hub_name(source: str) -> bool:
+    """Whether load_model fetches `source` from the Hugging Face hub (`gpt2`, `org/name`): nothing by that name
+    here, and it does not read as a path (`./x`, `x.pt`, `a/b/c`, or `out/typo` where `out` is a local folder)."""
+    s = os.fspath(source)
+    if s.startswith("random:") or Path(s).expanduser().exists():
+        return False
+    path_like = s.startswith((".", "/", "~")) or s.endswith((".pt", ".pth", ".bin", ".safetensors")) or s.count("/") > 1
+    return not path_like and not ("/" in s and Path(s.split("/")[0]).is_dir())
 
 
 def _load_random(spec: str) -> GPT:

@@ -160,16 +160,12 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
 
 
 def is_hub_name(source: str) -> bool:
-    """Whether GPT.from_pretrained would fetch `source` from the Hugging Face hub (`gpt2`, `org/name`), by
-    model/checkpoints.py's own rule. A missing `out/typo` whose first part is a local folder counts as a path.
-
-    Needs torch (imported only here, for a name that is not a local path); without it: False.
-    """
-    if source.startswith("random:") or Path(source).expanduser().exists() or importlib.util.find_spec("torch") is None:
+    """model.checkpoints.is_hub_name, where torch is installed (that module needs it); without torch: False."""
+    if importlib.util.find_spec("torch") is None:
         return False
-    from model.checkpoints import _looks_like_path
+    from model.checkpoints import is_hub_name as hub
 
-    return not _looks_like_path(source) and not ("/" in source and Path(source.split("/")[0]).is_dir())
+    return hub(source)
 
 
 def _speculative_targets(targets: list[Target], draft: str, speculate: int, notes: list[str]) -> list[Target]:

@@ -173,9 +173,13 @@ class _Evil:
         return (os.system, ("touch /tmp/nanogpt_deploy_pwned",))
 
 
-def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_model, monkeypatch):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope" / "ckpt.pt")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model("out/typo")  # a mistyped folder under a local one, not a hub repo 'out/typo'
     junk = tmp_path / "junk.pt"
     junk.write_text("this is not a checkpoint")
     with pytest.raises(CheckpointError, match="is not a torch checkpoint"):

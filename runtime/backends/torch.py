@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.checkpoints import is_hub_name
+
 from ..artifact import Artifact, read_onnx_artifact
 from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step
 
@@ -30,8 +32,6 @@ def checkpoint_source(model: str | os.PathLike) -> str:
 
 def _recorded_source(model: str | os.PathLike) -> tuple[str, Path | None, Artifact | None]:
     """(checkpoint source, model.onnx, its artifact) for an export; (model, None, None) for anything else."""
-    from ..bench import is_hub_name
-
     model = os.fspath(model)
     p = Path(model).expanduser()
     onnx_path = p / "model.onnx" if p.is_dir() else p
