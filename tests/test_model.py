@@ -168,9 +168,14 @@ def test_random_is_explicit_and_seeded():
 
 
 class _Evil:
+    """Unpickling it runs `touch MARKER` (MARKER: a path in the test's own tmp_path)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
         import os
-        return (os.system, ("touch /tmp/nanogpt_deploy_pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_model, monkeypatch):
@@ -186,17 +191,15 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_model, monkeypatch):
         load_model(junk)
     # a pickle that would run code: refused, and nothing ran
     import os
-    marker = "/tmp/nanogpt_deploy_pwned"
-    if os.path.exists(marker):
-        os.unlink(marker)
+    marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"model": _Evil(), "model_args": {}}, evil)
+    torch.save({"model": _Evil(marker), "model_args": {}}, evil)
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_model(evil)
     assert not os.path.exists(marker)
     raw = tmp_path / "raw.pt"
     with open(raw, "wb") as f:
-        pickle.dump(_Evil(), f)
+        pickle.dump(_Evil(marker), f)
     with pytest.raises(CheckpointError):
         load_model(raw)
     assert not os.path.exists(marker)
@@ -343,12 +346,10 @@ def test_non_checkpoint_file_is_not_called_unsafe(tmp_path):
         load_model(tmp_path / "model.onnx")
     # a protocol-2 pickle (torch's legacy format) naming os.system: still refused as unsafe, nothing ran
     import os
-    marker = "/tmp/nanogpt_deploy_pwned"
-    if os.path.exists(marker):
-        os.unlink(marker)
+    marker = tmp_path / "pwned"
     evil = tmp_path / "evil2.pt"
     with open(evil, "wb") as f:
-        pickle.dump(_Evil(), f, protocol=2)
+        pickle.dump(_Evil(marker), f, protocol=2)
     with pytest.raises(CheckpointError, match="refusing to load.*could run code"):
         load_model(evil)
     assert not os.path.exists(marker)
