@@ -310,12 +310,14 @@ class SpeculativeGeneration(Generation):
             started, prefill_draft = time.perf_counter(), k and not dc.length
             guesses = self._guess(dc, todo, slots, rows, k)
             scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (n, k + 1, V): every guess, one step
-            deltas, accepted, made = [], np.zeros(n, np.int64), np.zeros(n, np.int64)
+            accepted, made = np.zeros(n, np.int64), np.zeros(n, np.int64)
             for i in rows:  # the target's sampler picks each token; a guess counts while it equals the pick
                 c = cs[slots[i]]
                 for j in range(k + 1):
+                    # handed out at once: a cancel() made meanwhile ends the row at its next token, as in plain decoding
                     d = self._advance(slots[i], scores[i, j], len(c.token_ids), t0, prefill)
-                    deltas.append(d)
+                    if d.text or d.token_ids or d.finish_reason:
+                        yield d
                     made[i] += len(d.token_ids)
                     hit = j < k and d.token_ids == [guesses[i, j]]
                     accepted[i] += hit
@@ -336,7 +338,6 @@ class SpeculativeGeneration(Generation):
             s["accepted"] += int(accepted[rows].sum())
             self._row_steps += len(rows)
             self._update_stats()
-            yield from (d for d in deltas if d.text or d.token_ids or d.finish_reason)
             if not live.any():
                 return
             self.depth.update(k, accepted[live].tolist(), seconds)
