@@ -311,6 +311,8 @@ class SpeculativeGeneration(Generation):
             guesses = self._guess(dc, todo, slots, rows, k)
             scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (n, k + 1, V): every guess, one step
             accepted, made = np.zeros(n, np.int64), np.zeros(n, np.int64)
+            # guesses a row could use: no more than the tokens it has left (k follows the row with the most)
+            usable = sum(min(k, self.params[slots[i]].max_new_tokens - len(cs[slots[i]].token_ids)) for i in rows)
             for i in rows:  # the target's sampler picks each token; a guess counts while it equals the pick
                 c = cs[slots[i]]
                 for j in range(k + 1):
@@ -319,7 +321,9 @@ class SpeculativeGeneration(Generation):
                     if d.text or d.token_ids or d.finish_reason:
                         yield d
                     made[i] += len(d.token_ids)
-                    hit = j < k and d.token_ids == [guesses[i, j]]
+                    # a stop token id ends the row unemitted (c.stop holds it): guessing it was a hit too
+                    picked = d.token_ids or ([c.stop] if d.finish_reason == "stop" and isinstance(c.stop, int) else [])
+                    hit = j < k and picked == [guesses[i, j]]
                     accepted[i] += hit
                     if d.finish_reason:
                         live[i] = False
@@ -334,7 +338,7 @@ class SpeculativeGeneration(Generation):
             s = self.stats
             s["rounds"] += 1
             s["plain_rounds"] += k == 0
-            s["drafted"] += k * len(rows)
+            s["drafted"] += usable
             s["accepted"] += int(accepted[rows].sum())
             self._row_steps += len(rows)
             self._update_stats()

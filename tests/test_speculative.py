@@ -320,6 +320,23 @@ def test_a_row_cancelled_mid_batch(exports):
         assert [c[i].token_ids for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
 
 
+def test_a_draft_that_always_agrees_has_every_usable_guess_accepted(exports):
+    """acceptance = accepted / drafted over the guesses a row could use: a row's stop token id guessed right is a
+    hit, and guesses past a short row's last token (k follows the longest row) are not counted as drafted."""
+    t, dr = ort(exports["target_concat"]), ort(exports["target_concat"], spinning=False)  # the draft is the target
+    varied = dict(temperature=0, repetition_penalty=3.0)  # plain greedy repeats one token on this tiny model
+    out = generate(t, None, [BATCH[0]], SamplingParams(max_new_tokens=20, stop_token_ids=(), **varied))[0].token_ids
+    stop_id = next(x for j, x in enumerate(out) if j >= 6 and x not in out[:j])  # first seen mid-round
+    params = [SamplingParams(max_new_tokens=20, stop_token_ids=(stop_id,), **varied),
+              SamplingParams(max_new_tokens=3, stop_token_ids=(), **varied)]
+    g = SpeculativeGeneration(t, None, BATCH[:2], params, dr, speculate=4, adaptive=False)
+    for _ in g:
+        pass
+    assert g.completions[0].finish_reason == "stop" and len(g.completions[0].token_ids) >= 6
+    assert len(g.completions[1].token_ids) == 3
+    assert g.stats["accepted"] == g.stats["drafted"] > 0 and g.stats["acceptance"] == 1.0, g.stats
+
+
 def test_a_batch_at_the_block_size_edge(exports):
     """Rows whose prompts nearly fill the block, beside short ones: rounds shrink so that every row still fits
     (a round grows the cache by the most guesses one row keeps while another may advance by one)."""
