@@ -58,14 +58,20 @@ def test_case_past_block_size_is_skipped_not_run(tiny_onnx_dir, capsys):
     assert "exceeds block_size 128" in case["skipped"]
 
 
-def test_absent_backends_are_skipped_with_a_note(tiny_onnx_dir):
-    targets, notes = find_targets([str(tiny_onnx_dir)], ("onnxruntime", "tensorrt"), ("cpu", "cuda"))
-    assert [t.label for t in targets] == ["onnxruntime cpu fp32"]
-    assert any(n.startswith("tensorrt: skipped") for n in notes), notes
-    import onnxruntime as ort
+@pytest.mark.parametrize("providers", [None, ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]],
+                         ids=["installed", "cpu-only", "cuda"])
+def test_absent_backends_are_skipped_with_a_note(tiny_onnx_dir, monkeypatch, providers):
+    """What runs follows the providers onnxruntime has: this machine's (installed), then both kinds simulated."""
+    import runtime.bench as bench
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        assert any(n.startswith("onnxruntime cuda: skipped") for n in notes), notes
+    if providers is not None:
+        monkeypatch.setattr(bench, "_ort_providers", lambda: list(providers))
+    cuda = "CUDAExecutionProvider" in bench._ort_providers()
+    targets, notes = find_targets([str(tiny_onnx_dir)], ("onnxruntime", "tensorrt"), ("cpu", "cuda"))
+    assert [t.label for t in targets] == ["onnxruntime cpu fp32"] + (["onnxruntime cuda fp32"] if cuda else [])
+    assert any(n.startswith("tensorrt: skipped") for n in notes), notes
+    cuda_skipped = [n for n in notes if n.startswith("onnxruntime cuda: skipped")]
+    assert len(cuda_skipped) == (0 if cuda else 1), notes
 
 
 def test_torch_target_runs_the_checkpoint_of_the_fp32_export(tiny_onnx_dir):

@@ -206,3 +206,112 @@ def test_export_onnx_int8_end_to_end_gated(trained, tmp_path):
     art = read_onnx_artifact(p)
     assert art.precision == "int8" and art.kv_dtype == "float32" and art.extra["variant"]["gated"]
     assert sorted(f.name for f in p.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+# ---- the gate fires through the public paths ------------------------------------------------------------
+# Thresholds no variant can meet make the gate's verdict certain (agreement is at most 100%; perplexity cannot
+# fall by 100%), so these tests say whether the gate runs, not how good a variant is.
+FAIL_AGREEMENT = (1.01, 10.0)  # only top-1 agreement fails
+FAIL_PERPLEXITY = (0.0, -1.0)  # only the perplexity change fails
+
+
+@pytest.mark.parametrize("thresholds,named,not_named", [
+    (FAIL_AGREEMENT, "top-1 agreement with fp32", "perplexity"),
+    (FAIL_PERPLEXITY, "perplexity", "top-1 agreement")])
+def test_quantize_onnx_gate_refuses_a_failing_variant_and_publishes_nothing(trained, trained_fp32, tmp_path,
+                                                                            monkeypatch, thresholds, named, not_named):
+    from export import quantize
+    from export.onnx import ExportError
+
+    monkeypatch.setitem(quantize.THRESHOLDS, "int8", thresholds)
+    out = tmp_path / "int8"
+    with pytest.raises(ExportError, match=r"int8 variant failed validation") as e:
+        quantize.quantize_onnx(trained_fp32.parent, out, "int8", eval_ids=trained[1], gate=True)
+    msg = str(e.value)
+    assert named in msg and not_named not in msg, msg
+    assert list(out.iterdir()) == [], "a refused variant must leave no model.onnx (nor data, nor temp folder)"
+
+
+def test_quantize_onnx_without_gate_records_the_same_failing_numbers(trained, trained_fp32, tmp_path, monkeypatch):
+    from export import quantize
+    from runtime.artifact import read_onnx_artifact
+
+    monkeypatch.setitem(quantize.THRESHOLDS, "int8", FAIL_AGREEMENT)
+    p = quantize.quantize_onnx(trained_fp32.parent, tmp_path / "int8", "int8", eval_ids=trained[1], gate=False)
+    v = read_onnx_artifact(p).extra["variant"]
+    assert v["gated"] is False and v["thresholds"]["min_top1_agreement"] == FAIL_AGREEMENT[0]
+    assert v["top1_agreement"] < FAIL_AGREEMENT[0]  # it would have failed: recorded, not enforced
+
+
+@pytest.fixture
+def saved_tiny(tiny_model, tmp_path):
+    """The tiny model as a checkpoint folder: an export from files, which export_onnx gates by default."""
+    from model.checkpoints import save_model
+
+    return save_model(tiny_model, tmp_path / "ckpt")
+
+
+def _export_cli(capsys, *argv):
+    from runtime.cli import main
+
+    rc = main(["export", *map(str, argv), "--quantize", "int8", "--json"])
+    out = capsys.readouterr()
+    return rc, out
+
+
+def test_export_cli_gates_a_model_from_files_by_default(saved_tiny, tmp_path, monkeypatch, capsys):
+    from export import quantize
+
+    monkeypatch.setitem(quantize.THRESHOLDS, "int8", FAIL_AGREEMENT)
+    out = tmp_path / "int8"
+    rc, res = _export_cli(capsys, saved_tiny, "--out", out)
+    assert rc == 1, res.err
+    assert "error: int8 variant failed validation" in res.err and "top-1 agreement with fp32" in res.err, res.err
+    assert not (out / "model.onnx").exists() and not out.exists(), "a refused export must publish nothing"
+
+
+def test_export_cli_no_gate_records_but_does_not_fail(saved_tiny, tmp_path, monkeypatch, capsys):
+    import json
+
+    from export import quantize
+    from runtime.artifact import read_onnx_artifact
+
+    monkeypatch.setitem(quantize.THRESHOLDS, "int8", FAIL_AGREEMENT)
+    out = tmp_path / "int8"
+    rc, res = _export_cli(capsys, saved_tiny, "--out", out, "--no-gate")
+    assert rc == 0, res.err
+    v = json.loads(res.out)["variant"]
+    assert v["gated"] is False and v["top1_agreement"] < FAIL_AGREEMENT[0]
+    assert read_onnx_artifact(out).precision == "int8"
+
+
+def test_export_of_random_weights_records_but_does_not_gate_by_default(tiny_model, tmp_path, monkeypatch, capsys):
+    """Random weights (no checkpoint files) give flat logits: export_onnx's default gate is off for them."""
+    import json
+
+    from export import quantize
+    from export.onnx import export_onnx
+    from runtime.artifact import read_onnx_artifact
+
+    monkeypatch.setitem(quantize.THRESHOLDS, "int8", FAIL_AGREEMENT)
+    assert not getattr(tiny_model, "checkpoint_files", [])
+    p = export_onnx(tiny_model, tmp_path / "api", quantize="int8")  # gate left at its default
+    assert read_onnx_artifact(p).extra["variant"]["gated"] is False
+    rc, res = _export_cli(capsys, "random:tiny@0", "--out", tmp_path / "cli")
+    assert rc == 0, res.err
+    assert json.loads(res.out)["variant"]["gated"] is False
+
+
+def test_export_onnx_default_gate_follows_the_checkpoint_files(tiny_model, tmp_path, monkeypatch):
+    """The API, not only the CLI: a model loaded from files is gated when `gate` is left at None."""
+    from export import quantize
+    from export.onnx import ExportError, export_onnx
+    from model import GPT
+    from model.checkpoints import save_model
+
+    monkeypatch.setitem(quantize.THRESHOLDS, "int8", FAIL_PERPLEXITY)
+    model = GPT.from_pretrained(str(save_model(tiny_model, tmp_path / "ckpt")))
+    assert model.checkpoint_files
+    with pytest.raises(ExportError, match=r"int8 variant failed validation .*perplexity"):
+        export_onnx(model, tmp_path / "out", quantize="int8")
+    assert list((tmp_path / "out").iterdir()) == [], "a refused export must publish nothing"

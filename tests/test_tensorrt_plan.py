@@ -205,12 +205,21 @@ def test_buffer_plan_sizes(precision, itemsize):
 def test_kv_ping_pong_swaps_addresses_without_copies():
     art = Artifact(config=TINY)
     plan = plan_buffers(art, 2, 16)
-    pointers = ([1000 + i for i in range(4)], [2000 + i for i in range(4)])
-    step0, step1 = plan.kv_addresses(pointers, 0), plan.kv_addresses(pointers, 1)
-    for past, present in zip(art.inputs[3:], art.outputs[1:]):  # same layer, same key/value
-        assert step0[past] != step0[present], "a step must not read and write the same buffer"
-        assert step1[past] == step0[present], f"{present} of step n must be the {past} of step n+1"
-        assert plan.kv_addresses(pointers, 0)[past] == step0[past]  # and back again on step n+2
+    n = 2 * TINY.n_layer
+    pointers = ([1000 + i for i in range(n)], [2000 + i for i in range(n)])
+    steps, current = [], 0
+    for _ in range(4):  # the backend flips `current` after each step: this step's present is the next one's past
+        steps.append(plan.kv_addresses(pointers, current))
+        current = 1 - current
+    pairs = list(zip(art.inputs[3:], art.outputs[1:]))  # same layer, same key/value
+    assert len(pairs) == n and all(len(s) == 2 * n for s in steps)
+    assert sorted(steps[0].values()) == sorted(pointers[0] + pointers[1]), "every KV tensor gets its own buffer"
+    for a, b in zip(steps, steps[1:]):  # step n -> n + 1
+        for past, present in pairs:
+            assert a[past] != a[present], "a step must not read and write the same buffer"
+            assert b[past] == a[present], f"{present} of step n must be the {past} of step n+1"
+            assert b[present] == a[past], f"step n+1 must write {present} over step n's {past}: a swap, no third set"
+    assert steps[0] != steps[1] and steps[0] == steps[2] and steps[1] == steps[3]  # back again on step n+2
 
 
 # ---- without TensorRT --------------------------------------------------------------------------------
