@@ -310,11 +310,10 @@ class SpeculativeGeneration(Generation):
             started, prefill_draft = time.perf_counter(), k and not dc.length
             guesses = self._guess(dc, todo, slots, rows, k)
             scores = tc.step(np.concatenate([pending[:, None], guesses], 1))  # (n, k + 1, V): every guess, one step
-            accepted, made = np.zeros(n, np.int64), np.zeros(n, np.int64)
-            # guesses a row could use: no more than the tokens it has left (k follows the row with the most)
-            usable = sum(min(k, self.params[slots[i]].max_new_tokens - len(cs[slots[i]].token_ids)) for i in rows)
+            accepted, made, drafted = np.zeros(n, np.int64), np.zeros(n, np.int64), 0
             for i in rows:  # the target's sampler picks each token; a guess counts while it equals the pick
                 c = cs[slots[i]]
+                left_i = self.params[slots[i]].max_new_tokens - len(c.token_ids)
                 for j in range(k + 1):
                     # handed out at once: a cancel() made meanwhile ends the row at its next token, as in plain decoding
                     d = self._advance(slots[i], scores[i, j], len(c.token_ids), t0, prefill)
@@ -329,6 +328,9 @@ class SpeculativeGeneration(Generation):
                         live[i] = False
                     if d.finish_reason or not hit:
                         break
+                # drafted: the row's guesses, but none past its end (its last token, a stop, a cancel), which
+                # nothing checked (k follows the row with the most tokens left); guesses after a miss count
+                drafted += min(k, j + 1) if not live[i] else min(k, left_i)
             seconds = None if prefill_draft else time.perf_counter() - started
             now = time.perf_counter() - t0
             for i in rows:  # the round's time, shared by a row's tokens (a stop token produces none)
@@ -338,7 +340,7 @@ class SpeculativeGeneration(Generation):
             s = self.stats
             s["rounds"] += 1
             s["plain_rounds"] += k == 0
-            s["drafted"] += usable
+            s["drafted"] += drafted
             s["accepted"] += int(accepted[rows].sum())
             self._row_steps += len(rows)
             self._update_stats()

@@ -321,8 +321,8 @@ def test_a_row_cancelled_mid_batch(exports):
 
 
 def test_a_draft_that_always_agrees_has_every_usable_guess_accepted(exports):
-    """acceptance = accepted / drafted over the guesses a row could use: a row's stop token id guessed right is a
-    hit, and guesses past a short row's last token (k follows the longest row) are not counted as drafted."""
+    """acceptance = accepted / drafted: a row's stop token id guessed right is a hit, and guesses past a row's end
+    (its last token, or its stop mid-round; k follows the row with the most tokens left) are not drafted ones."""
     t, dr = ort(exports["target_concat"]), ort(exports["target_concat"], spinning=False)  # the draft is the target
     varied = dict(temperature=0, repetition_penalty=3.0)  # plain greedy repeats one token on this tiny model
     out = generate(t, None, [BATCH[0]], SamplingParams(max_new_tokens=20, stop_token_ids=(), **varied))[0].token_ids
