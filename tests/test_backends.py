@@ -99,7 +99,15 @@ def test_keep_rows_equals_never_having_had_the_others(ort_tiny, ort_tiny_shared,
     be.forward(ids[keep], ones[keep, :6], pos[keep, :6])
     want = be.forward(nxt[keep], ones[keep, :7], pos[keep, 6:7])
     assert got.shape == want.shape and max_abs_diff(got, want) < 1e-5
+    after = rng.integers(0, 512, (3, 1))
+    step = (after, ones[keep], pos[keep, 7:8])
     be.keep_rows([0, 1, 2])  # all of them: nothing changes
+    got = be.forward(*step)
+    be.reset(3)
+    be.forward(ids[keep], ones[keep, :6], pos[keep, :6])
+    be.forward(nxt[keep], ones[keep, :7], pos[keep, 6:7])
+    want = be.forward(*step)  # the same three rows, never given keep_rows
+    assert got.shape == want.shape and max_abs_diff(got, want) < 1e-5
     with pytest.raises(BackendError, match="ascending"):
         be.keep_rows([2, 0])
     with pytest.raises(BackendError, match="0..2"):
@@ -391,6 +399,28 @@ def test_load_errors_are_clear(tiny_onnx_dir, tmp_path):
     with pytest.raises(ArtifactError) as e:
         load_backend("onnxruntime", str(nodata))
     assert "model.onnx.data, which is missing" in str(e.value) and "copy the whole exported folder" in str(e.value)
+
+
+def test_graph_io_names_that_differ_from_the_metadata_are_listed_both_ways(tiny_onnx_dir, tmp_path):
+    """README: the runtime compares the graph's actual I/O names with the expected ones at load and lists both
+    differences. One output renamed in the graph (not in the metadata): the old name is missing, the new unexpected."""
+    onnx = pytest.importorskip("onnx")
+    dst = tmp_path / "renamed"
+    dst.mkdir()
+    m = onnx.load(str(tiny_onnx_dir / "model.onnx"), load_external_data=False)  # weights stay in model.onnx.data
+    old, new = "present.0.value", "present_0_value"
+    [out] = [o for o in m.graph.output if o.name == old]
+    out.name = new
+    for node in m.graph.node:
+        node.output[:] = [new if n == old else n for n in node.output]
+        node.input[:] = [new if n == old else n for n in node.input]
+    onnx.save(m, str(dst / "model.onnx"))
+    shutil.copy(tiny_onnx_dir / "model.onnx.data", dst / "model.onnx.data")
+    with pytest.raises((ArtifactError, BackendError)) as e:
+        load_backend("onnxruntime", str(dst), threads=1)
+    msg = str(e.value)
+    assert "output names differ" in msg, msg
+    assert f"missing [{old!r}]" in msg and f"unexpected [{new!r}]" in msg, msg
 
 
 def test_cuda_provider_missing_names_the_gpu_extra(tiny_onnx_dir):

@@ -169,6 +169,36 @@ def test_failed_validation_keeps_the_previous_export(tmp_path, tiny_onnx_dir, ti
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+def test_crash_moving_the_data_file_leaves_no_model_onnx(tmp_path, tiny_onnx_dir, tiny_model, monkeypatch):
+    """README: `model.onnx` is moved in last, so its presence means a finished export. A crash while the data
+    file moves into a DIR holding a previous export leaves no model.onnx at all (neither the old one, whose
+    data is being replaced, nor the new one, whose data did not arrive) and the old data file untouched."""
+    import export.onnx as ex
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_onnx_dir, out)
+    old_data = (out / "model.onnx.data").read_bytes()
+    real_replace, moved = os.replace, []
+
+    def replace(src, dst, **kw):
+        if Path(dst) == out / "model.onnx.data":
+            raise OSError(28, "No space left on device (simulated)")
+        if Path(dst).parent == out:
+            moved.append(Path(dst).name)
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        ex.export_onnx(tiny_model, out, validate=False)
+    monkeypatch.undo()
+    assert moved == [], f"{moved} moved into DIR before its data"
+    assert not (out / "model.onnx").exists(), "model.onnx must not outlive (or precede) its data"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx.data"], os.listdir(out)  # no .export-* left
+    assert (out / "model.onnx.data").read_bytes() == old_data
+    with pytest.raises(Exception):  # no export here any more: nothing loads
+        __import__("runtime.artifact").artifact.read_onnx_artifact(out)
+
+
 @pytest.mark.parametrize("args,match", [
     (["random:nosuch", "--out", "{tmp}/a"], "unknown preset 'nosuch'"),
     (["{tmp}/missing/ckpt.pt", "--out", "{tmp}/a"], "does not exist"),
@@ -363,6 +393,28 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
     assert modes == {"engine.json": 0o644, "timing.cache": 0o644, "old.engine": 0o644, "private.json": 0o600}, modes
     assert (tmp_path / "old.engine").read_bytes() == b"new"
+
+
+def test_atomic_write_that_raises_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    """runtime/files.py: a block that raises keeps the old content and removes its `.NAME.*.tmp`."""
+    from runtime.files import atomic_path, atomic_write_text
+
+    target = tmp_path / "engine.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".engine.json.") and tmp.name.endswith(".tmp")
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.json"]
+    with pytest.raises(RuntimeError):  # also when nothing existed before: no file appears
+        with atomic_path(tmp_path / "new.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.json"]
+    atomic_write_text(target, "new")  # and a block that succeeds replaces it, leaving no temp either
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["engine.json"]
 
 
 def test_export_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):

@@ -217,3 +217,43 @@ def test_a_generation_runs_once():
     with pytest.raises(GenerationError, match="runs once"):
         list(g)
     assert isinstance(g.completions[0], Completion) and g.completions[0].to_dict()["token_ids"] == [5]
+
+
+class PaddedVocabBackend(ScriptedBackend):
+    """A model whose vocabulary is padded (nanoGPT: 50257 -> 50304): 64 rows, 50 real ids. The highest logit
+    is always on a padded id; among the real ids, `best` leads and the others still get some probability."""
+    best, real = 7, 50
+
+    def __init__(self):
+        super().__init__([[0]], vocab_size=64)
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=64, real_vocab_size=self.real, block_size=64)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        self.calls.append(input_ids.copy())
+        B, T = input_ids.shape
+        logits = np.zeros((B, T, self.config.vocab_size), dtype=np.float32)
+        logits[:, :, self.best] = 2.0
+        logits[:, :, self.real:] = 30.0  # padding rows: by far the most likely, never to be sampled
+        logits[:, :, self.config.vocab_size - 1] = 40.0
+        return logits
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=()),
+    SamplingParams(temperature=1.0, seed=0, max_new_tokens=12, stop_token_ids=()),
+    SamplingParams(temperature=1.5, top_k=5, top_p=0.9, seed=3, max_new_tokens=12, stop_token_ids=()),
+    SamplingParams(temperature=0, repetition_penalty=50.0, max_new_tokens=12, stop_token_ids=()),
+], ids=["greedy", "sampled", "top-k-top-p", "greedy-repetition-penalty"])
+def test_padded_vocab_ids_are_never_generated(params):
+    """README: the padded vocabulary is handled, padded ids are never sampled, even where they score highest."""
+    be = PaddedVocabBackend()
+    assert be.config.vocab_size > be.config.real_vocab_size
+    cs = generate(be, None, [[1, 2], [3]], params)
+    for c in cs:
+        assert len(c.token_ids) == 12
+        assert all(0 <= t < be.real for t in c.token_ids), c.token_ids
+    if params.greedy and params.repetition_penalty == 1.0:
+        assert [c.token_ids for c in cs] == [[be.best] * 12] * 2  # the argmax over the real ids
+    g = Generation(be, None, [[1]], params)
+    streamed = [t for d in g for t in d.token_ids]
+    assert streamed == g.completions[0].token_ids and all(t < be.real for t in streamed), streamed

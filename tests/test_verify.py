@@ -91,6 +91,11 @@ def test_perturbed_model_fails_on_logits_and_perplexity(perturbed_export, capsys
     assert not report["passed"]
     assert any("max|Δlogits|=" in f and "> 1e-04 (--max-abs-diff fp32=0.0001)" in f for f in report["failures"]), report["failures"]
     assert "max|Δlogits|" in out.err
+    [m] = [t["metrics"] for t in report["targets"]]
+    assert m["ppl_change"] > THRESHOLDS["max_ppl_change"]["fp32"], m["ppl_change"]
+    assert any(f.startswith("onnxruntime cpu fp32: perplexity ") and " vs reference " in f
+               and "(--max-ppl-change fp32=0.001)" in f for f in report["failures"]), report["failures"]
+    assert "perplexity" in out.err and "--max-ppl-change fp32=0.001" in out.err, out.err
 
 
 def test_a_loosened_threshold_lets_it_pass(perturbed_export, capsys):
