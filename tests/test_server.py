@@ -158,7 +158,7 @@ def test_batched_greedy_equals_alone(tiny_onnx_dir, tokenizer):
                 dict(prompt="a b c", max_tokens=4, temperature=0),
                 dict(prompt=[[9] * 20], max_tokens=7, temperature=0),
                 dict(prompt=[2, 7], max_tokens=9, temperature=0.9, seed=7)]  # seeded: its own generator per row
-    with serve(tiny_onnx_dir, tokenizer, batch_window_ms=300) as (url, _):
+    with serve(tiny_onnx_dir, tokenizer, batch_window_ms=1000) as (url, _):  # room for threads starting late on a busy box
         c = client(url)
         alone = [c.completions.create(model=MODEL, **r).choices[0].text for r in requests]
         assert health(url)["scheduler"]["largest_batch"] == 1
@@ -196,7 +196,7 @@ def test_requests_decode_speculatively_with_a_draft(tiny_onnx_dir, tokenizer):
                      SamplingParams(temperature=r["temperature"], seed=r.get("seed"), max_new_tokens=r["max_tokens"]))[0].text
             for r in requests]
     draft = load_backend("onnxruntime", tiny_onnx_dir, threads=1)  # the same weights: greedy guesses all accepted
-    with serve(tiny_onnx_dir, tokenizer, draft=draft, batch_window_ms=300) as (url, _):
+    with serve(tiny_onnx_dir, tokenizer, draft=draft, batch_window_ms=1000) as (url, _):
         c = client(url)
         alone = [c.completions.create(model=MODEL, **r).choices[0].text for r in requests]
         stats = health(url)["scheduler"]
@@ -226,9 +226,9 @@ def test_non_loopback_bind_needs_api_key(monkeypatch, capsys):
     monkeypatch.delenv("NANOGPT_DEPLOY_API_KEY", raising=False)
     assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))
-    t0 = time.perf_counter()
-    assert main(["serve", "no/such/model", "--host", "0.0.0.0"]) == 1  # refused before the model is even opened
-    assert "refusing to bind 0.0.0.0" in capsys.readouterr().err and time.perf_counter() - t0 < 2
+    # refused before the model is even opened (a missing model would be the error otherwise)
+    assert main(["serve", "no/such/model", "--host", "0.0.0.0"]) == 1
+    assert "refusing to bind 0.0.0.0" in capsys.readouterr().err
     check_bind("0.0.0.0", "a-key")  # with a key it may
 
 
@@ -327,7 +327,8 @@ def test_overload_answers_429_at_once(tiny_onnx_dir, tokenizer):
     refused = [(r, s) for r, s in results if r.status_code == 429]
     assert len(refused) >= 3 and all(r.status_code == 200 for r, _ in results if r.status_code != 429), \
         [r.status_code for r, _ in results]
-    assert all(s < 0.5 for _, s in refused), [s for _, s in refused]
+    # at once: before any accepted request (each waits for >= 15 steps of 50 ms) could have finished
+    assert max(s for _, s in refused) < min(s for r, s in results if r.status_code == 200), results
     assert refused[0][0].json()["error"]["code"] == "queue_full" and refused[0][0].headers["retry-after"] == "1"
 
 
@@ -356,7 +357,7 @@ def test_request_timeout(tiny_onnx_dir, tokenizer):
         t0 = time.perf_counter()
         r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 100})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
-        assert time.perf_counter() - t0 < 1.5
+        assert time.perf_counter() - t0 < 2.5  # well before the 100 steps of 30 ms it would otherwise take
         # streamed: the 200 headers are sent already, so the timeout is an error event and there is no [DONE]
         with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 100,
                                                                   "stream": True}) as r:
