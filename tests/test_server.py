@@ -158,7 +158,7 @@ def test_batched_greedy_equals_alone(tiny_onnx_dir, tokenizer):
                 dict(prompt="a b c", max_tokens=4, temperature=0),
                 dict(prompt=[[9] * 20], max_tokens=7, temperature=0),
                 dict(prompt=[2, 7], max_tokens=9, temperature=0.9, seed=7)]  # seeded: its own generator per row
-    with serve(tiny_onnx_dir, tokenizer, batch_window_ms=1000) as (url, _):  # room for threads starting late on a busy box
+    with serve(tiny_onnx_dir, tokenizer, batch_window_ms=1000) as (url, _):  # threads may start late
         c = client(url)
         alone = [c.completions.create(model=MODEL, **r).choices[0].text for r in requests]
         assert health(url)["scheduler"]["largest_batch"] == 1
