@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or kill leaves the old file or none, never a half-written one."""
+"""Atomic file writes: a crash or kill (or a power loss: the data is flushed before the rename) leaves the old
+file or none, never a half-written one."""
 from __future__ import annotations
 
 import contextlib
@@ -19,10 +20,26 @@ def atomic_path(path: str | os.PathLike):
     tmp = _create_temp(path)
     try:
         yield tmp
+        _fsync(tmp)  # the bytes reach the disk before the name does: no empty file after a power loss
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's: its entries) data to the disk; a no-op where the OS cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. a folder on a filesystem that does not fsync directories
+        pass
+    finally:
+        os.close(fd)
 
 
 def _create_temp(path: Path) -> Path:

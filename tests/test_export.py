@@ -417,6 +417,29 @@ def test_atomic_write_that_raises_keeps_the_old_file_and_leaves_no_temp(tmp_path
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["engine.json"]
 
 
+def test_atomic_write_flushes_the_file_before_the_rename(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave an empty file: the temp file is fsynced before it gets the
+    name, and the folder's entry after."""
+    import runtime.files as files
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))  # which file or folder (Linux)
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.atomic_write_text(tmp_path / "engine.json", "data")
+    (k0, tmp), rest = events[0], events[1:]
+    assert k0 == "fsync" and tmp.name.startswith(".engine.json.") and tmp.name.endswith(".tmp"), events
+    assert rest == [("replace", tmp_path / "engine.json"), ("fsync", tmp_path)], events
+
+
 def test_export_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     from model.checkpoints import CheckpointError
     from runtime.cli import main
