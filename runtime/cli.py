@@ -27,6 +27,23 @@ COMMANDS = {
 }
 
 
+def int_in(low: int, high: int | None = None, what: str = "a positive integer"):
+    """An argparse type: an integer in low..high (argparse puts the flag's name before the message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}; give {low}..{high}" if high is not None else
+                                             f"{value} is not {what}; give {low} or more")
+        return value
+    return parse
+
+
+positive_int = int_in(1)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:  # fetch-tokenizer
     p.add_argument("--out", default=None, help="where to write gpt2.tiktoken (default: the cache)")
     p.add_argument("--sdist", default=None, help="a local openai-whisper sdist to take it from (offline)")

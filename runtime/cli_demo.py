@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_verify import positive_int
+from .cli import positive_int
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "weights" / "pycode"
 DEFAULT_PROMPTS = {"pycode": "def fibonacci(n):\n", "random": "Hello, my dog is cute"}

@@ -14,24 +14,16 @@ import ipaddress
 import os
 from pathlib import Path
 
+from .cli import int_in
+
 API_KEY_ENV = "NANOGPT_DEPLOY_API_KEY"
-
-
-def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; give 1..65535")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
                                                    "source for --backend torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback addresses need an API key")
-    p.add_argument("--port", type=port, default=8000, help="TCP port, 1..65535 (default 8000)")
+    p.add_argument("--port", type=int_in(1, 65535, "a TCP port"), default=8000, help="TCP port, 1..65535 (default 8000)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")

@@ -16,16 +16,7 @@ import argparse
 import json
 import sys
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer; give 1 or more")
-    return value
+from .cli import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

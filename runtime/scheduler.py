@@ -205,7 +205,7 @@ class Scheduler:
                 if delta.finish_reason:
                     del owners[delta.row]
                     self.running_rows -= 1
-                    if self.continuous and draft is None:  # a batch rows keep joining holds only its live ones
+                    if draft is None:  # a batch holds its live rows only (speculative stats read every row)
                         gen.release(delta.row)
                         if all(o is not job for o, _ in owners.values()):
                             batch.remove(job)

@@ -160,7 +160,7 @@ def test_verify_takes_a_hub_name_as_the_torch_reference(tiny_model, tmp_path, mo
     (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is not a positive integer"),
     (["serve", "x", "--port", "70000"], "argument --port: 70000 is not a TCP port; give 1..65535"),
     (["serve", "x", "--port", "-1"], "argument --port: -1 is not a TCP port"),
-    (["serve", "x", "--port", "http"], "argument --port: 'http' is not a port number"),
+    (["serve", "x", "--port", "http"], "argument --port: 'http' is not an integer"),
 ])
 def test_bad_counts_and_ports_are_refused_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
