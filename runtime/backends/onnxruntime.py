@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError, check_io, resolve_onnx
+from .ort_graph import BUCKETS
 from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -38,7 +39,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model: str | Path, provider: str = "cpu", threads: int | None = None,
-                 device_id: int = 0, optimize: bool = True, spinning: bool = True):
+                 device_id: int = 0, optimize: bool = True, spinning: bool = True, decode: str = "auto",
+                 graph_capacity: int | None = None):
         """Open an exported folder or its model.onnx.
 
         Args:
@@ -53,6 +55,11 @@ class OnnxRuntimeBackend:
                 speculative draft and its target) need False, or one's idle threads steal the other's cores
                 (124M fp32 target + int8 draft, 2 threads: 52.6 tok/s spinning, 103.2 not;
                 scripts/speculative_check.py with and without --spin).
+            decode: how a kv_cache="shared" graph runs its decode steps (runtime/backends/ort_graph.py):
+                "graph" replays one CUDA graph per batch bucket (provider="cuda" only), "static" runs the same
+                fixed-shape steps without capture (CPU or CUDA), "dynamic" binds each step's own shapes;
+                "auto" is "graph" on CUDA for a shared graph, else "dynamic".
+            graph_capacity: positions the fixed cache holds for "graph" / "static" (default block_size).
         """
         import onnxruntime as ort
 
@@ -107,6 +114,16 @@ class OnnxRuntimeBackend:
         self._rows = np.zeros(0, np.int64)  # shared: real tokens cached per row
         self._capacity = 0  # shared: positions each buffer holds
         self._bound = None  # shared: which rows the cache bindings point at (None: none, -1: all, b: row b)
+        self.decode = _decode_mode(decode, self.kv_cache, provider, path)
+        self._static = None  # StaticDecode, made with the fixed buffers
+        self._static_capacity = min(int(graph_capacity or self.config.block_size), self.config.block_size)
+        self._run_options = None
+        if self.decode == "graph":  # capture needs the provider option; the session is opened again with it
+            providers = [(ep, {"device_id": device_id, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+            self.session = _open_session(ort, path, so, providers)
+            self._io = self.session.io_binding()
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("gpu_graph_id", "-1")  # uncaptured: prefill, surgery
 
     @property
     def past_length(self) -> int:
@@ -117,7 +134,8 @@ class OnnxRuntimeBackend:
         if self.kv_cache == "shared":
             self._batch, self._length, self._bound, self._capacity = batch_size, 0, None, 0
             self._rows = np.zeros(batch_size, np.int64)
-            self._cache = []  # allocated by the first forward, sized to it
+            if self.decode == "dynamic":
+                self._cache = []  # allocated by the first forward, sized to it
             return
         # Step 0's empty past (B, nh, 0, hs): zero-length host tensors; zero bytes to copy even on CUDA
         empty = np.zeros((batch_size, c.n_head, 0, c.head_dim), dtype=self._kv_dtype)
@@ -194,6 +212,10 @@ class OnnxRuntimeBackend:
         if self.kv_cache == "shared":
             if self._device == "cpu":
                 self._cache = [_keep(buf, rows) for buf in self._cache]
+            elif self._static is not None:  # same addresses: the captured graphs read these buffers
+                for buf in self._cache:
+                    host = buf.numpy()
+                    buf.update_inplace(np.ascontiguousarray(np.concatenate([host[rows], host[len(rows):]])))
             else:
                 self._cache = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(buf.numpy()[rows]),
                                                                       self._device, self._device_id)
@@ -222,7 +244,8 @@ class OnnxRuntimeBackend:
                 logits = self._run_rows(range(B, B + n), input_ids, position_ids, n_new)
             except Exception:  # the running rows' cache is untouched: they go on alone
                 self._rows, self._batch, self._bound = rows, B, None
-                self._cache = [c[:B] for c in self._cache]
+                if self._device == "cpu":  # views; a CUDA buffer keeps its rows (bindings give the batch's shape)
+                    self._cache = [c[:B] for c in self._cache]
                 raise
             self._rows[B:] = n_new
             self._length = width
@@ -276,7 +299,12 @@ class OnnxRuntimeBackend:
             # decode (rows may differ in length), or an unpadded batched prefill: one call
             if not new.all():
                 raise BackendError("a decode step's newest mask column must be 1 for every row")
-            logits = self._run_shared(input_ids, attention_mask, position_ids, rows=-1)
+            if T == 1 and self._static is not None and self._static.fits(B, int(self._rows.max())):
+                logits = self._static.run(input_ids, position_ids, self._rows)
+            else:
+                if self._static is not None and T == 1:
+                    self._static.note_fallback(f"batch {B} or {int(self._rows.max()) + 1} positions past the buckets")
+                logits = self._run_shared(input_ids, attention_mask, position_ids, rows=-1)
         else:  # left-padded prefill, a step after a past, or a long prompt: row by row, real tokens only
             logits = self._run_rows(range(B), input_ids, position_ids, n_new)
         self._rows += n_new
@@ -320,7 +348,7 @@ class OnnxRuntimeBackend:
             io.bind_cpu_input(name, a)
         logits = np.empty((B, self.artifact.logits_positions(T), self.config.vocab_size), self._kv_dtype)
         io.bind_output("logits", "cpu", 0, self._kv_dtype, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self._run_options)
         return logits.astype(np.float32, copy=False)
 
     def _reserve(self, length: int, batch: int | None = None) -> None:
@@ -329,6 +357,8 @@ class OnnxRuntimeBackend:
         reuses them: no fresh pages to fault in), never shrink (they keep the most rows and positions any batch
         needed), and a batch that grows (rows joining it) gets room for up to 8 more rows, so the next joins only
         extend views of the same arrays."""
+        if self.decode != "dynamic":
+            return self._reserve_static(length, batch)
         cpu, held = self._device == "cpu", (len(self._rows) if self._cache else 0)
         batch = len(self._rows) if batch is None else batch
         if cpu and self._base and batch <= self._base[0].shape[0] and length <= self._base[0].shape[2]:
@@ -353,6 +383,62 @@ class OnnxRuntimeBackend:
         self._base = grown if cpu else []  # CPU: the arrays; the batch's rows are their first
         self._cache = [g[:batch] for g in grown] if cpu else grown
         self._capacity, self._bound = new_cap, None
+
+    def _reserve_static(self, length: int, batch: int | None) -> None:
+        """decode="static" / "graph": buffers of a fixed capacity (graph_capacity) and a bucket's rows, allocated
+        once and kept across reset(), so the decode buckets' bindings and captured graphs stay valid. Only a
+        batch past the largest bucket held, or a sequence past the capacity, moves them (the buckets are then
+        bound and captured again)."""
+        from .ort_graph import StaticDecode, bucket_for
+
+        batch = len(self._rows) if batch is None else batch
+        c, cpu = self.config, self._device == "cpu"
+        held_rows, cap = (self._base[0].shape[0], self._base[0].shape[2]) if self._base else (0, 0)
+        if not (self._base and batch <= held_rows and length <= cap):
+            rows = max(bucket_for(batch) or batch, held_rows)
+            new_cap = max(cap, min(c.block_size, max(self._static_capacity, length, 2 * cap)))
+            grown = []
+            for old in self._base or [None] * len(self._past_names):
+                host = np.zeros((rows, c.n_head, new_cap, c.head_dim), self._kv_dtype)
+                if old is not None:
+                    host[:held_rows, :, :cap] = old if cpu else old.numpy()
+                grown.append(host if cpu else self._ort.OrtValue.ortvalue_from_numpy(host, self._device, self._device_id))
+            self._base, self._bound = grown, None
+            ptrs = [_data_ptr(g) for g in grown]
+            if self._static is None:
+                self._static = StaticDecode(
+                    self.session, self._ort, c, device=self._device, device_id=self._device_id, kv_dtype=self._kv_dtype,
+                    past_names=self._past_names, present_names=self._present_names, cache_ptrs=ptrs, capacity=new_cap,
+                    positions=self.artifact.logits_positions(1), capture=self.decode == "graph", max_rows=rows)
+            else:
+                self._static.capacity, self._static.buckets = new_cap, tuple(b for b in BUCKETS if b <= rows) or (rows,)
+                self._static.rebind(ptrs)
+        if cpu and (not self._cache or len(self._cache[0]) != batch):
+            self._cache, self._bound = [base[:batch] for base in self._base], None
+        elif not cpu:
+            self._cache = self._base
+        self._capacity = self._base[0].shape[2]
+
+    def graph_stats(self) -> dict:
+        """How decode steps ran: {"decode": mode, and for "static" / "graph" the StaticDecode counters}."""
+        return {"decode": self.decode, **(self._static.stats if self._static is not None else {})}
+
+
+def _decode_mode(decode: str, kv_cache: str, provider: str, path) -> str:
+    """Resolve OnnxRuntimeBackend's `decode` option; refuse what cannot run, saying why."""
+    modes = ("auto", "graph", "static", "dynamic")
+    if decode not in modes:
+        raise BackendError(f"unknown decode mode {decode!r}; choose one of {modes}")
+    if decode == "auto":
+        return "graph" if kv_cache == "shared" and provider == "cuda" else "dynamic"
+    if decode != "dynamic" and kv_cache != "shared":
+        raise BackendError(f"{path}: decode={decode!r} (fixed-shape steps, CUDA graphs) needs a kv_cache='shared' "
+                           f"graph, which updates one cache buffer in place; export with `--kv-cache shared` "
+                           f"(and --dtype fp16 for CUDA), or use decode='dynamic'")
+    if decode == "graph" and provider != "cuda":
+        raise BackendError("CUDA graphs (decode='graph', --cuda-graph) need --provider cuda and onnxruntime-gpu; "
+                           "on the CPU use decode='static' (same fixed-shape steps, no capture) or 'dynamic'")
+    return decode
 
 
 def _compact(a: np.ndarray, length: int, start: int = 0) -> np.ndarray:
