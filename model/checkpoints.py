@@ -266,7 +266,7 @@ def _normalize_keys(state: dict, where: Path) -> dict:
 
 
 def _check_state(config: GPTConfig, state: dict, where: Path) -> dict:
-    """The normalized state if it holds exactly GPT(config)'s tensors, with their shapes; else a
+    """The normalized state if it holds exactly GPT(config)'s tensors, with their shapes, all finite; else a
     CheckpointError naming the differences. Reads shapes from the config alone: nothing is allocated."""
     state = _normalize_keys(state, where)
     expected = GPT.state_shapes(config)
@@ -292,7 +292,22 @@ def _check_state(config: GPTConfig, state: dict, where: Path) -> dict:
             f"{config.n_embd}, vocab {config.vocab_size}: {want_n:.3g} parameters, {want_n * 4 / 1e9:,.1f} GB in fp32; "
             f"the checkpoint holds {got_n:.3g}): " + "; ".join(problems)
             + "; fix the config (model_args / config.json) or give the checkpoint it belongs to")
+    check_finite(state, where)
     return state
+
+
+def check_finite(state: dict, where) -> None:
+    """Raise CheckpointError naming the first tensor of `state` holding a NaN or inf."""
+    # a NaN weight exports and "validates" (NaN compares false) and generates token 0 forever: refuse it here
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = ~torch.isfinite(tensor)
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            n_nan = int(torch.isnan(tensor).sum())
+            raise CheckpointError(
+                f"{where}: tensor {key} {tuple(tensor.shape)} holds {int(bad.sum())} non-finite values of "
+                f"{tensor.numel()} ({n_nan} NaN, {int(bad.sum()) - n_nan} inf; first at index {first}); the "
+                f"checkpoint is corrupt or its training diverged: load an earlier checkpoint")
 
 
 def _load_state(model: GPT, state: dict) -> None:

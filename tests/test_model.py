@@ -401,3 +401,28 @@ def test_config_claiming_a_huge_model_fails_before_building_it(tmp_path, tiny_mo
         assert "missing keys ['transformer.h.10." in msg and "23970 more" in msg, msg
         assert "h.0.attn.c_attn.weight: checkpoint (192, 64), model (49152, 16384)" in msg, msg
 
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, tiny_model, value):
+    """A NaN weight exported as 'validated' and generated '!!!!!' (issue #17): every loader refuses it."""
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    state["transformer.h.1.mlp.c_fc.weight"][3, 5] = value
+    bad = GPT(tiny_model.config)
+    bad.load_state_dict(state)
+    sources = []
+    c = tiny_model.config
+    torch.save({"model": state, "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                                   block_size=c.block_size, vocab_size=c.vocab_size)},
+               tmp_path / "ckpt.pt")
+    sources.append(tmp_path / "ckpt.pt")
+    sources.append(save_model(bad, tmp_path / "native"))  # config.json + model.safetensors
+    hf = _hf_gpt2(tmp_path / "hf", n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=512)
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.weight[5, 3] = value  # Conv1D (in, out): our (3, 5)
+    hf.save_pretrained(tmp_path / "hf")
+    sources.append(tmp_path / "hf")
+    kind = "1 NaN, 0 inf" if value != value else "0 NaN, 1 inf"
+    for source in sources:
+        with pytest.raises(CheckpointError, match=rf"transformer\.h\.1\.mlp\.c_fc\.weight \(256, 64\) holds 1 "
+                                                  rf"non-finite values of 16384 \({kind}; first at index \(3, 5\)\)"):
+            load_model(source)
