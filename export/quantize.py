@@ -198,6 +198,15 @@ def evaluate_variant(ref: Path, variant: Path, eval_ids: np.ndarray, real_vocab:
     """
     ref_logits = _logits(new_session(ref), eval_ids, np.float32, decode_steps=0)
     var_logits = _logits(new_session(variant), eval_ids, np.dtype(kv_dtype), decode_steps=DECODE_STEPS)
+    # NaN/inf is a broken graph, not a precision trade-off: refused even ungated (argmax of a NaN row is
+    # token 0, and NaN fails no comparison, so the numbers alone would not say so)
+    for path, x in ((ref, ref_logits), (variant, var_logits)):
+        if not np.isfinite(x).all():
+            nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+            raise ExportError(f"{path} gives non-finite logits on the {eval_ids.shape[0]}x{eval_ids.shape[1]} evaluation "
+                              f"tokens: {nan + inf} of {x.size} values ({nan} NaN, {inf} inf); "
+                              + ("fp16 overflows past 65504: keep the fp32 export" if kv_dtype == "float16" and path == variant
+                                 else "check the weights it was exported from"))
     ref_logits, var_logits = ref_logits[..., :real_vocab], var_logits[..., :real_vocab]
     agree = float(np.mean(ref_logits.argmax(-1) == var_logits.argmax(-1)))
     ppl_ref, ppl = _perplexity(ref_logits, eval_ids), _perplexity(var_logits, eval_ids)
@@ -209,9 +218,9 @@ def evaluate_variant(ref: Path, variant: Path, eval_ids: np.ndarray, real_vocab:
 def check_variant(metrics: dict, precision: str) -> None:
     min_agree, max_ppl = THRESHOLDS[precision]
     bad = []
-    if metrics["top1_agreement"] < min_agree:
+    if not metrics["top1_agreement"] >= min_agree:  # `not >=` / `not <=`: a NaN fails too
         bad.append(f"top-1 agreement with fp32 {metrics['top1_agreement']:.2%} < {min_agree:.0%}")
-    if metrics["ppl_change"] > max_ppl:
+    if not metrics["ppl_change"] <= max_ppl:
         bad.append(f"perplexity {metrics['ppl']:.3f} vs fp32 {metrics['ppl_fp32']:.3f} "
                    f"(+{metrics['ppl_change']:.2%}) > +{max_ppl:.0%}")
     if bad:

@@ -315,3 +315,37 @@ def test_export_onnx_default_gate_follows_the_checkpoint_files(tiny_model, tmp_p
     with pytest.raises(ExportError, match=r"int8 variant failed validation .*perplexity"):
         export_onnx(model, tmp_path / "out", quantize="int8")
     assert list((tmp_path / "out").iterdir()) == [], "a refused export must publish nothing"
+
+
+def test_variant_with_non_finite_logits_is_refused_even_ungated(tiny_onnx_dir, tmp_path, monkeypatch):
+    """NaN fails no comparison and argmax of a NaN row is token 0: the numbers alone would let a NaN variant
+    through, and gate=False (random weights, the default for them) would publish it (issue #17)."""
+    from conftest import onnx_with_a_nan_weight
+    from export import quantize
+    from export.onnx import ExportError
+
+    nan_graph = onnx_with_a_nan_weight(tiny_onnx_dir / "model.onnx", tmp_path / "nan")
+
+    def nan_variant(src, dst, precision):
+        import shutil
+
+        for f in nan_graph.parent.iterdir():
+            shutil.copy(f, dst.parent / f.name)
+        return {"method": "a graph whose lm_head holds a NaN"}
+
+    monkeypatch.setattr(quantize, "make_variant", nan_variant)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 16), dtype=np.int64)
+    with pytest.raises(ExportError, match=r"model\.onnx gives non-finite logits on the 2x16 evaluation tokens: "
+                                          r"32 of 16384 values \(32 NaN, 0 inf\)"):
+        quantize.quantize_onnx(tiny_onnx_dir, tmp_path / "out", "int8", eval_ids=ids, gate=False)
+    assert not (tmp_path / "out" / "model.onnx").exists(), "a NaN variant must not be published"
+
+
+def test_check_variant_fails_nan_metrics():
+    from export.onnx import ExportError
+    from export.quantize import check_variant
+
+    nan = float("nan")
+    for metrics in ({"top1_agreement": nan, "ppl_change": 0.0}, {"top1_agreement": 1.0, "ppl_change": nan}):
+        with pytest.raises(ExportError, match="int8 variant failed validation"):
+            check_variant(dict(metrics, ppl=nan, ppl_fp32=2.0, eval_tokens=64), "int8")
