@@ -8,7 +8,8 @@ the text would change.
 - fp16: onnxruntime's float16 converter; LayerNormalization and Softmax (and, at opset >= 23, the fused
   Attention holding the softmax) stay fp32 behind explicit Casts
   (plain ONNX ops, so the graph still feeds TensorRT strongly-typed builds); every float I/O, the KV
-  cache and the logits included, is fp16; the tied embedding stays stored once (fp16).
+  cache and the logits included, is fp16; the tied embedding stays stored once (fp16). Node and value
+  names are made unique after the converter (`unique_names`: some versions define one Cast several times).
 - int8: `quantize_dynamic` restricted to MatMul with constant weights (int8 weights, activations
   quantized per call). The tied lm_head is first given its own transposed initializer, so it is a plain
   MatMul weight and gets quantized too (the Gather keeps the fp32 embedding): about 2x faster decode.
@@ -71,8 +72,77 @@ def _to_fp16(src: Path, dst: Path) -> dict:
     blocked = ["LayerNormalization", "Softmax", "Attention"]  # Attention: opset >= 23 hides its softmax inside
     # a path (not a proto) makes the converter use infer_shapes_path, which works past 2 GB
     proto = convert_float_to_float16(str(src), keep_io_types=False, op_block_list=blocked)
+    proto = unique_names(proto)  # some converter versions define one Cast several times
     save_model(toposort(proto), dst)  # the converter appends its Casts out of order; TensorRT's parser needs order
     return {"method": "onnxruntime.transformers.float16", "fp32_ops": blocked, "io": "fp16"}
+
+
+def unique_names(proto):
+    """Make the main graph's node names and value definitions unique; returns the proto, changed in place.
+
+    onnxruntime 1.31's float16 converter puts a Cast before each blocked (fp32) node reading an fp16
+    initializer, named after the initializer (`X_cast_to_fp32`, node `X_cast_to_fp32_node`), one per
+    consumer. The exporter stores equal initializers once (every LayerNorm bias of a random model, and the
+    zero Linear biases), so the same Cast is added several times, which onnxruntime refuses ("two nodes
+    with same node name", "Duplicate definition of name"); 1.32 shares one Cast. Repeats of the same
+    computation under the same output are dropped (their consumers read the first), other duplicate node
+    names get a suffix, repeated value_info entries (and those of initializers) are dropped. Two different
+    nodes defining one value cannot be repaired: that raises.
+    """
+    g = proto.graph
+    defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+    producer: dict[str, object] = {}
+    kept = []
+    for n in g.node:
+        outs = [o for o in n.output if o]
+        clash = [o for o in outs if o in producer or o in defined]
+        if not clash:
+            producer.update(dict.fromkeys(outs, n))
+            kept.append(n)
+        elif all(producer.get(o) is producer.get(outs[0]) for o in outs) and _same_computation(producer.get(outs[0]), n):
+            continue  # the same node again
+        else:
+            first = producer.get(clash[0])
+            raise ExportError(f"fp16 conversion defines {clash[0]!r} twice, by different computations "
+                              f"({first.op_type + ' ' + first.name if first is not None else 'a graph input or initializer'} "
+                              f"and {n.op_type} {n.name}); convert with --dtype fp32 and report the onnx / onnxruntime versions")
+    names = {n.name for n in kept}
+    used: set[str] = set()
+    for n in kept:
+        if n.name and n.name in used:
+            k = 1
+            while f"{n.name}_{k}" in used or f"{n.name}_{k}" in names:
+                k += 1
+            n.name = f"{n.name}_{k}"
+        used.add(n.name)
+    if len(kept) != len(g.node):
+        copies = [type(n)() for n in kept]
+        for c, n in zip(copies, kept):
+            c.CopyFrom(n)
+        del g.node[:]
+        g.node.extend(copies)
+    # value_info naming an initializer goes too: the converter retypes it fp16 even where it keeps the
+    # initializer fp32 (one only blocked nodes read), which onnx's full check refuses; the tensor has its type
+    seen, infos = {t.name for t in g.initializer}, []
+    for v in g.value_info:
+        if v.name not in seen:
+            seen.add(v.name)
+            infos.append(type(v)())
+            infos[-1].CopyFrom(v)
+    if len(infos) != len(g.value_info):
+        del g.value_info[:]
+        g.value_info.extend(infos)
+    return proto
+
+
+def _same_computation(a, b) -> bool:
+    if a is None:
+        return False
+    a2, b2 = type(a)(), type(b)()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    a2.name = b2.name = ""
+    return a2.SerializeToString(deterministic=True) == b2.SerializeToString(deterministic=True)
 
 
 def toposort(proto):
