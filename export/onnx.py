@@ -125,6 +125,7 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
     if model.config.block_size < 7:  # example_inputs: 3 new + 4 past positions
         raise ExportError(f"block_size {model.config.block_size} is too small to export: tracing needs 7 positions "
                           f"(3 new + 4 past; distinct sizes > 1 keep the axes symbolic), so block_size >= 7")
+    _check_weights_finite(model)
     out_dir = prepare_out_dir(out_dir, force)
     if model.lm_head.weight.dtype != torch.float32:
         model = copy.deepcopy(model).float()
@@ -224,6 +225,15 @@ def max_opset() -> tuple[int, str]:
             s.since_version for s in get_all_operator_schema() if s.domain in ("", "ai.onnx"))
     name = min(limits, key=limits.get)
     return limits[name], name
+
+
+def _check_weights_finite(model: GPT) -> None:
+    from model.checkpoints import CheckpointError, check_finite
+
+    try:  # load_model refuses these already; a model built or edited in memory is checked here
+        check_finite(dict(model.named_parameters()), "model to export")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
 
 
 def recorded_source(source: str | os.PathLike) -> str:
@@ -507,10 +517,21 @@ def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PAR
         if wrong:
             raise ExportError(f"{path}: output shapes differ from torch's (logits={logits!r}) at B{batch}xT{seq}xP{past}: "
                               + "; ".join(wrong[:4]))
+        label = f"B{batch}xT{seq}xP{past}" + (f"+pad{pad}" if pad else "")
+        # NaN on either side must fail: |NaN - x| is NaN, which max() and every comparison drop, so a NaN
+        # model once "validated" with max|Δ| 0.0; inf - inf is NaN too
+        non_finite = [f"{n} from {side}: {_count_non_finite(x)}"
+                      for n, g, w in zip(names, got, want) for side, x in (("torch", w), ("onnxruntime", g))
+                      if not np.isfinite(x).all()]
+        if non_finite:
+            raise ExportError(f"{path}: non-finite outputs at {label} (batch, sequence, past): "
+                              + "; ".join(non_finite[:6]) + (f" and {len(non_finite) - 6} more" if len(non_finite) > 6 else "")
+                              + "; parity cannot be judged on NaN/inf: check the weights, and fp32 overflow of "
+                                "huge activations")
         diffs = {n: float(np.max(np.abs(g.astype(np.float64) - w))) for n, g, w in zip(names, got, want)}
         for n, d in diffs.items():
-            worst[n] = max(worst[n], d)
-        label = f"B{batch}xT{seq}xP{past}" + (f"+pad{pad}" if pad else "")
+            if not d <= worst[n]:  # not max(): it drops a NaN
+                worst[n] = d
         per_shape[label] = {"logits": diffs["logits"], "present": max(v for k, v in diffs.items() if k != "logits")}
     bad = {n: d for n, d in worst.items() if not d <= atol}  # `not <=` also catches NaN
     if bad:
@@ -518,6 +539,11 @@ def check_parity(model: GPT, path: Path, shapes=PARITY_SHAPES, atol: float = PAR
                           + ", ".join(f"{n}: max|Δ|={d:.2e}" for n, d in bad.items())
                           + f" (per shape: {per_shape})")
     return {"atol": atol, "max_abs_diff": max(worst.values()), "shapes": per_shape}
+
+
+def _count_non_finite(x: np.ndarray) -> str:
+    nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+    return f"{nan + inf} of {x.size} values {x.shape} ({nan} NaN, {inf} inf)"
 
 
 def run_left_aligned(session, feeds: dict[str, np.ndarray], want: list[np.ndarray], past: int,

@@ -8,7 +8,8 @@ the text would change.
 - fp16: onnxruntime's float16 converter; LayerNormalization and Softmax (and, at opset >= 23, the fused
   Attention holding the softmax) stay fp32 behind explicit Casts
   (plain ONNX ops, so the graph still feeds TensorRT strongly-typed builds); every float I/O, the KV
-  cache and the logits included, is fp16; the tied embedding stays stored once (fp16).
+  cache and the logits included, is fp16; the tied embedding stays stored once (fp16). Node and value
+  names are made unique after the converter (`unique_names`: some versions define one Cast several times).
 - int8: `quantize_dynamic` restricted to MatMul with constant weights (int8 weights, activations
   quantized per call). The tied lm_head is first given its own transposed initializer, so it is a plain
   MatMul weight and gets quantized too (the Gather keeps the fp32 embedding): about 2x faster decode.
@@ -83,8 +84,77 @@ def _to_fp16(src: Path, dst: Path, blocked=("LayerNormalization", "Softmax", "At
     blocked = list(blocked)  # Attention: opset >= 23 hides its softmax inside
     # a path (not a proto) makes the converter use infer_shapes_path, which works past 2 GB
     proto = convert_float_to_float16(str(src), keep_io_types=False, op_block_list=blocked)
+    proto = unique_names(proto)  # some converter versions define one Cast several times
     save_model(toposort(proto), dst)  # the converter appends its Casts out of order; TensorRT's parser needs order
     return {"method": "onnxruntime.transformers.float16", "fp32_ops": blocked, "io": "fp16"}
+
+
+def unique_names(proto):
+    """Make the main graph's node names and value definitions unique; returns the proto, changed in place.
+
+    onnxruntime 1.31's float16 converter puts a Cast before each blocked (fp32) node reading an fp16
+    initializer, named after the initializer (`X_cast_to_fp32`, node `X_cast_to_fp32_node`), one per
+    consumer. The exporter stores equal initializers once (every LayerNorm bias of a random model, and the
+    zero Linear biases), so the same Cast is added several times, which onnxruntime refuses ("two nodes
+    with same node name", "Duplicate definition of name"); 1.32 shares one Cast. Repeats of the same
+    computation under the same output are dropped (their consumers read the first), other duplicate node
+    names get a suffix, repeated value_info entries (and those of initializers) are dropped. Two different
+    nodes defining one value cannot be repaired: that raises.
+    """
+    g = proto.graph
+    defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+    producer: dict[str, object] = {}
+    kept = []
+    for n in g.node:
+        outs = [o for o in n.output if o]
+        clash = [o for o in outs if o in producer or o in defined]
+        if not clash:
+            producer.update(dict.fromkeys(outs, n))
+            kept.append(n)
+        elif all(producer.get(o) is producer.get(outs[0]) for o in outs) and _same_computation(producer.get(outs[0]), n):
+            continue  # the same node again
+        else:
+            first = producer.get(clash[0])
+            raise ExportError(f"fp16 conversion defines {clash[0]!r} twice, by different computations "
+                              f"({first.op_type + ' ' + first.name if first is not None else 'a graph input or initializer'} "
+                              f"and {n.op_type} {n.name}); convert with --dtype fp32 and report the onnx / onnxruntime versions")
+    names = {n.name for n in kept}
+    used: set[str] = set()
+    for n in kept:
+        if n.name and n.name in used:
+            k = 1
+            while f"{n.name}_{k}" in used or f"{n.name}_{k}" in names:
+                k += 1
+            n.name = f"{n.name}_{k}"
+        used.add(n.name)
+    if len(kept) != len(g.node):
+        copies = [type(n)() for n in kept]
+        for c, n in zip(copies, kept):
+            c.CopyFrom(n)
+        del g.node[:]
+        g.node.extend(copies)
+    # value_info naming an initializer goes too: the converter retypes it fp16 even where it keeps the
+    # initializer fp32 (one only blocked nodes read), which onnx's full check refuses; the tensor has its type
+    seen, infos = {t.name for t in g.initializer}, []
+    for v in g.value_info:
+        if v.name not in seen:
+            seen.add(v.name)
+            infos.append(type(v)())
+            infos[-1].CopyFrom(v)
+    if len(infos) != len(g.value_info):
+        del g.value_info[:]
+        g.value_info.extend(infos)
+    return proto
+
+
+def _same_computation(a, b) -> bool:
+    if a is None:
+        return False
+    a2, b2 = type(a)(), type(b)()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    a2.name = b2.name = ""
+    return a2.SerializeToString(deterministic=True) == b2.SerializeToString(deterministic=True)
 
 
 def toposort(proto):
@@ -210,6 +280,15 @@ def evaluate_variant(ref: Path, variant: Path, eval_ids: np.ndarray, real_vocab:
     """
     ref_logits = _logits(new_session(ref), eval_ids, np.float32, decode_steps=0)
     var_logits = _logits(new_session(variant), eval_ids, np.dtype(kv_dtype), decode_steps=DECODE_STEPS)
+    # NaN/inf is a broken graph, not a precision trade-off: refused even ungated (argmax of a NaN row is
+    # token 0, and NaN fails no comparison, so the numbers alone would not say so)
+    for path, x in ((ref, ref_logits), (variant, var_logits)):
+        if not np.isfinite(x).all():
+            nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+            raise ExportError(f"{path} gives non-finite logits on the {eval_ids.shape[0]}x{eval_ids.shape[1]} evaluation "
+                              f"tokens: {nan + inf} of {x.size} values ({nan} NaN, {inf} inf); "
+                              + ("fp16 overflows past 65504: keep the fp32 export" if kv_dtype == "float16" and path == variant
+                                 else "check the weights it was exported from"))
     ref_logits, var_logits = ref_logits[..., :real_vocab], var_logits[..., :real_vocab]
     agree = float(np.mean(ref_logits.argmax(-1) == var_logits.argmax(-1)))
     ppl_ref, ppl = _perplexity(ref_logits, eval_ids), _perplexity(var_logits, eval_ids)
@@ -221,9 +300,9 @@ def evaluate_variant(ref: Path, variant: Path, eval_ids: np.ndarray, real_vocab:
 def check_variant(metrics: dict, precision: str) -> None:
     min_agree, max_ppl = THRESHOLDS[precision]
     bad = []
-    if metrics["top1_agreement"] < min_agree:
+    if not metrics["top1_agreement"] >= min_agree:  # `not >=` / `not <=`: a NaN fails too
         bad.append(f"top-1 agreement with fp32 {metrics['top1_agreement']:.2%} < {min_agree:.0%}")
-    if metrics["ppl_change"] > max_ppl:
+    if not metrics["ppl_change"] <= max_ppl:
         bad.append(f"perplexity {metrics['ppl']:.3f} vs fp32 {metrics['ppl_fp32']:.3f} "
                    f"(+{metrics['ppl_change']:.2%}) > +{max_ppl:.0%}")
     if bad:

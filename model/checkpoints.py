@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -76,8 +77,11 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             config, state, files = _read_folder(_download_from_hub(source))
         if gelu:
             config = dataclasses.replace(config, gelu=gelu)
+        # shapes and values are checked before GPT(config) allocates: a small file whose config claims
+        # n_layer=2000, n_embd=16384 would otherwise take all memory before its first shape was compared
+        state = _check_state(config, state, files[0])
         model = GPT(config)
-        _load_state(model, state, files[0])
+        _load_state(model, state)
     model.checkpoint_files = files
     return model.to(dtype).eval()
 
@@ -261,14 +265,16 @@ def _normalize_keys(state: dict, where: Path) -> dict:
     return out
 
 
-def _load_state(model: GPT, state: dict, where: Path) -> None:
+def _check_state(config: GPTConfig, state: dict, where: Path) -> dict:
+    """The normalized state if it holds exactly GPT(config)'s tensors, with their shapes, all finite; else a
+    CheckpointError naming the differences. Reads shapes from the config alone: nothing is allocated."""
     state = _normalize_keys(state, where)
-    expected = {k: v for k, v in model.state_dict().items() if k != "transformer.wte.weight"}
+    expected = GPT.state_shapes(config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = []
     for key in sorted(set(expected) & set(state)):
-        want, got = tuple(expected[key].shape), tuple(state[key].shape)
+        want, got = expected[key], tuple(state[key].shape)
         if got != want:
             wrong.append(f"{key}: checkpoint {got}, model {want}")
     problems = []
@@ -277,10 +283,37 @@ def _load_state(model: GPT, state: dict, where: Path) -> None:
     if unexpected:
         problems.append(f"unexpected keys {_short(unexpected)}")
     if wrong:
-        problems.append("wrong shapes: " + "; ".join(wrong[:6]) + (" ..." if len(wrong) > 6 else ""))
+        problems.append("wrong shapes: " + "; ".join(wrong[:6]) + (f" ... {len(wrong) - 6} more" if len(wrong) > 6 else ""))
     if problems:
-        raise CheckpointError(f"{where} does not match the model ({model.config.n_layer} layers, n_embd "
-                              f"{model.config.n_embd}, vocab {model.config.vocab_size}): " + "; ".join(problems))
+        want_n = sum(math.prod(s) for s in expected.values())
+        got_n = sum(t.numel() for t in state.values())
+        raise CheckpointError(
+            f"{where} does not match the model its config describes ({config.n_layer} layers, n_embd "
+            f"{config.n_embd}, vocab {config.vocab_size}: {want_n:.3g} parameters, {want_n * 4 / 1e9:,.1f} GB in fp32; "
+            f"the checkpoint holds {got_n:.3g}): " + "; ".join(problems)
+            + "; fix the config (model_args / config.json) or give the checkpoint it belongs to")
+    check_finite(state, where)
+    return state
+
+
+def check_finite(state: dict, where) -> None:
+    """Raise CheckpointError naming the first tensor of `state` holding a NaN or inf."""
+    # a NaN weight exports and "validates" (NaN compares false) and generates token 0 forever: refuse it here
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = ~torch.isfinite(tensor)
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            n_nan = int(torch.isnan(tensor).sum())
+            raise CheckpointError(
+                f"{where}: tensor {key} {tuple(tensor.shape)} holds {int(bad.sum())} non-finite values of "
+                f"{tensor.numel()} ({n_nan} NaN, {int(bad.sum()) - n_nan} inf; first at index {first}); the "
+                f"checkpoint is corrupt or its training diverged: load an earlier checkpoint")
+
+
+def _load_state(model: GPT, state: dict) -> None:
+    """Copy a state _check_state accepted into `model`."""
+    expected = {k: v for k, v in model.state_dict().items() if k != "transformer.wte.weight"}
+    assert set(expected) == set(state), "state not checked against GPT.state_shapes"
     with torch.no_grad():
         for key, tensor in state.items():
             expected[key].copy_(tensor.to(expected[key].dtype))

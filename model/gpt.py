@@ -155,6 +155,25 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T or k, vocab)
         return logits, tuple(present)
 
+    @staticmethod
+    def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+        """{state_dict key: shape} of GPT(config), without building it (nothing allocated): a checkpoint is
+        checked against this before the model is constructed. Tied lm_head listed once, as lm_head.weight."""
+        C, V = config.n_embd, config.vocab_size
+        shapes = {"transformer.wpe.weight": (config.block_size, C)}
+        layer = {"ln_1.weight": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_proj.weight": (C, C),
+                 "ln_2.weight": (C,), "mlp.c_fc.weight": (4 * C, C), "mlp.c_proj.weight": (C, 4 * C)}
+        if config.bias:
+            layer.update({"ln_1.bias": (C,), "attn.c_attn.bias": (3 * C,), "attn.c_proj.bias": (C,),
+                          "ln_2.bias": (C,), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.bias": (C,)})
+        for i in range(config.n_layer):
+            shapes.update({f"transformer.h.{i}.{k}": s for k, s in layer.items()})
+        shapes["transformer.ln_f.weight"] = (C,)
+        if config.bias:
+            shapes["transformer.ln_f.bias"] = (C,)
+        shapes["lm_head.weight"] = (V, C)
+        return shapes
+
     @classmethod
     def from_pretrained(cls, source: str, **kwargs) -> "GPT":
         """Load weights from a local HF GPT-2 folder, a nanoGPT ckpt.pt, a hub name, or `random:PRESET`."""

@@ -41,3 +41,24 @@ def max_abs_diff(a, b) -> float:
     import numpy as np
 
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def onnx_with_a_nan_weight(src, dst_dir, initializer: str = "model.lm_head.weight", index=(0, 0)):
+    """A copy of the export `src` (model.onnx) whose `initializer` holds one NaN at `index`. The default, the
+    tied lm_head's [0, 0], makes logits[..., 0] NaN at every position; model.transformer.wpe.weight [p, 0]
+    poisons position p only. Returns the copy's model.onnx."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from export.onnx import save_model
+
+    m = onnx.load(str(src))
+    t = next(t for t in m.graph.initializer if t.name == initializer)
+    w = numpy_helper.to_array(t).copy()
+    w[index] = np.nan
+    t.CopyFrom(numpy_helper.from_array(w, initializer))
+    dst = Path(dst_dir) / "model.onnx"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_model(m, dst)
+    return dst

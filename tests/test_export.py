@@ -550,3 +550,51 @@ def test_block_size_8_model_exports_and_is_checked(tmp_path):
     with pytest.raises(ExportError, match="block_size 6 is too small to export.*block_size >= 7"):
         export_onnx(tiny, tmp_path / "b6")
     assert not (tmp_path / "b6").exists()
+
+
+def test_parity_check_fails_on_non_finite_outputs_of_either_side(tiny_onnx_dir, tiny_model, tmp_path):
+    """|NaN - x| is NaN and max(0.0, NaN) is 0.0: a NaN model once 'validated' with max|Δ| 0.0 (issue #17)."""
+    import copy
+
+    import torch
+
+    from conftest import onnx_with_a_nan_weight
+    from export.onnx import check_parity
+
+    nan_torch = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        nan_torch.transformer.h[0].mlp.c_proj.weight[0, 0] = float("nan")  # every later output is NaN
+    with pytest.raises(ExportError, match=r"non-finite outputs at B1xT3xP2 .*logits from torch: 1536 of 1536 "
+                                          r"values \(1, 3, 512\) \(1536 NaN, 0 inf\); present\.1\.key from torch"):
+        check_parity(nan_torch, tiny_onnx_dir / "model.onnx", shapes=[(1, 3, 2, 0)])
+    # position 10 poisoned: B1xT1xP0 (position 0) is clean, B2xT7xP5 (positions 5..11) is not
+    nan_graph = onnx_with_a_nan_weight(tiny_onnx_dir / "model.onnx", tmp_path / "nan", "model.transformer.wpe.weight",
+                                       (10, 0))
+    with pytest.raises(ExportError, match=r"non-finite outputs at B2xT7xP5 .*logits from onnxruntime: \d+ of 7168 "
+                                          r"values \(2, 7, 512\) \(\d+ NaN, 0 inf\); present\.0\.key from onnxruntime"):
+        check_parity(tiny_model, nan_graph, shapes=[(1, 1, 0, 0), (2, 7, 5, 0)])
+
+
+def test_export_refuses_non_finite_weights_and_outputs(tiny_model, tmp_path):
+    """A model edited in memory (load_model refuses such files) with a NaN weight, or finite weights whose
+    activations overflow fp32: neither exports."""
+    import copy
+
+    import torch
+
+    from export.onnx import export_onnx
+
+    nan = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        nan.transformer.ln_f.weight[9] = float("nan")
+    with pytest.raises(ExportError, match=r"tensor transformer\.ln_f\.weight \(64,\) holds 1 non-finite values"):
+        export_onnx(nan, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "model.onnx").exists()
+    overflow = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # c_proj sums 256 GELU(1e37) = 2.6e39 > fp32 max 3.4e38: inf, then ln_f(inf) = NaN
+        overflow.transformer.h[1].mlp.c_fc.bias.fill_(1e37)
+        overflow.transformer.h[1].mlp.c_proj.weight.fill_(1.0)
+    with pytest.raises(ExportError, match=r"non-finite outputs at B1xT1xP0 .*logits from torch: 512 of 512 .*"
+                                          r"logits from onnxruntime: 512 of 512"):
+        export_onnx(overflow, tmp_path / "overflow")
+    assert not (tmp_path / "overflow" / "model.onnx").exists()

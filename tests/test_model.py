@@ -353,3 +353,76 @@ def test_non_checkpoint_file_is_not_called_unsafe(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load.*could run code"):
         load_model(evil)
     assert not os.path.exists(marker)
+
+
+def test_state_shapes_match_the_module_without_building_it():
+    for cfg in (GPTConfig.preset("tiny"), GPTConfig.preset("tiny", bias=False)):
+        built = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items() if k != "transformer.wte.weight"}
+        assert GPT.state_shapes(cfg) == built, set(GPT.state_shapes(cfg).items()) ^ set(built.items())
+
+
+def _huge_config_checkpoints(tmp_path, tiny_model):
+    """A nanoGPT ckpt.pt and an HF folder holding the tiny model's weights (KBs) under a config claiming
+    n_layer=2000, n_embd=16384 (~6.5e12 parameters: building it would take all memory)."""
+    c = tiny_model.config
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": tiny_model.state_dict(), "model_args": dict(
+        n_layer=2000, n_head=c.n_head, n_embd=16384, block_size=c.block_size, vocab_size=c.vocab_size, bias=True)}, ckpt)
+    from safetensors.torch import save_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    state = {k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v).contiguous()
+             for k, v in tiny_model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps(dict(
+        model_type="gpt2", n_layer=2000, n_head=c.n_head, n_embd=16384, n_positions=c.block_size,
+        vocab_size=c.vocab_size, activation_function="gelu")))
+    return [ckpt, hf]
+
+
+def test_config_claiming_a_huge_model_fails_before_building_it(tmp_path, tiny_model, monkeypatch):
+    """A 574 KB ckpt.pt whose model_args claimed n_layer=2000, n_embd=16384 took 4.1 GB before failing (issue
+    #17): the config is checked against the stored tensors before GPT(config) allocates anything."""
+    import model.checkpoints as ckpts
+
+    class NotBuilt(GPT):
+        def __init__(self, config):
+            raise AssertionError(f"GPT({config.n_layer} layers, n_embd {config.n_embd}) constructed before the "
+                                 f"checkpoint's shapes were checked")
+
+    monkeypatch.setattr(ckpts, "GPT", NotBuilt)
+    for source in _huge_config_checkpoints(tmp_path, tiny_model):
+        assert source.stat().st_size < 2_000_000 or source.is_dir()
+        with pytest.raises(CheckpointError) as err:
+            load_model(source)
+        msg = str(err.value)
+        assert source.name in msg and "2000 layers, n_embd 16384" in msg, msg
+        assert "missing keys ['transformer.h.10." in msg and "23970 more" in msg, msg
+        assert "h.0.attn.c_attn.weight: checkpoint (192, 64), model (49152, 16384)" in msg, msg
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, tiny_model, value):
+    """A NaN weight exported as 'validated' and generated '!!!!!' (issue #17): every loader refuses it."""
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    state["transformer.h.1.mlp.c_fc.weight"][3, 5] = value
+    bad = GPT(tiny_model.config)
+    bad.load_state_dict(state)
+    sources = []
+    c = tiny_model.config
+    torch.save({"model": state, "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                                   block_size=c.block_size, vocab_size=c.vocab_size)},
+               tmp_path / "ckpt.pt")
+    sources.append(tmp_path / "ckpt.pt")
+    sources.append(save_model(bad, tmp_path / "native"))  # config.json + model.safetensors
+    hf = _hf_gpt2(tmp_path / "hf", n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=512)
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.weight[5, 3] = value  # Conv1D (in, out): our (3, 5)
+    hf.save_pretrained(tmp_path / "hf")
+    sources.append(tmp_path / "hf")
+    kind = "1 NaN, 0 inf" if value != value else "0 NaN, 1 inf"
+    for source in sources:
+        with pytest.raises(CheckpointError, match=rf"transformer\.h\.1\.mlp\.c_fc\.weight \(256, 64\) holds 1 "
+                                                  rf"non-finite values of 16384 \({kind}; first at index \(3, 5\)\)"):
+            load_model(source)

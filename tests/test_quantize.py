@@ -315,3 +315,150 @@ def test_export_onnx_default_gate_follows_the_checkpoint_files(tiny_model, tmp_p
     with pytest.raises(ExportError, match=r"int8 variant failed validation .*perplexity"):
         export_onnx(model, tmp_path / "out", quantize="int8")
     assert list((tmp_path / "out").iterdir()) == [], "a refused export must publish nothing"
+
+
+def test_variant_with_non_finite_logits_is_refused_even_ungated(tiny_onnx_dir, tmp_path, monkeypatch):
+    """NaN fails no comparison and argmax of a NaN row is token 0: the numbers alone would let a NaN variant
+    through, and gate=False (random weights, the default for them) would publish it (issue #17)."""
+    from conftest import onnx_with_a_nan_weight
+    from export import quantize
+    from export.onnx import ExportError
+
+    nan_graph = onnx_with_a_nan_weight(tiny_onnx_dir / "model.onnx", tmp_path / "nan")
+
+    def nan_variant(src, dst, precision):
+        import shutil
+
+        for f in nan_graph.parent.iterdir():
+            shutil.copy(f, dst.parent / f.name)
+        return {"method": "a graph whose lm_head holds a NaN"}
+
+    monkeypatch.setattr(quantize, "make_variant", nan_variant)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 16), dtype=np.int64)
+    with pytest.raises(ExportError, match=r"model\.onnx gives non-finite logits on the 2x16 evaluation tokens: "
+                                          r"32 of 16384 values \(32 NaN, 0 inf\)"):
+        quantize.quantize_onnx(tiny_onnx_dir, tmp_path / "out", "int8", eval_ids=ids, gate=False)
+    assert not (tmp_path / "out" / "model.onnx").exists(), "a NaN variant must not be published"
+
+
+def test_check_variant_fails_nan_metrics():
+    from export.onnx import ExportError
+    from export.quantize import check_variant
+
+    nan = float("nan")
+    for metrics in ({"top1_agreement": nan, "ppl_change": 0.0}, {"top1_agreement": 1.0, "ppl_change": nan}):
+        with pytest.raises(ExportError, match="int8 variant failed validation"):
+            check_variant(dict(metrics, ppl=nan, ppl_fp32=2.0, eval_tokens=64), "int8")
+
+
+def _casts_per_consumer(convert):
+    """The float16 converter as onnxruntime 1.31 behaves: one Cast per blocked node reading an fp16
+    initializer, all named after the initializer (1.32 shares one). Duplicates what `convert` built."""
+    import copy
+
+    def convert_131(*args, **kwargs):
+        proto = convert(*args, **kwargs)
+        g = proto.graph
+        for cast in [n for n in g.node if n.op_type == "Cast" and n.name.endswith("_cast_to_fp32_node")]:
+            readers = sum(cast.output[0] in n.input for n in g.node)
+            info = [v for v in g.value_info if v.name == cast.output[0]]
+            for _ in range(readers - 1):
+                g.node.append(copy.deepcopy(cast))
+                g.value_info.extend(copy.deepcopy(info))
+        return proto
+
+    return convert_131
+
+
+def _shared_initializer_graph(path):
+    """x -> LayerNorm(w, b) -> Add(b) -> LayerNorm(w, b) -> Add(w): w and b each feed two blocked (fp32)
+    LayerNorms and one fp16 Add, as the exporter shares equal LayerNorm weights and zero biases."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    nodes = [helper.make_node("LayerNormalization", ["x", "w", "b"], ["h1"], name="ln_1", axis=-1),
+             helper.make_node("Add", ["h1", "b"], ["h2"], name="add_1"),
+             helper.make_node("LayerNormalization", ["h2", "w", "b"], ["h3"], name="ln_2", axis=-1),
+             helper.make_node("Add", ["h3", "w"], ["y"], name="add_2")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], [w, b])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def _assert_valid_unique_graph(path):
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(path))
+    names = collections.Counter(n.name for n in m.graph.node)
+    outputs = collections.Counter(o for n in m.graph.node for o in n.output)
+    assert not [k for k, c in names.items() if c > 1], f"duplicate node names: {[k for k, c in names.items() if c > 1]}"
+    assert not [k for k, c in outputs.items() if c > 1], f"values defined twice: {[k for k, c in outputs.items() if c > 1]}"
+    onnx.checker.check_model(str(path), full_check=True)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("converter", ["installed", "onnxruntime-1.31"])
+def test_fp16_names_stay_unique_when_one_initializer_feeds_several_blocked_nodes(tmp_path, monkeypatch, converter):
+    """On onnxruntime-gpu 1.31.1 `--dtype fp16` of random:gpt2@0 failed to load: 'two nodes with same node name
+    (...ln_1.weight_cast_to_fp32_node)', then 'Duplicate definition of name' (issue #17)."""
+    import onnx
+    import onnxruntime as ort
+    import onnxruntime.transformers.float16 as f16
+
+    from export.quantize import make_variant
+
+    src = _shared_initializer_graph(tmp_path / "fp32.onnx")
+    if converter != "installed":
+        monkeypatch.setattr(f16, "convert_float_to_float16", _casts_per_consumer(f16.convert_float_to_float16))
+        raw = f16.convert_float_to_float16(str(src), keep_io_types=False, op_block_list=["LayerNormalization"])
+        dup = [k for k, c in collections.Counter(n.name for n in raw.graph.node).items() if c > 1]
+        assert sorted(dup) == ["b_cast_to_fp32_node", "w_cast_to_fp32_node"], dup  # the converter's output is invalid
+    dst = tmp_path / "fp16" / "model.onnx"
+    dst.parent.mkdir()
+    make_variant(src, dst, "fp16")
+    session = _assert_valid_unique_graph(dst)
+    casts = sorted(n.name for n in onnx.load(str(dst)).graph.node if n.op_type == "Cast")
+    assert casts == ["b_cast_to_fp32_node", "h1_cast_to_fp16_node", "h2_cast_to_fp32_node", "h3_cast_to_fp16_node",
+                     "w_cast_to_fp32_node", "x_cast_to_fp32_node"], casts  # one per value: the shared ones cast once
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = session.run(None, {"x": x.astype(np.float16)})[0].astype(np.float32)
+    d = float(np.abs(got - want).max())
+    assert d < 2e-2, f"fp16 vs fp32: max|Δ|={d:.2e} > 2e-2"
+
+
+def test_fp16_of_an_export_sharing_layernorm_initializers_is_valid(tiny_onnx_dir, tmp_path, monkeypatch):
+    """The exporter stores the random model's equal LayerNorm weights and zero biases once: with 1.31's
+    per-consumer Casts its fp16 graph still loads."""
+    import onnxruntime.transformers.float16 as f16
+
+    from export.quantize import make_variant
+
+    monkeypatch.setattr(f16, "convert_float_to_float16", _casts_per_consumer(f16.convert_float_to_float16))
+    dst = tmp_path / "model.onnx"
+    make_variant(tiny_onnx_dir / "model.onnx", dst, "fp16")
+    _assert_valid_unique_graph(dst)
+
+
+def test_unique_names_renames_distinct_nodes_and_refuses_conflicting_definitions():
+    from onnx import TensorProto, helper
+
+    from export.onnx import ExportError
+    from export.quantize import unique_names
+
+    def model(*nodes):
+        graph = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    m = unique_names(model(helper.make_node("Relu", ["x"], ["y"], name="n"), helper.make_node("Neg", ["y"], ["z"], name="n"),
+                           helper.make_node("Relu", ["x"], ["y"], name="n_1")))
+    assert [(n.name, n.op_type) for n in m.graph.node] == [("n", "Relu"), ("n_1", "Neg")]  # the 2nd Relu: a repeat, dropped
+    with pytest.raises(ExportError, match=r"defines 'y' twice, by different computations \(Relu a and Sigmoid b\)"):
+        unique_names(model(helper.make_node("Relu", ["x"], ["y"], name="a"), helper.make_node("Sigmoid", ["x"], ["y"], name="b"),
+                           helper.make_node("Neg", ["y"], ["z"], name="c")))
