@@ -53,14 +53,13 @@ def make_variant(src: Path, dst: Path, precision: str, fuse: bool | None = None)
     default: for a kv_cache="shared" graph (onnxruntime only), never for a concat graph (TensorRT reads it).
     """
     if precision == "fp16":
-        art = read_onnx_artifact(src)
-        if not (art.kv_cache == "shared" if fuse is None else fuse):
+        if not (_is_shared(src) if fuse is None else fuse):
             return _to_fp16(src, dst)
         # a shared-cache graph runs on onnxruntime only: its fused kernels (which accumulate in fp32) may replace
         # the plain LayerNorm / GELU nodes and their fp32 Casts, ~40% fewer kernel launches per decode step
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".fused-") as tmp:
             fused = Path(tmp) / "model.onnx"
-            save_model(fuse_cpu_ops(_load(src), art.config), fused)
+            save_model(fuse_cpu_ops(_load(src), read_onnx_artifact(src).config), fused)
             return dict(_to_fp16(fused, dst, blocked=[]), fused=FUSED_OPS)
     if precision in ("int8", "int4"):
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".untied-") as tmp:
@@ -70,6 +69,13 @@ def make_variant(src: Path, dst: Path, precision: str, fuse: bool | None = None)
             how = _quantize_int8(untied, dst) if precision == "int8" else _quantize_int4(untied, dst)
             return dict(how, fused=FUSED_OPS)
     raise ExportError(f"unknown precision variant {precision!r}; choose one of {VARIANTS}")
+
+
+def _is_shared(path: Path) -> bool:
+    """Whether the graph runs GroupQueryAttention (a kv_cache="shared" export, onnxruntime only)."""
+    import onnx
+
+    return any(n.op_type == "GroupQueryAttention" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _load(path: Path):
