@@ -80,7 +80,7 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
     engine file / folder holding model.engine (TensorRT), or, for torch, any checkpoint source. The
     torch target runs the checkpoint the first fp32 export came from. With `draft` (an exported folder),
     every onnxruntime target that keeps speculate + 1 logits positions is also timed with that draft
-    (runtime/speculative.py).
+    (runtime/generation/speculative.py).
     """
     from .artifact import ArtifactError, read_onnx_artifact
 
@@ -256,10 +256,9 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
     """Run `case` warmup + repeats times through generate(); medians and latency percentiles.
 
     With a `draft`, cases decode speculatively (acceptance reported), but batches on a kv_cache="shared" pair,
-    which run on the target alone (runtime.speculative.draft_for).
+    which run on the target alone (runtime.generation.draft_for).
     """
-    from .generate import SamplingParams, make_generation
-    from .speculative import draft_for
+    from .generation import SamplingParams, draft_for, make_generation
 
     params = SamplingParams(max_new_tokens=case.new, temperature=0.0, stop_token_ids=())
     ids = prompt_ids(case, backend.config.real_vocab_size)
@@ -302,7 +301,7 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
 
 def run_worker(spec: dict, emit=print) -> None:
     """Load one target, time its cases, report JSON lines: {"event": "run"} per run, then the results."""
-    from .speculative import load_pair
+    from .loading import load_pair
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()

@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from .artifact import read_onnx_artifact
     from .backends.onnxruntime import OnnxRuntimeBackend
-    from .generate import Generation, SamplingParams, summary_line
+    from .generation import Generation, SamplingParams, summary_line
     from .tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()  # before any work: fails fast, with the fix, when the ranks are missing

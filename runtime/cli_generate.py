@@ -4,7 +4,7 @@
     nanogpt-deploy generate out/demo --prompt "def fib(n):" --max-new-tokens 128 --stop "\\n\\n"
     nanogpt-deploy generate random:tiny@0 --backend torch --prompt-ids 1,2,3
     nanogpt-deploy generate out/gpt2-last5 --draft out/gpt2-int8 --prompt "..."   # speculative: the target's
-                                                                # output, decoded faster (runtime/speculative.py)
+                                                                # output, decoded faster (runtime/generation/speculative.py)
 
 Text goes to stdout (streamed by default on a terminal); the summary line goes to stderr, so
 `> out.txt` keeps only the text and `--json` keeps stdout one JSON document.
@@ -61,8 +61,8 @@ def parse_ids(text: str) -> list[int]:
 def run(args) -> int:
     import time
 
-    from .generate import SamplingParams, make_generation, summary_line
-    from .speculative import load_pair
+    from .generation import SamplingParams, make_generation, summary_line
+    from .loading import load_pair
     from .tokenizer import load_tokenizer
 
     params = SamplingParams(

@@ -96,7 +96,8 @@ def run(args) -> int:
         from .server import ServerSettings, create_app
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
-    from .speculative import draft_for, load_pair
+    from .generation import draft_for
+    from .loading import load_pair
     from .tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path=args.tokenizer_file)

@@ -3,12 +3,11 @@
 Backends are not thread-safe and hold one KV cache, so exactly one thread ever calls them. Requests
 (`Job`s, one or more prompts each) wait in a bounded FIFO queue; the worker takes the oldest, then
 keeps taking jobs for up to `batch_window_s` (or until `max_batch` rows) and runs them all as one
-`Generation`: shared forward passes, each row with its own SamplingParams (with a draft, a batch decodes
-speculatively, runtime/speculative.py; on a kv_cache="shared" pair only a batch of one row does). Jobs
-that arrive while a batch runs join it between two steps (continuous batching, `Generation.admit`), in
-FIFO order, while it has fewer than `max_batch` live rows and its cache fits them; otherwise (or in a
-speculative batch) they wait for the next one. A full queue refuses at once (`Overloaded`), so nothing
-hangs.
+`Generation` (runtime/generation, which decodes speculatively when given a draft): shared forward passes,
+each row with its own SamplingParams. Between two steps (`Generation.step()`) the worker cancels the rows
+of cancelled jobs and admits queued jobs into the running batch (continuous batching, `Generation.admit`),
+in FIFO order, while it has fewer than `max_batch` live rows and `Generation.fits` them; otherwise they
+wait for the next one. A full queue refuses at once (`Overloaded`), so nothing hangs.
 A job cancelled by its client (disconnect, timeout) is dropped from the queue or, when running, has its
 rows cancelled at the next step; the other rows of the batch go on.
 
@@ -29,8 +28,7 @@ import time
 from collections import deque
 from typing import Sequence
 
-from .generate import Generation, GenerationError, SamplingParams, make_generation
-from .speculative import draft_for
+from .generation import Generation, GenerationError, SamplingParams, fits_context, make_generation
 
 log = logging.getLogger("nanogpt_deploy.scheduler")
 
@@ -80,7 +78,7 @@ class Scheduler:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and "
                              f"batch_window_s ({batch_window_s}) >= 0")
         self.backend, self.tokenizer = backend, tokenizer
-        self.draft, self.speculate = draft, speculate  # batches decode speculatively with the draft (draft_for)
+        self.draft, self.speculate = draft, speculate  # handed to make_generation for every batch
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
         self.continuous = continuous  # False: jobs never join a running batch (static batching)
         self.block_size = backend.config.block_size
@@ -172,7 +170,7 @@ class Scheduler:
                     continue
                 # left padding puts every row at the longest prompt: the batch must fit the context
                 if rows + len(job.prompt_ids) > self.max_batch or \
-                        max(longest, job.longest) + max(steps, job.steps) > self.block_size:
+                        not fits_context([longest, job.longest], [steps, job.steps], self.block_size):
                     break  # FIFO: it leads the next batch
                 self._queue.popleft()
                 batch.append(job)
@@ -189,26 +187,23 @@ class Scheduler:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(owners))
         gen = None
         try:
-            draft = draft_for(self.backend, self.draft, len(owners))  # a shared-cache pair speculates on lone rows
+            # strict=False: a draft that cannot speculate on this batch (a kv_cache="shared" pair) is left out
             gen = make_generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in rows],
-                                  [job.params[j] for job, j in rows], draft, self.speculate)
-            last_row = -1
-            for delta in gen:
-                if delta.row <= last_row:  # a new step began (deltas come in row order): cancellations, new jobs
-                    self._cancel_rows(gen, owners)
-                    if self._queue and self.continuous:
-                        self._admit(gen, owners, batch)
-                last_row = delta.row
-                job, j = owners[delta.row]
-                job.post(("delta", j, delta))
-                self.stats["tokens_generated"] += len(delta.token_ids)
-                if delta.finish_reason:
-                    del owners[delta.row]
-                    self.running_rows -= 1
-                    if draft is None:  # a batch holds its live rows only (speculative stats read every row)
+                                  [job.params[j] for job, j in rows], self.draft, self.speculate, strict=False)
+            while not gen.done:
+                for delta in gen.step():
+                    job, j = owners[delta.row]
+                    job.post(("delta", j, delta))
+                    self.stats["tokens_generated"] += len(delta.token_ids)
+                    if delta.finish_reason:  # a batch holds its live rows only
+                        del owners[delta.row]
+                        self.running_rows -= 1
                         gen.release(delta.row)
                         if all(o is not job for o, _ in owners.values()):
                             batch.remove(job)
+                self._cancel_rows(gen, owners)
+                if self._queue and self.continuous and not gen.done:
+                    self._admit(gen, owners, batch)
         except Exception as e:  # noqa: BLE001 - a failed batch must not kill the worker; every job hears why
             log.exception("batch of %d rows failed", len(owners))
             self.stats["batch_errors"] += 1
@@ -216,11 +211,8 @@ class Scheduler:
                 job.post(("error", f"generation failed: {type(e).__name__}: {e}"))
         finally:
             self.running_rows, self._running = 0, []
-            spec = getattr(gen, "stats", None)
-            if spec:
-                self.stats["speculative_batches"] += 1
-                self.stats["guesses_drafted"] += spec["drafted"]
-                self.stats["guesses_accepted"] += spec["accepted"]
+            for key, n in (gen.counters() if gen is not None else {}).items():  # e.g. speculative decoding's
+                self.stats[key] += n
 
     def _admit(self, gen: Generation, owners: dict, batch: list[Job]) -> None:
         """Queued jobs join the running batch, oldest first, while it has rows free and its cache fits them."""

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .generate import SamplingParams
+from .generation import SamplingParams
 from .scheduler import Overloaded, Scheduler
 
 
@@ -209,7 +209,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         tokenizer: the tiktoken Encoding for text prompts and output.
         settings: ServerSettings (model name, API key, batch / queue / timeout / body limits).
         draft: a draft Backend: batches decode speculatively with it, the same output faster
-            (runtime/speculative.py; on a kv_cache="shared" pair, a request running alone only);
+            (runtime/generation/speculative.py; on a kv_cache="shared" pair, a request running alone only);
             `speculate` is its most guesses per round.
     """
     scheduler = Scheduler(backend, tokenizer, settings.max_batch, settings.max_queue, settings.batch_window_ms / 1000,

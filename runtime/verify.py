@@ -169,7 +169,7 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def greedy_batch(backend, prompts: list[np.ndarray], new: int) -> list[list[int]]:
     """Greedy token ids of `new` tokens per prompt, the prompts run as one (left-padded) batch."""
-    from .generate import SamplingParams, generate
+    from .generation import SamplingParams, generate
 
     cs = generate(backend, None, [p.tolist() for p in prompts],
                   SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()))

@@ -2,13 +2,13 @@
 
 Peers: Hugging Face transformers `generate` (torch eager, KV cache, greedy) and optimum's
 `ORTModelForCausalLM` (exported with export=True from the same local folder, use_cache=True). Ours:
-`runtime.generate` on the onnxruntime backend, fp32 / int8 / int4 exports of that folder with `--opset 23`
+`runtime.generation` on the onnxruntime backend, fp32 / int8 / int4 exports of that folder with `--opset 23`
 (a validated export option: SDPA becomes one ONNX Attention node; 327 graph nodes instead of 577) and
 `--logits last` (logits of the last position only, as transformers' generate computes in prefill;
 `--logits all` measures the full-logits exports) and `--kv-cache shared` (the KV cache updated in place by
 onnxruntime's GroupQueryAttention; `ours-fp32-concat` runs the standard concat graph beside it, so one
 run shows before and after). `ours-fp32-spec-int8` / `-int4` decode the fp32 model's own output
-speculatively (runtime/speculative.py): the int8 / int4 export guesses up to 4 tokens, an fp32 export
+speculatively (runtime/generation/speculative.py): the int8 / int4 export guesses up to 4 tokens, an fp32 export
 keeping 5 logits positions (`--logits last:5`) checks them in one step, batch 1 and batch 8 alike; both
 with the concat KV cache, whose mask keeps the holes a batch's rows leave when they accept different
 numbers of guesses (onnxruntime's CPU GroupQueryAttention takes no multi-token step after a past at
@@ -49,7 +49,7 @@ VOCAB = 50257
 GOALS = (("ours-fp32", "decode_tok_s", "transformers", 1.8), ("ours-fp32", "decode_tok_s", "optimum", 1.5),
          ("ours-int8", "decode_tok_s", "transformers", 4.0), ("ours-int4", "decode_tok_s", "transformers", 6.0),
          ("ours-fp32", "batch8_tok_s", "transformers", 2.0),
-         # the fp32 model's own output, decoded speculatively (runtime/speculative.py): reported beside, not instead
+         # the fp32 model's own output, decoded speculatively (runtime/generation/speculative.py): reported beside, not instead
          ("ours-fp32-spec-int8", "decode_tok_s", "transformers", 1.8), ("ours-fp32-spec-int8", "decode_tok_s", "optimum", 1.5),
          ("ours-fp32-spec-int4", "decode_tok_s", "transformers", 1.8), ("ours-fp32-spec-int4", "decode_tok_s", "optimum", 1.5),
          ("ours-fp32-spec-int8", "batch8_tok_s", "transformers", 2.0), ("ours-fp32-spec-int4", "batch8_tok_s", "transformers", 2.0))
@@ -143,7 +143,7 @@ class Engine:
 
     def generate(self, ids: list[list[int]], new: int):
         if self.name.startswith("ours"):
-            from runtime.generate import SamplingParams, make_generation
+            from runtime.generation import SamplingParams, make_generation
 
             t0 = time.perf_counter()
             g = make_generation(self.backend, None, ids, SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()),

@@ -219,7 +219,7 @@ def main() -> int:
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.backends.torch import TorchBackend
     from runtime.bench import Case, time_case
-    from runtime.generate import SamplingParams, generate
+    from runtime.generation import SamplingParams, generate
 
     graph = "graph" if dev == "cuda" else "static"  # the CPU dry run: the same fixed-shape steps, no capture
 
@@ -284,7 +284,7 @@ def main() -> int:
 
     @section(out, "speculative")
     def _():
-        from runtime.speculative import SpeculativeGeneration
+        from runtime.generation import SpeculativeGeneration
 
         prompts = [ids[0, :32].tolist()]
         plain = [c.token_ids for c in generate(ort("fp16-shared", "dynamic"), None, prompts, greedy)]

@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.generate import SamplingParams, make_generation
-    from runtime.speculative import SpeculativeGeneration
+    from runtime.generation import SamplingParams, make_generation
+    from runtime.generation import SpeculativeGeneration
     from runtime.tokenizer import load_tokenizer
     from runtime.verify import PROMPTS
 

@@ -15,7 +15,7 @@ import pytest
 
 from runtime.artifact import ArtifactError
 from runtime.backends import BackendError, load_backend
-from runtime.generate import SamplingParams, generate
+from runtime.generation import SamplingParams, generate
 
 from conftest import ROOT, max_abs_diff
 
@@ -238,7 +238,7 @@ def test_rows_admitted_into_a_running_batch_get_their_tokens_alone(ort_tiny, ort
     """Continuous batching: rows join a running Generation after 5 and 12 steps (prompts shorter and longer
     than its cache, one row finished and dropped before the second join); every row still gets exactly the
     tokens its prompt gets alone, and its own timings."""
-    from runtime.generate import Generation, GenerationError
+    from runtime.generation import Generation, GenerationError
 
     def sp(n):
         return SamplingParams(temperature=0, max_new_tokens=n, repetition_penalty=3.0, stop_token_ids=())
@@ -272,7 +272,7 @@ def test_rows_admitted_into_a_running_batch_get_their_tokens_alone(ort_tiny, ort
 def test_released_rows_leave_a_long_running_batch(ort_tiny_shared):
     """A server's batch runs while rows keep joining and leaving: release() drops what a finished row held, so
     the batch holds its live rows only; the rows' tokens (as streamed) are still each prompt's alone."""
-    from runtime.generate import Generation, GenerationError
+    from runtime.generation import Generation, GenerationError
 
     be, rng = ort_tiny_shared, np.random.default_rng(5)
     reqs = [(rng.integers(1, 500, int(rng.integers(1, 9))).tolist(),
@@ -320,7 +320,7 @@ def test_drop_front_equals_never_having_had_the_padding(ort_tiny, ort_tiny_share
 def test_a_batch_that_rows_keep_joining_stays_narrow(ort_tiny, ort_tiny_shared, torch_tiny, monkeypatch):
     """A long prompt's row leaves; the short row left behind no longer needs its left padding, which is dropped
     (drop_front) before a new row joins: tokens stay each prompt's alone."""
-    from runtime.generate import Generation
+    from runtime.generation import Generation
 
     sp = [SamplingParams(temperature=0, max_new_tokens=n, repetition_penalty=3.0, stop_token_ids=()) for n in (4, 30, 12)]
     prompts = [list(range(1, 41)), [9, 8, 7], [5, 6]]
@@ -457,9 +457,9 @@ TORCH_FREE = textwrap.dedent("""
     import json, sys
     sys.modules["torch"] = None   # `import torch` raises ImportError, as on a deploy machine
     sys.modules["onnx"] = None    # the runtime install has onnxruntime, not onnx
-    import runtime, runtime.generate, runtime.sampling, runtime.tokenizer, runtime.artifact, runtime.backends
+    import runtime, runtime.generation, runtime.sampling, runtime.tokenizer, runtime.artifact, runtime.backends
     from runtime.backends import load_backend
-    from runtime.generate import SamplingParams, generate
+    from runtime.generation import SamplingParams, generate
     from runtime.cli import main
     be = load_backend("onnxruntime", sys.argv[1], threads=1)
     [c] = generate(be, None, [[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=()))

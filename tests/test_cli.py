@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from runtime.cli import main
-from runtime.generate import SamplingParams, generate
+from runtime.generation import SamplingParams, generate
 from runtime.tokenizer import load_tokenizer
 
 SUMMARY = re.compile(r"^(\d+) tokens in [\d.]+ s, [\d.]+ tok/s \[(\w+), (\S+), (\w+)\]$")

@@ -337,7 +337,7 @@ def test_last_logits_backend_returns_the_last_position(last_onnx_dir, tiny_onnx_
 
 def test_last_logits_generate_gives_the_same_greedy_tokens(last_onnx_dir, tiny_onnx_dir):
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.generate import SamplingParams, generate
+    from runtime.generation import SamplingParams, generate
 
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [100] * 12]  # different lengths: left padding in one batch
     params = SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=())

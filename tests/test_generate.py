@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.config import GPTConfig
-from runtime.generate import Completion, Generation, GenerationError, SamplingParams, generate, stream, summary_line
+from runtime.generation import Completion, Generation, GenerationError, SamplingParams, generate, stream, summary_line
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=16, stop_token_ids=())
 
@@ -147,7 +147,7 @@ class DroppingBackend(ScriptedBackend):
 def test_finished_rows_leave_the_batch():
     """Once a quarter of the batch has finished (and the rest has DROP_AFTER steps to go), the finished rows
     leave the cache: later steps feed the live rows only, with their own masks and positions."""
-    from runtime.generate import DROP_AFTER
+    from runtime.generation.cache import DROP_AFTER
 
     long = list(range(100, 100 + DROP_AFTER + 4))
     be = DroppingBackend([[7, 50256], long, [8, 50256], long[::-1]])

@@ -10,7 +10,7 @@ from export.kv_shared import GraphPatternError, share_kv_cache
 from export.onnx import PARITY_ATOL, export_onnx, new_session, parity_feeds, save_model
 from runtime.artifact import read_onnx_artifact
 from runtime.backends import BackendError, load_backend
-from runtime.generate import SamplingParams, generate
+from runtime.generation import SamplingParams, generate
 
 from conftest import max_abs_diff
 

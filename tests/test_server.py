@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 from runtime.backends import load_backend  # noqa: E402
 from runtime.cli import main  # noqa: E402
 from runtime.cli_serve import check_bind, check_engine_batch, is_loopback  # noqa: E402
-from runtime.generate import SamplingParams, generate  # noqa: E402
+from runtime.generation import SamplingParams, generate  # noqa: E402
 from runtime.server import ServerSettings, create_app  # noqa: E402
 
 MODEL = "tiny"
@@ -189,7 +189,7 @@ def test_a_request_joins_the_running_batch(tiny_onnx_dir, tokenizer, batching):
 
 
 def test_requests_decode_speculatively_with_a_draft(tiny_onnx_dir, tokenizer):
-    """serve --draft: lone requests and batches decode speculatively (runtime/speculative.py), the same text."""
+    """serve --draft: lone requests and batches decode speculatively (runtime/generation/speculative.py), the same text."""
     requests = [dict(prompt=[3, 1, 4, 1, 5], max_tokens=12, temperature=0),
                 dict(prompt="a b c", max_tokens=9, temperature=0.9, seed=7)]
     refs = [generate(load_backend("onnxruntime", tiny_onnx_dir), tokenizer, [r["prompt"]],

@@ -1,4 +1,4 @@
-"""Speculative decoding (runtime/speculative.py), Backend.rewind and logits="last:N" exports.
+"""Speculative decoding (runtime/generation/speculative.py), Backend.rewind and logits="last:N" exports.
 
 The claim under test: with any draft, the output is the target's own output (greedy, seeded sampling,
 repetition penalty, stops, length limits), because the target's sampler picks every token. A draft with
@@ -19,8 +19,8 @@ import pytest
 from export.onnx import LOGITS_AXIS, ExportError, check_symbolic_axes, export_onnx
 from runtime.artifact import Artifact, ArtifactError, logits_keep, read_onnx_artifact
 from runtime.backends import BackendError, load_backend
-from runtime.generate import GenerationError, SamplingParams, generate
-from runtime.speculative import SpeculativeGeneration, draft_for
+from runtime.generation import GenerationError, SamplingParams, generate
+from runtime.generation import SpeculativeGeneration, draft_for
 
 from model.config import PRESETS
 
@@ -102,7 +102,7 @@ def test_adaptive_depth_keeps_the_output(exports, draft):
 
 
 def test_depth_picks_the_fastest_number_of_guesses():
-    from runtime.speculative import Depth
+    from runtime.generation.depth import Depth
 
     d = Depth(max_k=4)
     assert d.next(4) == 0  # first a plain round: the cost to beat
@@ -246,19 +246,19 @@ def test_a_batch_gets_each_rows_own_output(exports, draft, adaptive):
 def test_a_batch_with_holes_matches_plain_batched_steps(exports, monkeypatch):
     """The caches' holes are exact: a batch whose rows keep different numbers of guesses (greedy rows beside
     sampled ones, every round 4 guesses) gives the plain batched Generation's tokens, a stop ending a row early."""
-    from runtime import speculative
+    from runtime.generation import cache
 
     holes = []
-    take_back = speculative._Cache.take_back
+    take_back = cache.Cache.take_back
 
     def counting(self, n, live):
         holes.append(len(set(n[live].tolist())) > 1)  # rows keeping unequal numbers of guesses: holes
         take_back(self, n, live)
 
-    monkeypatch.setattr(speculative._Cache, "take_back", counting)
+    monkeypatch.setattr(cache.Cache, "take_back", counting)
     # finished rows stay (no keep_rows): sampled at temperature 1 on flat logits, a token can turn on the
     # last bits of a logit, which another batch composition (M of the MatMuls) may change
-    monkeypatch.setattr("runtime.generate.DROP_AFTER", 10**9)
+    monkeypatch.setattr("runtime.generation.cache.DROP_AFTER", 10**9)
     t, dr = ort(exports["target_concat"]), ort(exports["int8_concat"], spinning=False)
     prompts = BATCH * 2
     params = [dataclasses.replace(PARAMS["penalty" if i % 2 else "sampled"], max_new_tokens=5 + 4 * i, seed=i)
@@ -280,16 +280,16 @@ def test_a_batch_with_holes_matches_plain_batched_steps(exports, monkeypatch):
 def test_finished_rows_leave_both_caches(exports, tiny_model, monkeypatch, target):
     """Rows of unequal lengths: once a quarter of the batch is done, the finished rows leave the target's and
     the draft's caches (keep_rows, holes and all), and every row still gets its tokens alone."""
-    from runtime import speculative
+    from runtime.generation import cache
 
     kept = []
-    keep_rows = speculative._Cache.keep_rows
+    keep_rows = cache.Cache.keep_rows
 
     def counting(self, rows):
         kept.append(list(rows))
         keep_rows(self, rows)
 
-    monkeypatch.setattr(speculative._Cache, "keep_rows", counting)
+    monkeypatch.setattr(cache.Cache, "keep_rows", counting)
     if target == "torch":
         from runtime.backends.torch import TorchBackend
 

@@ -301,7 +301,7 @@ def test_the_backend_presents_the_engines_context_as_block_size():
     which check the same config) refuses a request beyond it up front, not inside the engine's profiles."""
     from types import SimpleNamespace
 
-    from runtime.generate import Generation, GenerationError, SamplingParams
+    from runtime.generation import Generation, GenerationError, SamplingParams
 
     assert make_meta(max_seq=128).serving_config is TINY
     short = make_meta(max_seq=32).serving_config
