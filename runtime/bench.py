@@ -301,6 +301,7 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
 
 def run_worker(spec: dict, emit=print) -> None:
     """Load one target, time its cases, report JSON lines: {"event": "run"} per run, then the results."""
+    from .generation import GenerationError, check_context
     from .loading import load_pair
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
@@ -311,9 +312,10 @@ def run_worker(spec: dict, emit=print) -> None:
     rss_loaded = peak_rss_mb()
     results = []
     for case in todo:
-        if case.prompt + case.new > backend.config.block_size:
-            results.append({"case": dataclasses.asdict(case), "skipped": f"prompt {case.prompt} + new {case.new} "
-                            f"exceeds block_size {backend.config.block_size}"})
+        try:
+            check_context(case.prompt, case.new, backend.config.block_size, fix="a case within it is timed instead")
+        except GenerationError as e:
+            results.append({"case": dataclasses.asdict(case), "skipped": str(e)})
             for _ in range(spec["warmup"] + spec["repeats"]):
                 emit(json.dumps({"event": "run"}))
             continue

@@ -17,6 +17,14 @@ import numpy as np
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
 
+class SamplingError(ValueError):
+    """A SamplingParams field out of range; `field` names it (a server maps it to its API's parameter)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded (the OpenAI API's fields, and the CLI's flags).
@@ -39,18 +47,19 @@ class SamplingParams:
         # lists (JSON, argparse) become tuples so params stay hashable and immutable
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if any(s == "" for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        for name, ok, message in (
+                ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"),
+                ("temperature", self.temperature >= 0,  # also catches NaN
+                 f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+                ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
+                ("top_k", isinstance(self.top_k, int) and self.top_k >= 0,
+                 f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
+                ("repetition_penalty", self.repetition_penalty > 0,
+                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+                ("stop", all(self.stop), "stop strings must not be empty")):
+            if not ok:
+                raise SamplingError(name, message)
 
     @property
     def greedy(self) -> bool:

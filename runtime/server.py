@@ -31,7 +31,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .generation import SamplingParams
+from .generation import GenerationError, SamplingParams, check_context
+from .sampling import SamplingError
 from .scheduler import Overloaded, Scheduler
 
 
@@ -66,6 +67,7 @@ NOOP_FIELDS = {"echo": (False,), "logprobs": (None, 0), "best_of": (1,), "presen
                "frequency_penalty": (0,), "logit_bias": ({},), "suffix": (None, "")}
 KNOWN_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
                 "stream_options", "user", "top_k", "repetition_penalty"} | set(NOOP_FIELDS)
+API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingParams field -> request field, where they differ
 JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "object", list: "array"}
 
 
@@ -117,39 +119,38 @@ def parse_completion_request(body, model_name: str, config, tokenizer) -> tuple[
     _check(n == 1, "n", f"n={n} is not supported: this server returns one choice per prompt (n=1); "
                         f"send the request n times with different seeds instead")
     max_tokens = _field(body, "max_tokens", (int,), 16)
-    _check(max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
     temperature = _number(body, "temperature", 1.0)
-    _check(0 <= temperature <= 2, "temperature", f"temperature must be in 0..2 (0 = greedy), got {temperature}")
+    # the API's range; SamplingParams checks the rest of every field below
+    _check(temperature <= 2, "temperature", f"temperature must be in 0..2 (0 = greedy), got {temperature}")
     top_p = _number(body, "top_p", 1.0)
-    _check(0 < top_p <= 1, "top_p", f"top_p must be in (0, 1] (1 = off), got {top_p}")
     top_k = _field(body, "top_k", (int,), 0)
-    _check(top_k >= 0, "top_k", f"top_k must be >= 0 (0 = off), got {top_k}")
     penalty = _number(body, "repetition_penalty", 1.0)
-    _check(penalty > 0, "repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got {penalty}")
     seed = _field(body, "seed", (int,))
     _check(seed is None or seed >= 0, "seed", f"seed must be >= 0, got {seed}")
     stop = _field(body, "stop", (str, list), ())
     stop = [stop] if isinstance(stop, str) else stop
-    _check(len(stop) <= 4 and all(isinstance(s, str) and s for s in stop), "stop",
-           f"stop must be a non-empty string or a list of at most 4 non-empty strings, got {json.dumps(stop)[:80]}")
+    _check(len(stop) <= 4 and all(isinstance(s, str) for s in stop), "stop",
+           f"stop must be a string or a list of at most 4 strings, got {json.dumps(stop)[:80]}")
     stream = _field(body, "stream", (bool,), False)
     options = _field(body, "stream_options", (dict,), {})
     _check(not options or stream, "stream_options", "stream_options is only allowed with stream: true")
     _check(set(options) <= {"include_usage"} and isinstance(options.get("include_usage", False), bool),
            "stream_options", f"stream_options accepts only include_usage (a boolean), got {json.dumps(options)[:80]}")
     _field(body, "user", (str,))
-    prompts = _prompt_ids(body.get("prompt"), config, tokenizer)
-    for i, ids in enumerate(prompts):
-        if len(ids) + max_tokens > config.block_size:
-            raise APIError(400, f"This model's maximum context length is {config.block_size} tokens, however you "
-                                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in prompt {i}; {max_tokens} for "
-                                f"the completion); lower max_tokens or shorten the prompt",
-                           param="max_tokens", code="context_length_exceeded")
     try:
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=penalty, seed=seed, stop=tuple(stop))
-    except ValueError as e:  # the checks above should have caught it; never let it reach the batch
-        raise APIError(400, str(e)) from None
+    except SamplingError as e:  # the API calls max_new_tokens max_tokens
+        name = API_NAMES.get(e.field, e.field)
+        raise APIError(400, str(e).replace(e.field, name), param=name, code="invalid_value") from None
+    prompts = _prompt_ids(body.get("prompt"), config, tokenizer)
+    for i, ids in enumerate(prompts):
+        try:
+            check_context(len(ids), max_tokens, config.block_size, f"prompt {i}", "lower max_tokens or shorten the "
+                          "prompt", "max_tokens")
+        except GenerationError as e:  # OpenAI's wording first: clients look for it
+            raise APIError(400, f"This model's maximum context length is {config.block_size} tokens; {e}",
+                           param="max_tokens", code="context_length_exceeded") from None
     return prompts, params, {"stream": stream, "include_usage": bool(options.get("include_usage"))}
 
 
