@@ -1,0 +1,131 @@
+"""The import graph of model/, export/ and runtime/: no cycles, runtime never imports export, and the
+onnxruntime path never imports torch.
+
+The graph comes from the source (ast), function-level imports included: an import deferred into a function
+still ties the two modules together. Edges known to break these rules are listed in KNOWN_* below, each
+being removed in issue #18; the tests fail on any new one, and on a listed one that no longer exists (so
+the lists only shrink).
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from conftest import ROOT
+
+PACKAGES = ("model", "export", "runtime")
+
+# being removed in issue #18: import cycles, each broken by dropping one of these edges
+# (function-level imports back up the chain: export_onnx builds variants, GPT loads checkpoints)
+KNOWN_CYCLE_EDGES = {
+    ("export.onnx", "export.quantize"),  # export.onnx <-> export.quantize (<- export.kv_shared)
+    ("export.onnx", "export.kv_shared"),  # export.onnx <-> export.kv_shared -> export.quantize
+    ("model.gpt", "model.checkpoints"),  # model.gpt <-> model.checkpoints
+}
+# being removed in issue #18: runtime modules importing export (runtime sits below export)
+KNOWN_RUNTIME_TO_EXPORT = {
+    ("runtime.backends.torch", "export.onnx"),  # sha256_file
+    ("runtime.cli_demo", "export.onnx"),  # export_onnx of the demo model
+}
+
+
+def module_name(path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (anywhere in its source)."""
+    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package, up level - 1 more
+                    pkg = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    pkg = pkg[:len(pkg) - (node.level - 1)]
+                    base = ".".join(pkg + ([base] if base else []))
+                # `from pkg import sub` imports the submodule pkg.sub when there is one, else a name of pkg
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in files:  # `import a.b.c` of a name: the deepest project module
+                    t = t.rpartition(".")[0]
+                if t and t != mod:
+                    edges.add(t)
+        graph[mod] = edges
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    stale = [e for e in KNOWN_CYCLE_EDGES if e[1] not in graph.get(e[0], ())]
+    assert not stale, f"edges in KNOWN_CYCLE_EDGES no longer exist; remove them from the list: {stale}"
+    pruned = {m: {t for t in ts if (m, t) not in KNOWN_CYCLE_EDGES} for m, ts in graph.items()}
+    cycles = find_cycles(pruned)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_generation_modules_form_no_cycle():
+    """The generation engine's modules in particular (no allow-list applies to them)."""
+    graph = {m: {t for t in ts if t.startswith("runtime.")} for m, ts in import_graph().items()
+             if m.startswith("runtime.")}
+    assert not find_cycles(graph), find_cycles(graph)
+
+
+def test_runtime_does_not_import_export():
+    graph = import_graph()
+    edges = {(m, t) for m, ts in graph.items() if m.startswith("runtime") for t in ts if t.startswith("export")}
+    assert edges <= KNOWN_RUNTIME_TO_EXPORT, f"runtime imports export: {sorted(edges - KNOWN_RUNTIME_TO_EXPORT)}"
+    stale = KNOWN_RUNTIME_TO_EXPORT - edges
+    assert not stale, f"edges in KNOWN_RUNTIME_TO_EXPORT no longer exist; remove them from the list: {stale}"
+
+
+def test_the_onnxruntime_path_never_imports_torch():
+    code = ("import sys\n"
+            "import runtime.backends.onnxruntime, runtime.generation, runtime.loading, runtime.sampling, "
+            "runtime.tokenizer, runtime.scheduler, runtime.artifact\n"
+            "try:\n    import runtime.server\nexcept ImportError:\n    pass  # the [serve] extra is not installed\n"
+            "mods = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+            "assert not mods, f'torch imported: {mods[:5]}'\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
