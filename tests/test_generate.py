@@ -1,6 +1,6 @@
 """Generation logic against a scripted fake backend: streaming UTF-8, stop strings / ids, cancel, limits, timings.
 
-The fake backend tests generate.py, not a backend: its logits put all mass on the next token of a script,
+The fake backend tests runtime/generation, not a backend: its logits put all mass on the next token of a script,
 and it records every call so the tests can check what the loop feeds (mask, positions, one token per step).
 """
 from __future__ import annotations
@@ -105,6 +105,18 @@ def test_stop_token_id_ends_the_row_and_is_not_output(tok):
     [c] = generate(be, tok, ["Q:"], SamplingParams(temperature=0, max_new_tokens=10))  # default stop: <|endoftext|>
     assert c.token_ids == tok.encode("hi") and c.text == "hi"
     assert c.finish_reason == "stop" and c.stop == 50256
+
+
+def test_step_yields_exactly_one_steps_deltas():
+    """step() runs one forward and yields each live row's Delta of it: a server needs no guessing where a step ends."""
+    be = ScriptedBackend([[5, 6, 7]])
+    g = Generation(be, None, [[1, 2, 3], [4]], SamplingParams(temperature=0, max_new_tokens=3, stop_token_ids=()))
+    steps = []
+    while not g.done:
+        steps.append([(d.row, d.token_ids) for d in g.step()])
+        assert len(be.calls) == len(steps)
+    assert steps == [[(0, [t]), (1, [t])] for t in (5, 6, 7)]
+    assert list(g.step()) == [] and len(be.calls) == 3
 
 
 def test_rows_finish_independently_and_cancel_stops_one_row():

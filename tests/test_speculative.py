@@ -304,6 +304,23 @@ def test_finished_rows_leave_both_caches(exports, tiny_model, monkeypatch, targe
     assert kept and all(len(k) < 4 for k in kept) and len(kept) % 2 == 0, kept  # target and draft alike
 
 
+def test_rows_released_as_they_finish(exports):
+    """As a server does, each row is released once its last Delta is handed on, mid-round too: the batch goes on to
+    every row's own output, and the released rows' stubs stay untouched (their round's timing is not written)."""
+    t, dr = ort(exports["target_concat"]), ort(exports["int8_concat"], spinning=False)
+    params = [dataclasses.replace(PARAMS["penalty"], max_new_tokens=n) for n in (12, 3, 12, 6)]
+    alone = [generate(t, None, [p], sp)[0].token_ids for p, sp in zip(BATCH, params)]
+    g = SpeculativeGeneration(t, None, BATCH, params, dr, speculate=4, adaptive=False)
+    got = [[] for _ in BATCH]
+    while not g.done:
+        for d in g.step():
+            got[d.row] += d.token_ids
+            if d.finish_reason:
+                g.release(d.row)
+    assert got == alone and g.stats["drafted"] > 0
+    assert all(c.prompt_ids == [] and not c.timing.decode_latencies_s for c in g.completions)
+
+
 def test_a_row_cancelled_mid_batch(exports):
     """cancel(row) ends that row at its next token ("cancelled"), as in plain decoding, even mid-round; the other
     rows go on to their own output."""
