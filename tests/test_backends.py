@@ -291,7 +291,7 @@ def test_released_rows_leave_a_long_running_batch(ort_tiny_shared):
             nxt += 1
     assert nxt == len(reqs) and len(g.completions) == len(reqs)
     assert all(c.token_ids == [] and c.finish_reason == "length" for c in g.completions)  # stubs only
-    assert all(x is None for x in (*g.prompt_ids, *g.params, *g._samplers, *g._texts))
+    assert all(x is None for x in (*g.prompt_ids, *g.params, *g.table.samplers, *g.table.texts))
     assert [got[r] for r in range(len(reqs))] == [generate(be, None, [p], s)[0].token_ids for p, s in reqs]
 
 
@@ -332,7 +332,7 @@ def test_a_batch_that_rows_keep_joining_stays_narrow(ort_tiny, ort_tiny_shared, 
         for d in g:
             if d.row == 1 and len(g.completions[1].token_ids) == 10:
                 g.admit([prompts[2]], sp[2])
-                widths = g._batch.width
+                widths = g.decoding.cache.length
         assert [c.token_ids for c in g.completions] == alone, (be.name, getattr(be, "kv_cache", None))
         assert dropped == [37] and widths < 40 - 37 + 10 + 1, (be.name, dropped, widths)  # row 1's padding went
         monkeypatch.undo()

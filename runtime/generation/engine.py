@@ -84,8 +84,9 @@ class Generation:
 
     @property
     def done(self) -> bool:
-        """Whether every row has finished (after the first step: nothing runs before it)."""
-        return self._started and not self.table.running
+        """Whether the run is over: every row has finished and no step is under way (rows admitted during the step
+        that finished the last row still run)."""
+        return self._started and not self.table.running and self._releasing is None
 
     def cancel(self, row: int) -> None:
         """Stop `row` at its next token (finish_reason "cancelled"); the other rows go on."""
