@@ -9,7 +9,7 @@ import pytest
 from runtime.backends import BackendError
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.ort_graph import BUCKETS, bucket_for, static_mask
-from runtime.generate import SamplingParams, generate
+from runtime.generation import SamplingParams, generate
 
 
 @pytest.fixture(scope="module")
