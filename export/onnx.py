@@ -317,6 +317,8 @@ def save_model(proto, path: Path) -> None:
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=EXTERNAL_DATA_THRESHOLD, convert_attribute=True)
+    if data.exists():  # onnx creates the data file 0o600; give it the mode open() gave model.onnx (umask, ACL)
+        os.chmod(data, path.stat().st_mode & 0o777)
 
 
 def check_external_data(path: Path) -> dict:

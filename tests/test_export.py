@@ -498,6 +498,20 @@ def test_cli_export_records_the_absolute_source_and_readable_modes(tmp_path, tin
     assert recorded_source("ckpt") == str((tmp_path / "weights" / "ckpt").resolve())
 
 
+@pytest.mark.parametrize("options", [dict(kv_cache="shared"), dict(quantize="int8"), dict(quantize="int4"),
+                                     dict(dtype="fp16")], ids=["shared", "int8", "int4", "fp16"])
+def test_every_variant_file_gets_the_umask_mode(tmp_path, tiny_model, options):
+    """Variants re-saved through onnx.save (which creates the data file 0o600) must be readable by another user
+    serving them: with umask 022 every file is 0644, the folder 0755."""
+    from export.onnx import export_onnx
+
+    out = tmp_path / "out"
+    with _umask(0o022):
+        export_onnx(tiny_model, out, validate=False, gate=False, **options)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [out, *out.rglob("*")]}
+    assert modes == {"out": "0o755", "model.onnx": "0o644", "model.onnx.data": "0o644"}, modes
+
+
 def test_opset_beyond_the_installed_maximum_is_refused(tmp_path, tiny_model):
     from export.onnx import export_onnx, max_opset
 
