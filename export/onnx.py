@@ -22,7 +22,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -37,6 +36,7 @@ import torch
 from model import GPT
 from runtime.artifact import (KV_CACHES, Artifact, ArtifactError, input_names, logits_keep, output_names,
                               read_onnx_artifact)
+from runtime.files import sha256_file
 
 MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter; the highest is max_opset()
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
@@ -177,7 +177,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
             shutil.rmtree(work)
             write_metadata(final, artifact)
         extra = dict(artifact.extra, export_seconds=round(time.perf_counter() - t0, 2))
-        write_metadata(Path(tmp) / "model.onnx", dataclasses.replace(artifact, extra=extra))
+        final = Path(tmp) / "model.onnx"
+        write_metadata(final, dataclasses.replace(artifact, extra=extra, data_sha256=data_digests(final)))
         publish(Path(tmp), out_dir)
     return out_dir / "model.onnx"
 
@@ -375,12 +376,15 @@ def write_metadata(path: Path, artifact: Artifact) -> None:
     os.replace(tmp, path)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def data_digests(path: Path) -> dict[str, str]:
+    """{file name: sha256} of every external data file `path` references (`{}` when its weights are all inside it):
+    recorded in the metadata (Artifact.data_sha256), so a loader can prove the weights beside it are the exported ones."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    m = onnx.load(str(path), load_external_data=False)
+    names = sorted({ExternalDataInfo(t).location for t in m.graph.initializer if uses_external_data(t)})
+    return {name: sha256_file(path.parent / name) for name in names}
 
 
 def _versions(opset: int) -> dict:

@@ -512,6 +512,29 @@ def test_every_variant_file_gets_the_umask_mode(tmp_path, tiny_model, options):
     assert modes == {"out": "0o755", "model.onnx": "0o644", "model.onnx.data": "0o644"}, modes
 
 
+def test_every_variant_records_the_digest_of_its_own_weights(tmp_path, tiny_onnx_dir, tiny_model, monkeypatch):
+    """export_onnx (shared cache, int8) and quantize_onnx record the sha256 of the data file they publish, not
+    their source's; a model whose weights all live inside model.onnx records {} (nothing outside to prove)."""
+    import export.onnx as ex
+    from export.quantize import quantize_onnx
+    from runtime.artifact import check_weights, read_onnx_artifact
+    from runtime.files import sha256_file
+
+    outs = [ex.export_onnx(tiny_model, tmp_path / "shared", kv_cache="shared", validate=False),
+            ex.export_onnx(tiny_model, tmp_path / "int8", quantize="int8", validate=False, gate=False),
+            quantize_onnx(tiny_onnx_dir, tmp_path / "int4", "int4", gate=False)]
+    for path in outs:
+        art = read_onnx_artifact(path)
+        assert art.data_sha256 == {"model.onnx.data": sha256_file(path.parent / "model.onnx.data")}, (path, art.data_sha256)
+        assert check_weights(path, art) == ""
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
+    inline = ex.export_onnx(tiny_model, tmp_path / "inline", validate=False)
+    assert not any(t.HasField("data_location") and t.data_location for t in _graph(inline).graph.initializer)
+    assert read_onnx_artifact(inline).data_sha256 == {}
+    load_backend = __import__("runtime.backends", fromlist=["load_backend"]).load_backend
+    assert load_backend("onnxruntime", str(inline)).artifact.data_sha256 == {}
+
+
 def test_opset_beyond_the_installed_maximum_is_refused(tmp_path, tiny_model):
     from export.onnx import export_onnx, max_opset
 
