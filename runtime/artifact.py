@@ -199,6 +199,10 @@ def check_io(expected: list[str], actual: list[str], what: str, where: str) -> N
 def resolve_file(path: str | Path, name: str, how_to_make: str) -> Path:
     """`DIR` or `DIR/<name>` -> that file's path, with a clear error (saying how to make one) when it is not there."""
     p = Path(path).expanduser()
+    if not p.exists():  # an export swapped in by two renames and killed between them: put the old folder back
+        from .files import recover_folder
+
+        recover_folder(p.parent if p.name == name else p)
     if p.is_dir():
         p = p / name
     if not p.is_file():
