@@ -14,7 +14,8 @@ in `metadata_props`. The graph is traced in fp32, checked (symbolic axes, extern
 embedding stored once), run by onnxruntime against torch at several (batch, sequence, past) shapes,
 and only then renamed into DIR; a precision variant (export/quantize.py) is built from that fp32 graph
 and judged against it. A failed or killed export leaves no model.onnx behind (a killed one leaves a
-hidden `.export-*` folder that the next export into DIR removes).
+hidden `.export-*` folder that the next export into DIR removes); one over a previous export keeps that
+one usable until the new one is complete, then swaps the folders (publish).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -37,6 +37,8 @@ import torch
 from model import GPT
 from runtime.artifact import (KV_CACHES, Artifact, ArtifactError, input_names, logits_keep, output_names,
                               read_onnx_artifact)
+from runtime import files
+from runtime.files import sha256_file
 
 MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter; the highest is max_opset()
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
@@ -178,7 +180,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
             shutil.rmtree(work)
             write_metadata(final, artifact)
         extra = dict(artifact.extra, export_seconds=round(time.perf_counter() - t0, 2))
-        write_metadata(Path(tmp) / "model.onnx", dataclasses.replace(artifact, extra=extra))
+        final = Path(tmp) / "model.onnx"
+        write_metadata(final, dataclasses.replace(artifact, extra=extra, data_sha256=data_digests(final)))
         publish(Path(tmp), out_dir)
     return out_dir / "model.onnx"
 
@@ -282,6 +285,7 @@ def _log_level(logger: logging.Logger, level: int):
 def prepare_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
     """Create DIR (or accept an empty one / one holding a previous export); refuse other contents unless force."""
     out = Path(out_dir).expanduser()
+    files.recover_folder(out)  # a publish killed between its two renames: the old export comes back first
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
@@ -303,20 +307,98 @@ def prepare_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
 
 
 def clear_temp_dirs(out: Path) -> None:
-    """Remove `.export-*` folders a killed export left behind."""
-    for p in out.glob(".export-*"):
+    """Remove `.export-*` folders a killed export left in `out`, and the `.NAME.publish-*` / `.NAME.old-*` folders
+    beside it a killed publish left (`out` exists: those hold no current export)."""
+    leftovers = [*out.glob(".export-*")]
+    if out.is_dir():
+        leftovers += [*out.parent.glob(f".{out.name}.publish-*"), *out.parent.glob(f".{out.name}.old-*")]
+    for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move model.onnx and its data from `tmp` into `out`; model.onnx goes last, so its presence means done."""
+    """Make the finished export in `tmp` (a `.export-*` folder inside `out`) the export at `out`.
+
+    Into a folder with no previous export: model.onnx.data, then model.onnx, are renamed in (model.onnx last:
+    its presence means done; a kill in between leaves no model.onnx).
+
+    Over a previous export, the old one stays usable until the new one is complete: `tmp` becomes a folder
+    beside `out` (`.NAME.publish-*`, with hard links to anything else `out` holds, its mode copied), and the two
+    folders are exchanged in one renameat2(RENAME_EXCHANGE) call (runtime/files.exchange_paths; Linux on
+    ext4, xfs, btrfs, tmpfs): at every instant `out` is the old complete folder or the new complete one, and a
+    server that opened the old files keeps reading them. The old folder is then deleted. This beats a symlink
+    swap, which would turn the user's folder into a link. Where the exchange is unsupported, two renames:
+    `out` -> `.NAME.old-*`, the new folder -> `out`; a kill between them leaves `out` missing for a moment,
+    and the next load (artifact.resolve_file) or export (prepare_out_dir) renames the old folder back
+    (files.recover_folder): never a mix of old and new files. When no folder can be made beside `out` (a
+    read-only parent, `out` a mount point), the files are renamed in place as into a fresh folder.
+    """
+    out = Path(os.path.realpath(out))  # a symlinked DIR: swap the folder it points at, keep the link
+    if not (out / "model.onnx").exists():
+        return _move_in(tmp, out)
+    staging = out.with_name(f".{out.name}.publish-{tmp.name.rsplit('-', 1)[-1]}")
+    try:
+        os.rename(tmp, staging)  # the same filesystem as `out` unless `out` is a mount point
+    except OSError:
+        return _move_in(tmp, out)
+    try:
+        os.chmod(staging, out.stat().st_mode & 0o7777)
+        _link_others(out, staging)
+        _fsync_dir(staging)
+        try:
+            swapped = files.exchange_paths(staging, out)  # staging now holds the old export
+        except OSError:
+            swapped = False
+        if swapped:
+            _fsync_dir(out.parent)
+            return
+        backup = files.backup_name(out)
+        try:
+            os.rename(out, backup)
+        except OSError:  # `out` itself cannot be renamed (sticky parent, bind mount): in place, as a fresh folder
+            return _move_in(staging, out)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.rename(backup, out)
+            raise
+        _fsync_dir(out.parent)
+        staging = backup
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """Rename model.onnx.data, then model.onnx, from `tmp` into `out` (a stale data file of an older export goes)."""
     (out / "model.onnx").unlink(missing_ok=True)  # from here until the last rename, DIR holds no finished export
     for name in OURS[1:]:
         if (tmp / name).exists():
             os.replace(tmp / name, out / name)
         else:
-            (out / name).unlink(missing_ok=True)  # a stale data file of an older export
+            (out / name).unlink(missing_ok=True)
     os.replace(tmp / "model.onnx", out / "model.onnx")
+
+
+def _link_others(out: Path, staging: Path) -> None:
+    """Give `staging` what `out` holds besides an export (files kept there with --force): hard links, else copies."""
+    for p in out.iterdir():
+        if p.name in OURS or p.name.startswith((".export-", ".probe-")) or (staging / p.name).exists():
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.copytree(p, staging / p.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(p, staging / p.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    files._fsync(path)
 
 
 def save_model(proto, path: Path) -> None:
@@ -327,6 +409,8 @@ def save_model(proto, path: Path) -> None:
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=EXTERNAL_DATA_THRESHOLD, convert_attribute=True)
+    if data.exists():  # onnx creates the data file 0o600; give it the mode open() gave model.onnx (umask, ACL)
+        os.chmod(data, path.stat().st_mode & 0o777)
 
 
 def check_external_data(path: Path) -> dict:
@@ -383,12 +467,15 @@ def write_metadata(path: Path, artifact: Artifact) -> None:
     os.replace(tmp, path)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def data_digests(path: Path) -> dict[str, str]:
+    """{file name: sha256} of every external data file `path` references (`{}` when its weights are all inside it):
+    recorded in the metadata (Artifact.data_sha256), so a loader can prove the weights beside it are the exported ones."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    m = onnx.load(str(path), load_external_data=False)
+    names = sorted({ExternalDataInfo(t).location for t in m.graph.initializer if uses_external_data(t)})
+    return {name: sha256_file(path.parent / name) for name in names}
 
 
 def _versions(opset: int) -> dict:

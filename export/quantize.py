@@ -33,8 +33,8 @@ import numpy as np
 
 from runtime.artifact import read_onnx_artifact
 
-from .onnx import (ExportError, check_external_data, clear_temp_dirs, new_session, prepare_out_dir, publish,
-                   save_model, write_metadata)
+from .onnx import (ExportError, check_external_data, clear_temp_dirs, data_digests, new_session, prepare_out_dir,
+                   publish, save_model, write_metadata)
 
 VARIANTS = ("fp16", "int8", "int4")
 # precision -> (min top-1 agreement with fp32, max relative perplexity increase)
@@ -382,7 +382,7 @@ def quantize_onnx(src_dir: str | os.PathLike, out_dir: str | os.PathLike, precis
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         dst = Path(tmp) / "model.onnx"
         artifact = build_and_check_variant(src, dst, precision, art, eval_ids, gate, progress)
-        write_metadata(dst, artifact)
+        write_metadata(dst, dataclasses.replace(artifact, data_sha256=data_digests(dst)))
         publish(Path(tmp), out_dir)
     clear_temp_dirs(out_dir)
     return out_dir / "model.onnx"

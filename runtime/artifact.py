@@ -72,6 +72,9 @@ class Artifact:
     kv_cache: str = "concat"  # KV_CACHES
     source: str = ""
     source_sha256: str = ""
+    # {external data file beside model.onnx: sha256} recorded at export ({} when the weights are all inside
+    # model.onnx); None in artifacts older than the field, whose weights cannot be proven (check_weights)
+    data_sha256: dict | None = None
     versions: dict = field(default_factory=dict)  # exporter versions: torch, onnx, onnxruntime, this project
     extra: dict = field(default_factory=dict)  # e.g. parity numbers measured at export
 
@@ -155,6 +158,35 @@ class Artifact:
             raise ArtifactError(f"cannot read artifact metadata {path}: {e}") from None
 
 
+def check_weights(onnx_path: str | Path, artifact: Artifact) -> str:
+    """Prove the external data files beside `onnx_path` are the ones exported with it (their sha256 is recorded in
+    model.onnx); raise ArtifactError naming the file and the fix otherwise. Returns a note for an artifact that
+    records no digest (exported before the field: it loads, unverified), else "".
+
+    Hashing costs about a second per 500 MB (README); callers skip it with verify_weights=False.
+    """
+    onnx_path = Path(onnx_path)
+    if artifact.data_sha256 is None:
+        return (f"{onnx_path} records no digest of its weights (exported before nanogpt-deploy recorded one), so "
+                f"they are not verified; re-export it to add one")
+    from .files import sha256_file
+
+    for name, want in sorted(artifact.data_sha256.items()):
+        data = onnx_path.parent / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{onnx_path}: damaged metadata: data file {name!r} is not a plain file name; re-export it")
+        if not data.is_file():
+            raise ArtifactError(f"{onnx_path} keeps its weights in {name}, which is missing ({data}); copy the whole "
+                                f"exported folder (model.onnx and {name} travel together)")
+        got = sha256_file(data)
+        if got != want:
+            raise ArtifactError(
+                f"{data} ({data.stat().st_size} bytes) is not the weights file exported with {onnx_path.name}: sha256 "
+                f"{got[:16]}..., recorded at export {want[:16]}... (a partial or damaged copy, or another export's "
+                f"weights); re-copy the whole exported folder or re-export it (--no-verify-weights skips this check)")
+    return ""
+
+
 def check_io(expected: list[str], actual: list[str], what: str, where: str) -> None:
     """Raise listing both differences when a graph's/engine's I/O names are not the expected ones."""
     missing = [n for n in expected if n not in actual]
@@ -167,6 +199,10 @@ def check_io(expected: list[str], actual: list[str], what: str, where: str) -> N
 def resolve_file(path: str | Path, name: str, how_to_make: str) -> Path:
     """`DIR` or `DIR/<name>` -> that file's path, with a clear error (saying how to make one) when it is not there."""
     p = Path(path).expanduser()
+    if not p.exists():  # an export swapped in by two renames and killed between them: put the old folder back
+        from .files import recover_folder
+
+        recover_folder(p.parent if p.name == name else p)
     if p.is_dir():
         p = p / name
     if not p.is_file():

@@ -307,7 +307,8 @@ def run_worker(spec: dict, emit=print) -> None:
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()
     backend, draft = load_pair(target.backend, target.model, target.draft or None, target.speculate or None,
-                               provider=target.provider, threads=spec.get("threads"))
+                               provider=target.provider, threads=spec.get("threads"),
+                               verify_weights=spec.get("verify_weights", True))
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
     results = []
@@ -336,7 +337,7 @@ def _versions(backend: str) -> dict:
 # ---------------------------------------------------------------------------------- the parent
 
 def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats: int = 3,
-              threads: int | None = None, progress=None) -> dict:
+              threads: int | None = None, progress=None, verify_weights: bool = True) -> dict:
     """Time every case on every target, each target in a fresh process; the whole report as a dict.
 
     Args:
@@ -345,6 +346,7 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         warmup, repeats: untimed and timed runs per case (medians over the timed ones).
         threads: intra-op CPU threads for every backend (None: each backend's default).
         progress: called as progress(done_runs, total_runs, label) after each run.
+        verify_weights: onnxruntime targets check their weights' recorded sha256 at load (False: skip).
     Returns:
         {"machine", "settings", "results": [one per target], "failed": [...], "seconds"}
     """
@@ -357,7 +359,7 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         env["OMP_NUM_THREADS"] = str(threads)
     for target in targets:
         spec = {"target": dataclasses.asdict(target), "cases": [dataclasses.asdict(c) for c in todo],
-                "warmup": warmup, "repeats": repeats, "threads": threads}
+                "warmup": warmup, "repeats": repeats, "threads": threads, "verify_weights": verify_weights}
         # stderr goes to a file, not a pipe: a worker filling a stderr pipe while this loop reads stdout would hang both
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errf:
             proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", json.dumps(spec)], stdout=subprocess.PIPE,

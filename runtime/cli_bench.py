@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case; medians are reported (default 3)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: each backend's choice)")
+    p.add_argument("--no-verify-weights", action="store_true",
+                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
     p.add_argument("--draft", metavar="DIR", default=None,
                    help="also time speculative decoding with this draft export (e.g. the int8 folder) on every "
                         "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batches too on a "
@@ -85,7 +87,8 @@ def run(args) -> int:
     todo = cases(args.prompt_len, args.new_tokens, args.batch)
     print(f"timing {len(targets)} targets x {len(todo)} cases ({args.warmup} warm-up + {args.repeats} runs each)",
           file=sys.stderr)
-    report = run_bench(targets, todo, args.warmup, args.repeats, args.threads, progress=ProgressBar())
+    report = run_bench(targets, todo, args.warmup, args.repeats, args.threads, progress=ProgressBar(),
+                       verify_weights=not args.no_verify_weights)
     report["skipped"] = notes
     if plot:
         report["plot"] = str(plot)

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default=None, choices=["cpu", "cuda"],
                    help="execution provider / torch device (default: cpu; tensorrt is always cuda)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--no-verify-weights", action="store_true",
+                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=200, help="0 = off (default: 200)")
@@ -77,6 +79,7 @@ def run(args) -> int:
         options = {}
     else:
         options = dict(provider=args.provider or "cpu", threads=args.threads)
+    options["verify_weights"] = not args.no_verify_weights
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate, **options)
     gen = make_generation(backend, tokenizer, prompts, params, draft, args.speculate)
 

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--no-verify-weights", action="store_true",
+                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV}; prefer the "
                                                    f"variable, a flag shows up in `ps`)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
@@ -103,7 +105,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(path=args.tokenizer_file)
     # a pair that cannot speculate is refused here, at startup, not per request
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
-                               provider=args.provider, threads=args.threads)
+                               provider=args.provider, threads=args.threads, verify_weights=not args.no_verify_weights)
     check_engine_batch((backend, draft), args.max_batch)
     path = Path(args.model)
     name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model

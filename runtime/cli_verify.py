@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=positive_int, default=256, help="tokens per evaluation window (default 256, <= block_size)")
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens per prompt (default 128)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
+    p.add_argument("--no-verify-weights", action="store_true",
+                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: the cache)")
 
@@ -63,6 +65,7 @@ def run(args) -> int:
     report = verify(args.models, thresholds=thresholds, text_files=args.text, text_tokens=args.text_tokens,
                     window=args.window, greedy_new=args.greedy_tokens, threads=args.threads, backends=args.backends,
                     providers=args.providers, tokenizer=load_tokenizer(path=args.tokenizer_file),
+                    verify_weights=not args.no_verify_weights,
                     progress=lambda msg: print(f"verifying {msg}", file=sys.stderr, flush=True))
     if args.json:
         json.dump(report, sys.stdout, indent=1)

@@ -1,8 +1,12 @@
 """Atomic file writes: a crash or kill (or a power loss: the data is flushed before the rename) leaves the old
-file or none, never a half-written one."""
+file or none, never a half-written one; a whole folder is swapped in with exchange_paths (see export/onnx.py's
+publish) and a swap killed half-way is undone by recover_folder. And the sha256 of a file, fast enough for a 500 MB weights file."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -63,3 +67,50 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks into one reused buffer (the 124M weights, 498 MB: see README)."""
+    h, buf = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE: ext4, xfs, btrfs, tmpfs): no instant
+    sees either name missing. False where the OS or filesystem cannot (then nothing changed); other errors raise."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
+def backup_name(folder: Path) -> Path:
+    """Where a two-rename swap parks the old `folder` for a moment: `.NAME.old-*` beside it."""
+    return folder.with_name(f".{folder.name}.old-{secrets.token_hex(4)}")
+
+
+def recover_folder(folder: str | os.PathLike) -> bool:
+    """Undo a two-rename swap killed between its renames: `folder` missing and a `.NAME.old-*` beside it -> rename
+    the newest back. True if it did. Quiet when it cannot (a read-only parent): the caller's "does not exist" says it."""
+    folder = Path(folder)
+    if folder.exists() or not folder.parent.is_dir():
+        return False
+    backups = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    for backup in reversed(backups):
+        try:
+            os.rename(backup, folder)
+            return True
+        except OSError:
+            continue
+    return False

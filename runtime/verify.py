@@ -247,7 +247,8 @@ def failures(label: str, precision: str, m: dict, thresholds: dict) -> list[str]
 
 def verify(models: list[str], *, thresholds: dict | None = None, text_files: list[str] | None = None,
            text_tokens: int = 2048, window: int = 256, greedy_new: int = 128, threads: int | None = None,
-           backends=("onnxruntime", "torch"), providers=("cpu",), tokenizer=None, progress=lambda msg: None) -> dict:
+           backends=("onnxruntime", "torch"), providers=("cpu",), tokenizer=None, progress=lambda msg: None,
+           verify_weights: bool = True) -> dict:
     """Compare every target under `models` with the torch fp32 reference; the report as a dict.
 
     Args:
@@ -260,6 +261,8 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         threads: intra-op threads for every backend.
         tokenizer: a tiktoken Encoding (default: runtime.tokenizer.load_tokenizer()).
         progress: called with a line per stage.
+        verify_weights: every exported target proves its model.onnx.data against the sha256 recorded at export
+            before it is measured (an ArtifactError names the file otherwise); False skips the hashing.
     Returns:
         {"reference", "text", "targets": [{label, precision, metrics, failures}], "failures", "passed", "notes"}
     """
@@ -294,7 +297,8 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
 
     t0 = time.perf_counter()
     progress(f"reference: {ref_target.label} on {ref_target.model}")
-    ref_backend = load_backend(ref_target.backend, ref_target.model, provider=ref_target.provider, threads=threads)
+    ref_backend = load_backend(ref_target.backend, ref_target.model, provider=ref_target.provider, threads=threads,
+                               verify_weights=verify_weights)
     config = ref_backend.config
     source = getattr(ref_backend, "source", None)
     if source is None:
@@ -313,7 +317,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     report_targets, all_failures = [], []
     for t in others:
         progress(f"{t.label} on {t.model}")
-        backend = load_backend(t.backend, t.model, provider=t.provider, threads=threads)
+        backend = load_backend(t.backend, t.model, provider=t.provider, threads=threads, verify_weights=verify_weights)
         if backend.config.real_vocab_size != config.real_vocab_size or backend.config.n_layer != config.n_layer:
             raise VerifyError(f"{t.model} is not the reference's model ({ref_target.model}): its config differs; "
                               f"verify the exports of one checkpoint together")

@@ -401,6 +401,43 @@ def test_load_errors_are_clear(tiny_onnx_dir, tmp_path):
     assert "model.onnx.data, which is missing" in str(e.value) and "copy the whole exported folder" in str(e.value)
 
 
+def _zero_filled_copy(src: Path, dst: Path) -> Path:
+    """What a failed copy or a sparse pre-allocation leaves: model.onnx intact, model.onnx.data the right size, all zeros."""
+    shutil.copytree(src, dst)
+    size = (dst / "model.onnx.data").stat().st_size
+    (dst / "model.onnx.data").write_bytes(bytes(size))
+    return dst
+
+
+def test_zero_filled_weights_are_refused_naming_the_file_and_the_fix(tiny_onnx_dir, tmp_path, capsys):
+    from runtime.cli import main
+    from runtime.files import sha256_file
+
+    art = load_backend("onnxruntime", str(tiny_onnx_dir)).artifact
+    assert art.data_sha256 == {"model.onnx.data": sha256_file(tiny_onnx_dir / "model.onnx.data")}, art.data_sha256
+    bad = _zero_filled_copy(tiny_onnx_dir, tmp_path / "zeros")
+    with pytest.raises(ArtifactError) as e:
+        load_backend("onnxruntime", str(bad))
+    msg = str(e.value)
+    assert f"{bad / 'model.onnx.data'} ({(bad / 'model.onnx.data').stat().st_size} bytes) is not the weights file" in msg, msg
+    assert "re-copy the whole exported folder or re-export it" in msg and "--no-verify-weights" in msg, msg
+    # the CLI: exit 1 with that message (it ran and exited 0 before), and the explicit opt-out still loads it
+    gen = ["generate", str(bad), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"]
+    assert main(gen) == 1 and "is not the weights file exported with model.onnx" in capsys.readouterr().err
+    assert main(gen + ["--no-verify-weights"]) == 0, capsys.readouterr().err
+    load_backend("onnxruntime", str(bad), verify_weights=False)
+
+
+def test_an_artifact_without_a_weights_digest_loads_with_a_warning(tiny_onnx_dir, tmp_path):
+    from runtime.artifact import PREFIX
+
+    old = _copy_with_metadata(tiny_onnx_dir, tmp_path / "old", lambda props: props.remove(
+        next(p for p in props if p.key == PREFIX + "data_sha256")))  # an export from before the field
+    with pytest.warns(UserWarning, match="records no digest of its weights .* re-export it to add one"):
+        be = load_backend("onnxruntime", str(old))
+    assert be.artifact.data_sha256 is None
+
+
 def test_graph_io_names_that_differ_from_the_metadata_are_listed_both_ways(tiny_onnx_dir, tmp_path):
     """README: the runtime compares the graph's actual I/O names with the expected ones at load and lists both
     differences. One output renamed in the graph (not in the metadata): the old name is missing, the new unexpected."""

@@ -169,34 +169,104 @@ def test_failed_validation_keeps_the_previous_export(tmp_path, tiny_onnx_dir, ti
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
-def test_crash_moving_the_data_file_leaves_no_model_onnx(tmp_path, tiny_onnx_dir, tiny_model, monkeypatch):
-    """README: `model.onnx` is moved in last, so its presence means a finished export. A crash while the data
-    file moves into a DIR holding a previous export leaves no model.onnx at all (neither the old one, whose
-    data is being replaced, nor the new one, whose data did not arrive) and the old data file untouched."""
+def _export_state(out: Path, digests: dict) -> str:
+    """"old" or "new": which complete export `out` holds (model.onnx readable, its data file the one it records)."""
+    from runtime.artifact import check_weights, read_onnx_artifact
+
+    art = read_onnx_artifact(out)
+    assert check_weights(out / "model.onnx", art) == "", f"{out}: no digest recorded"
+    return digests[json.dumps(art.data_sha256)]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_export(tmp_path, tiny_onnx_dir, monkeypatch, exchange):
+    """publish over a previous export, killed before its k-th filesystem change (every later change fails too, as
+    after a SIGKILL): DIR then loads as the old or the new complete export, never neither or a mix. With the
+    atomic exchange that holds at every instant; with two renames, after the next load's recovery. The next export
+    into DIR leaves no `.export-*` / `.DIR.publish-*` / `.DIR.old-*` behind."""
     import export.onnx as ex
+    from model import GPT
+    from runtime import files
+    from runtime.artifact import read_onnx_artifact
+    from runtime.backends import load_backend
+
+    new_src = ex.export_onnx(GPT.from_pretrained("random:tiny@1"), tmp_path / "new", validate=False).parent
+    digests = {json.dumps(read_onnx_artifact(d).data_sha256): w for d, w in ((tiny_onnx_dir, "old"), (new_src, "new"))}
+    assert len(digests) == 2
+    mutators = [(os, "rename"), (os, "replace"), (os, "unlink"), (os, "chmod"), (os, "link"), (shutil, "rmtree"),
+                (files, "exchange_paths")]
+    states = []
+    for k in range(30):
+        out = tmp_path / f"k{k}" / "out"
+        shutil.copytree(tiny_onnx_dir, out)
+        shutil.copytree(new_src, out / ".export-test")
+        calls, seen = [], []
+        with monkeypatch.context() as mp:
+            if not exchange:
+                mp.setattr(files, "exchange_paths", lambda a, b: False, raising=False)
+
+            def wrap(mod, name, real=None):
+                real = getattr(mod, name, None)
+
+                def op(*a, **kw):
+                    if exchange and len(calls) <= k:  # the state every step starts from
+                        seen.append(_export_state(out, digests))
+                    calls.append(name)
+                    if len(calls) > k:
+                        raise KeyboardInterrupt(f"killed before {name} (step {k})")
+                    return real(*a, **kw)
+                mp.setattr(mod, name, op, raising=False)
+            for mod, name in mutators:
+                wrap(mod, name)
+            try:
+                ex.publish(out / ".export-test", out)
+                done = True
+            except KeyboardInterrupt:
+                done = False
+        assert set(seen) <= {"old", "new"}, f"step {k}: {seen}"
+        state = _export_state(out, digests)  # a load: recovers a half-done two-rename swap first
+        states.append(state)
+        assert load_backend("onnxruntime", str(out)).artifact.data_sha256 is not None
+        ex.prepare_out_dir(out, force=False)  # what the next export does first
+        leftovers = sorted(p.name for p in [*out.parent.iterdir(), *out.iterdir()] if p.name.startswith("."))
+        assert leftovers == [], f"step {k}: {leftovers}"
+        assert sorted(os.listdir(out)) == ["model.onnx", "model.onnx.data"], os.listdir(out)
+        if done:
+            break
+    assert states[0] == "old" and states[-1] == "new" and states == sorted(states, key=["old", "new"].index), (
+        f"states after a kill at each step: {states}")
+    assert done and len(states) >= 3, f"publish never completed in {k + 1} steps: {calls}"
+
+
+def test_export_killed_while_publishing_over_a_previous_export_keeps_it(tmp_path, tiny_onnx_dir, monkeypatch):
+    """The old behaviour removed the old model.onnx first: a crash while the new data file moved in left no export."""
+    import export.onnx as ex
+    from model import GPT
+    from runtime import files
+    from runtime.artifact import read_onnx_artifact
 
     out = tmp_path / "out"
     shutil.copytree(tiny_onnx_dir, out)
-    old_data = (out / "model.onnx.data").read_bytes()
-    real_replace, moved = os.replace, []
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    real_replace = os.replace
 
     def replace(src, dst, **kw):
-        if Path(dst) == out / "model.onnx.data":
-            raise OSError(28, "No space left on device (simulated)")
         if Path(dst).parent == out:
-            moved.append(Path(dst).name)
+            raise OSError(28, "No space left on device (simulated)")
         return real_replace(src, dst, **kw)
 
+    def exchange(a, b):
+        raise KeyboardInterrupt("killed mid-publish")
+
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError, match="simulated"):
-        ex.export_onnx(tiny_model, out, validate=False)
+    monkeypatch.setattr(files, "exchange_paths", exchange, raising=False)
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        ex.export_onnx(GPT.from_pretrained("random:tiny@1"), out, validate=False)
     monkeypatch.undo()
-    assert moved == [], f"{moved} moved into DIR before its data"
-    assert not (out / "model.onnx").exists(), "model.onnx must not outlive (or precede) its data"
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx.data"], os.listdir(out)  # no .export-* left
-    assert (out / "model.onnx.data").read_bytes() == old_data
-    with pytest.raises(Exception):  # no export here any more: nothing loads
-        __import__("runtime.artifact").artifact.read_onnx_artifact(out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert read_onnx_artifact(out).data_sha256 == read_onnx_artifact(tiny_onnx_dir).data_sha256
+    ex.export_onnx(GPT.from_pretrained("random:tiny@1"), out, validate=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(os.listdir(out)) == list(ex.OURS)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -496,6 +566,43 @@ def test_cli_export_records_the_absolute_source_and_readable_modes(tmp_path, tin
     # hub names and random: specs are recorded as given
     assert recorded_source("random:tiny@0") == "random:tiny@0" and recorded_source("gpt2") == "gpt2"
     assert recorded_source("ckpt") == str((tmp_path / "weights" / "ckpt").resolve())
+
+
+@pytest.mark.parametrize("options", [dict(kv_cache="shared"), dict(quantize="int8"), dict(quantize="int4"),
+                                     dict(dtype="fp16")], ids=["shared", "int8", "int4", "fp16"])
+def test_every_variant_file_gets_the_umask_mode(tmp_path, tiny_model, options):
+    """Variants re-saved through onnx.save (which creates the data file 0o600) must be readable by another user
+    serving them: with umask 022 every file is 0644, the folder 0755."""
+    from export.onnx import export_onnx
+
+    out = tmp_path / "out"
+    with _umask(0o022):
+        export_onnx(tiny_model, out, validate=False, gate=False, **options)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [out, *out.rglob("*")]}
+    assert modes == {"out": "0o755", "model.onnx": "0o644", "model.onnx.data": "0o644"}, modes
+
+
+def test_every_variant_records_the_digest_of_its_own_weights(tmp_path, tiny_onnx_dir, tiny_model, monkeypatch):
+    """export_onnx (shared cache, int8) and quantize_onnx record the sha256 of the data file they publish, not
+    their source's; a model whose weights all live inside model.onnx records {} (nothing outside to prove)."""
+    import export.onnx as ex
+    from export.quantize import quantize_onnx
+    from runtime.artifact import check_weights, read_onnx_artifact
+    from runtime.files import sha256_file
+
+    outs = [ex.export_onnx(tiny_model, tmp_path / "shared", kv_cache="shared", validate=False),
+            ex.export_onnx(tiny_model, tmp_path / "int8", quantize="int8", validate=False, gate=False),
+            quantize_onnx(tiny_onnx_dir, tmp_path / "int4", "int4", gate=False)]
+    for path in outs:
+        art = read_onnx_artifact(path)
+        assert art.data_sha256 == {"model.onnx.data": sha256_file(path.parent / "model.onnx.data")}, (path, art.data_sha256)
+        assert check_weights(path, art) == ""
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
+    inline = ex.export_onnx(tiny_model, tmp_path / "inline", validate=False)
+    assert not any(t.HasField("data_location") and t.data_location for t in _graph(inline).graph.initializer)
+    assert read_onnx_artifact(inline).data_sha256 == {}
+    load_backend = __import__("runtime.backends", fromlist=["load_backend"]).load_backend
+    assert load_backend("onnxruntime", str(inline)).artifact.data_sha256 == {}
 
 
 def test_opset_beyond_the_installed_maximum_is_refused(tmp_path, tiny_model):

@@ -19,11 +19,12 @@ row's real tokens (the graph's batch-1 case); the capacity doubles when a sequen
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..artifact import Artifact, ArtifactError, check_io, resolve_onnx
+from ..artifact import Artifact, ArtifactError, check_io, check_weights, resolve_onnx
 from .ort_graph import BUCKETS
 from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
 
@@ -39,8 +40,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model: str | Path, provider: str = "cpu", threads: int | None = None,
-                 device_id: int = 0, optimize: bool = True, spinning: bool = True, decode: str = "auto",
-                 graph_capacity: int | None = None):
+                 device_id: int = 0, optimize: bool = True, spinning: bool = True, verify_weights: bool = True,
+                 decode: str = "auto", graph_capacity: int | None = None):
         """Open an exported folder or its model.onnx.
 
         Args:
@@ -55,6 +56,9 @@ class OnnxRuntimeBackend:
                 speculative draft and its target) need False, or one's idle threads steal the other's cores
                 (124M fp32 target + int8 draft, 2 threads: 52.6 tok/s spinning, 103.2 not;
                 scripts/speculative_check.py with and without --spin).
+            verify_weights: check the sha256 of model.onnx.data against the digest recorded at export (about
+                1 s per 500 MB, README) and refuse a damaged or foreign weights file; False skips it (CLI
+                --no-verify-weights). An artifact exported before digests were recorded loads with a warning.
             decode: how a kv_cache="shared" graph runs its decode steps (runtime/backends/ort_graph.py):
                 "graph" replays one CUDA graph per batch bucket (provider="cuda" only), "static" runs the same
                 fixed-shape steps without capture (CPU or CUDA), "dynamic" binds each step's own shapes;
@@ -87,6 +91,8 @@ class OnnxRuntimeBackend:
                                f"{self.session.get_providers()}); check the CUDA / cuDNN libraries onnxruntime-gpu needs")
 
         self.artifact = Artifact.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
+        if verify_weights and (note := check_weights(path, self.artifact)):
+            warnings.warn(note, stacklevel=2)
         check_io(self.artifact.inputs, [i.name for i in self.session.get_inputs()], "input", str(path))
         check_io(self.artifact.outputs, [o.name for o in self.session.get_outputs()], "output", str(path))
         self.config = self.artifact.config
