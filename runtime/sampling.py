@@ -77,7 +77,11 @@ def sample_next_token(logits: np.ndarray, params: SamplingParams, rng: np.random
         x[seen_ids] = np.where(s > 0, s / params.repetition_penalty, s * params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(x))
-    x /= params.temperature
+    # Subtract the max before dividing: (x - max) / T is <= 0 and never NaN for any finite T > 0, where x / T
+    # overflows to inf below T ~ 1e-300 and inf - inf is NaN. A gap too large for T becomes -inf, probability 0,
+    # so a temperature below the logits' resolution is greedy (ties at the max share the mass).
+    with np.errstate(over="ignore"):
+        x = (x - x.max()) / params.temperature
     # Candidates stay in token-id order: the draw maps to a token through the cumulative sum, so an order
     # that followed the values (argpartition's, a sort's) would let a 1e-6 difference between backends, or
     # between a 1-token and a 5-token step, reorder near-equal candidates and change the token.
