@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from .cli import positive_int
+from .cli import int_in, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-tokens", type=positive_int, default=2048, help="evaluation tokens at most (default 2048)")
     p.add_argument("--window", type=positive_int, default=256, help="tokens per evaluation window (default 256, <= block_size)")
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens per prompt (default 128)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
+    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"), default=None, help="intra-op CPU threads")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: the cache)")
 

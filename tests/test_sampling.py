@@ -92,6 +92,8 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
     (dict(top_p=1.5), "top_p must be in (0, 1]"),
     (dict(temperature=-0.1), "temperature must be >= 0"),
     (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be > 0 and finite"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),

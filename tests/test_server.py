@@ -380,6 +380,30 @@ def test_failed_batch_is_a_500_and_the_server_goes_on(tiny_onnx_dir, tokenizer):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_health_is_503_once_the_scheduler_thread_is_dead(tiny_onnx_dir, tokenizer):
+    # --batch-window-ms inf (now refused at startup) made the worker's Condition.wait(inf) raise OverflowError: the
+    # thread died while /health said ok and every request waited for its timeout
+    with serve(tiny_onnx_dir, tokenizer, request_timeout_s=2.0) as (url, app):
+        assert httpx.get(f"{url}/health").status_code == 200
+        app.state.scheduler.batch_window_s = float("inf")
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3}, timeout=10)
+        assert r.status_code == 504, r.text  # the request the worker died on
+        assert wait_for(lambda: not app.state.scheduler.alive), "the worker thread did not die"
+        h = httpx.get(f"{url}/health")
+        assert h.status_code == 503 and h.json()["status"] == "unavailable", (h.status_code, h.text)
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3}, timeout=10)
+        took = time.perf_counter() - t0
+        assert r.status_code == 503 and r.json()["error"]["code"] == "scheduler_stopped", r.text
+        assert took < 1.0, f"a request to a dead scheduler took {took:.2f} s; it must be refused at once"
+
+
+def test_server_settings_refuse_non_finite_timeouts():
+    for bad in (dict(request_timeout_s=float("nan")), dict(request_timeout_s=0.0), dict(batch_window_ms=float("inf"))):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            ServerSettings(model_name=MODEL, **bad)
+
+
 def test_max_batch_above_a_tensorrt_engines_is_refused_at_startup():
     from types import SimpleNamespace
 
