@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float_in(0, 86400, "a timeout in seconds", above=True), default=60.0,
                    help="seconds from arrival to the last token, queueing included, up to 86400; then 504 / an error "
                         "event (default 60)")
+    p.add_argument("--idle-timeout", type=float_in(0, 300, "a timeout in seconds", above=True), default=5.0,
+                   help="seconds a connection may take to send a whole request head, from opening and between "
+                        "keep-alive requests; then it is closed (default 5)")
     p.add_argument("--max-body-bytes", type=int_in(1024, 1 << 30, "a body size in bytes"), default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
                                                           "then the cache)")
@@ -92,6 +95,7 @@ def run(args) -> int:
     try:
         import uvicorn
 
+        from .connections import uvicorn_config
         from .server import ServerSettings, create_app
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
@@ -116,9 +120,11 @@ def run(args) -> int:
           f"{f', speculative with {args.draft}' if draft else ''}"
           f"{' (lone requests: shared KV cache)' if draft and not draft_for(backend, draft, 2) else ''}"
           f"{', API key required' if api_key else ''}", flush=True)
-    # connections beyond this get uvicorn's plain 503: room for every running + queued request, and as many
-    # again for requests being refused with 429 and idle keep-alive connections
+    # requests in flight beyond this get a JSON 429 at once: room for every running + queued request, and as many
+    # again for requests the scheduler is refusing with its own 429. Idle connections are not counted (uvicorn's
+    # limit_concurrency counted them, and answered a plain 503); --idle-timeout closes them
     limit = 2 * (args.max_batch + args.max_queue) + 16
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=limit,
-                timeout_graceful_shutdown=5)
-    return 0
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout, max_requests=limit,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+    server.run()
+    return 0 if server.started else 1

@@ -189,6 +189,7 @@ BAD_NUMBERS = [  # (argv, the flag argparse names, the range it states)
     (["serve", "m", "--request-timeout", "nan"], "--request-timeout", "give more than 0, up to 86400"),
     (["serve", "m", "--request-timeout", "0"], "--request-timeout", "give more than 0, up to 86400"),
     (["serve", "m", "--threads", "-4"], "--threads", "give 1..1024"),
+    (["serve", "m", "--idle-timeout", "nan"], "--idle-timeout", "give more than 0, up to 300"),
     (["serve", "m", "--max-queue", "0"], "--max-queue", "give 1..65536"),
     (["generate", "m", "--threads", "-4"], "--threads", "give 1..1024"),
     (["generate", "m", "--temperature", "nan"], "--temperature", "give any finite number"),
