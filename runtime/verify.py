@@ -73,11 +73,12 @@ def parse_thresholds(overrides: dict[str, list[str]] | None) -> dict:
             for part in item.split(","):
                 prec, sep, value = part.partition("=")
                 try:
-                    if not sep:
+                    if not sep or not 0 <= float(value) < float("inf"):  # nan / inf / a negative would gate nothing
                         raise ValueError
                     out[check][prec.strip()] = float(value)
                 except ValueError:
-                    raise VerifyError(f"{FLAGS[check]} {part!r}: expected PRECISION=NUMBER, e.g. int8=0.95") from None
+                    raise VerifyError(f"{FLAGS[check]} {part!r}: expected PRECISION=NUMBER, a finite number >= 0, "
+                                      f"e.g. int8=0.95") from None
     return out
 
 
@@ -245,6 +246,38 @@ def failures(label: str, precision: str, m: dict, thresholds: dict) -> list[str]
 
 # ---------------------------------------------------------------------------------- entry point
 
+def _no_reference(models: list[str], targets, backends) -> str:
+    """Why there is no reference (a checkpoint torch runs, or an fp32 export), and the command that gives one."""
+    import importlib.util
+
+    from .artifact import read_onnx_artifact
+    from .backends import MISSING_HINTS
+
+    sources = []
+    for t in targets:
+        try:
+            src = read_onnx_artifact(t.model).source if t.backend == "onnxruntime" else ""
+        except Exception:  # noqa: BLE001 - only a hint: the export's recorded checkpoint
+            src = ""
+        if src and src not in sources:
+            sources.append(src)
+    ckpt = sources[0] if sources else "CHECKPOINT"
+    given = " ".join(map(str, models))
+    fix = (f"add the checkpoint as another MODEL (nanogpt-deploy verify {given} {ckpt}) or the folder of its fp32 "
+           f"export (nanogpt-deploy export {ckpt} --out DIR)")
+    if "torch" not in backends:
+        why = "and --backends leaves out torch, which runs the checkpoint"
+        fix = (f"add torch (--backends {','.join([*backends, 'torch'])}) with the checkpoint as another MODEL "
+               f"({ckpt}), or add the folder of its fp32 export (nanogpt-deploy export {ckpt} --out DIR)")
+    elif importlib.util.find_spec("torch") is None:
+        why = "and torch, which runs the checkpoint, is not installed"
+        fix = f"add the folder of an fp32 export, or {MISSING_HINTS['torch']} and {fix.split(' or ')[0]}"
+    else:
+        why = "and no checkpoint was given for torch to run"
+    return (f"no reference to compare {', '.join(t.label for t in targets) or given} with: verify compares against "
+            f"the checkpoint (run by torch) or an fp32 export of it; there is no fp32 export among {given} {why}; {fix}")
+
+
 def verify(models: list[str], *, thresholds: dict | None = None, text_files: list[str] | None = None,
            text_tokens: int = 2048, window: int = 256, greedy_new: int = 128, threads: int | None = None,
            backends=("onnxruntime", "torch"), providers=("cpu",), tokenizer=None, progress=lambda msg: None) -> dict:
@@ -280,8 +313,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     else:
         fp32 = [t for t in others if t.backend == "onnxruntime" and t.precision == "fp32"]
         if not fp32:
-            raise VerifyError("no reference: torch is not available and no fp32 export was given; "
-                              "install torch (pip install torch==2.13.0) or add the fp32 export")
+            raise VerifyError(_no_reference(models, others, backends))
         ref_target, others = fp32[0], [t for t in others if t is not fp32[0]]
         notes.append(f"reference is {ref_target.label} (torch is not available): fp32 is compared with itself")
     if not others:
