@@ -110,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency (torch in a `pip install '.[cpu]'`): name its extra
+        from .backends import MISSING_HINTS
+
+        dep = (e.name or "").split(".")[0]
+        if dep not in MISSING_HINTS or getattr(args, "debug", False) or os.environ.get("NANOGPT_DEPLOY_DEBUG"):
+            raise
+        print(f"error: {args.command} needs {dep}, which is not installed; {MISSING_HINTS[dep]}", file=sys.stderr)
+        return 1
     except (ValueError, RuntimeError, OSError) as e:
         # the project's errors (CheckpointError, ArtifactError, ...) carry the fix in their message;
         # --debug (where a command has it) or NANOGPT_DEPLOY_DEBUG=1 shows the traceback instead

@@ -220,3 +220,26 @@ def test_numeric_flags_accept_their_range(capsys):
     args = build_parser().parse_args(["serve", "m", "--batch-window-ms", "0", "--request-timeout", "0.5",
                                       "--threads", "4", "--max-body-bytes", "1024"])
     assert (args.batch_window_ms, args.request_timeout, args.threads) == (0.0, 0.5, 4)
+
+
+BLOCK = """import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # `import torch` now raises ModuleNotFoundError, as in a `pip install '.[cpu]'`
+from runtime.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("argv, blocked, hint", [
+    (["export", "random:tiny", "--out", "{tmp}/x"], ["torch"], ["pip install torch==2.13.0", "nanogpt-deploy[export]"]),
+    (["demo", "--out", "{tmp}/demo"], ["torch"], ["pip install torch==2.13.0", "nanogpt-deploy[export]"]),
+    (["export", "random:tiny", "--out", "{tmp}/x"], ["onnxscript"], ["nanogpt-deploy[export]"]),
+])
+def test_a_missing_dependency_names_its_extra_not_a_traceback(tmp_path, argv, blocked, hint):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-c", BLOCK.format(blocked=blocked, argv=argv)], cwd=ROOT, text=True,
+                       capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]  # "[  1.9s] loading ..." stages
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert lines[0].startswith(f"error: {argv[0]} needs {blocked[0]}, which is not installed") and \
+        all(h in lines[0] for h in hint), lines[0]
