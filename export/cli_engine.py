@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
                         "~/.cache/nanogpt-deploy/tensorrt)")
     p.add_argument("--no-timing-cache", action="store_true", help="build without a timing cache")
     p.add_argument("--device", type=int_in(0, None, "a CUDA device index"), default=0, help="CUDA device to build on (default: 0)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let fp32 layers run in TF32: faster, ~1e-3 off fp32 (default: off, the engine is fp32)")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     p.add_argument("--json", action="store_true", help="print the sidecar as JSON instead of the summary line")
 
@@ -39,7 +41,8 @@ def run(args) -> int:
     timing_cache = None if args.no_timing_cache else (args.timing_cache or True)
     meta = build_engine(args.model, args.out, max_batch=args.max_batch, max_seq=args.max_seq,
                         opt_batch=args.opt_batch, opt_seq=args.opt_seq, workspace_gb=args.workspace_gb,
-                        timing_cache=timing_cache, device=args.device, verbose=args.verbose)
+                        timing_cache=timing_cache, device=args.device, verbose=args.verbose,
+                        tf32=args.tf32)
     if args.json:
         print(json.dumps(meta.to_dict(), indent=2, sort_keys=True))
         return 0
@@ -50,5 +53,6 @@ def run(args) -> int:
     engine = Path(args.out) if args.out else resolve_onnx(args.model).parent / "model.engine"
     print(f"{engine} ({meta.engine_bytes / 1e6:.1f} MB) built in {meta.build['build_seconds']:.1f} s "
           f"[TensorRT {meta.tensorrt_version}, {meta.gpu_name}, sm_{meta.compute_capability.replace('.', '')}, "
-          f"{meta.precision}; batch <= {meta.max_batch}, context <= {meta.max_seq}]")
+          f"{meta.precision}{', tf32' if meta.build.get('tf32') else ''}; batch <= {meta.max_batch}, "
+          f"context <= {meta.max_seq}]")
     return 0

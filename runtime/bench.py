@@ -306,8 +306,9 @@ def run_worker(spec: dict, emit=print) -> None:
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()
+    tf32 = {"tf32": True} if spec.get("tf32") and target.backend == "onnxruntime" else {}  # a TensorRT engine's is built in
     backend, draft = load_pair(target.backend, target.model, target.draft or None, target.speculate or None,
-                               provider=target.provider, threads=spec.get("threads"))
+                               provider=target.provider, threads=spec.get("threads"), **tf32)
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
     results = []
@@ -322,7 +323,7 @@ def run_worker(spec: dict, emit=print) -> None:
                       draft, target.speculate or None)
         results.append({"case": dataclasses.asdict(case), **m})
     emit(json.dumps({"event": "result", "target": dataclasses.asdict(target), "label": target.label,
-                     "provider_name": backend.provider, "load_s": load_s, "rss_after_load_mb": rss_loaded,
+                     "provider_name": backend.provider, "tf32": bool(getattr(backend, "tf32", False)), "load_s": load_s, "rss_after_load_mb": rss_loaded,
                      "peak_rss_mb": peak_rss_mb(), "versions": _versions(target.backend), "cases": results}))
 
 
@@ -335,7 +336,7 @@ def _versions(backend: str) -> dict:
 # ---------------------------------------------------------------------------------- the parent
 
 def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats: int = 3,
-              threads: int | None = None, progress=None) -> dict:
+              threads: int | None = None, progress=None, tf32: bool = False) -> dict:
     """Time every case on every target, each target in a fresh process; the whole report as a dict.
 
     Args:
@@ -344,6 +345,7 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         warmup, repeats: untimed and timed runs per case (medians over the timed ones).
         threads: intra-op CPU threads for every backend (None: each backend's default).
         progress: called as progress(done_runs, total_runs, label) after each run.
+        tf32: onnxruntime on CUDA runs fp32 MatMuls in TF32 (off by default); each result's "tf32" says which ran.
     Returns:
         {"machine", "settings", "results": [one per target], "failed": [...], "seconds"}
     """
@@ -356,7 +358,7 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         env["OMP_NUM_THREADS"] = str(threads)
     for target in targets:
         spec = {"target": dataclasses.asdict(target), "cases": [dataclasses.asdict(c) for c in todo],
-                "warmup": warmup, "repeats": repeats, "threads": threads}
+                "warmup": warmup, "repeats": repeats, "threads": threads, "tf32": tf32}
         # stderr goes to a file, not a pipe: a worker filling a stderr pipe while this loop reads stdout would hang both
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errf:
             proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", json.dumps(spec)], stdout=subprocess.PIPE,
@@ -384,7 +386,7 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         del result["event"]
         results.append(result)
     return {"machine": machine_info(load0, _loadavg()), "results": results, "failed": failed,
-            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "sampling": "greedy, no early stop",
+            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "tf32": tf32, "sampling": "greedy, no early stop",
                          "cases": [dataclasses.asdict(c) for c in todo]},
             "seconds": time.perf_counter() - t0}
 

@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batches too on a "
                         "--kv-cache concat pair")
     p.add_argument("--speculate", type=int_in(1, 64, "a guess count"), default=4, metavar="K", help="guesses per round with --draft (default 4)")
+    p.add_argument("--tf32", action="store_true",
+                   help="onnxruntime on CUDA: run fp32 MatMuls in TF32, faster and ~1e-3 off fp32 (default: off)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write tokens/s vs context and latency percentiles here")
     p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
 
@@ -87,7 +89,7 @@ def run(args) -> int:
     todo = cases(args.prompt_len, args.new_tokens, args.batch)
     print(f"timing {len(targets)} targets x {len(todo)} cases ({args.warmup} warm-up + {args.repeats} runs each)",
           file=sys.stderr)
-    report = run_bench(targets, todo, args.warmup, args.repeats, args.threads, progress=ProgressBar())
+    report = run_bench(targets, todo, args.warmup, args.repeats, args.threads, progress=ProgressBar(), tf32=args.tf32)
     report["skipped"] = notes
     if plot:
         report["plot"] = str(plot)
@@ -117,4 +119,12 @@ def summary(report: dict) -> str:
         return f"{len(report['results'])} targets timed in {report['seconds']:.0f} s [{where}]"
     rate, label, case = max(timed, key=lambda t: t[0])
     return (f"{len(report['results'])} targets x {len(report['settings']['cases'])} cases in {report['seconds']:.0f} s; "
-            f"fastest decode {rate:.1f} tok/s [{label}, batch {case['batch']}, prompt {case['prompt']}] [{where}]")
+            f"fastest decode {rate:.1f} tok/s [{label}, batch {case['batch']}, prompt {case['prompt']}] [{where}]"
+            f"{tf32_note(report['results'])}")
+
+
+def tf32_note(results: list[dict]) -> str:
+    """Which GPU targets ran fp32 MatMuls in TF32 (nothing to say when none ran on a GPU)."""
+    gpu = [r for r in results if r.get("target", {}).get("provider") == "cuda"]
+    on = [r["label"] for r in gpu if r.get("tf32")]
+    return f"; TF32 on: {', '.join(on)}" if on else "; TF32 off" if gpu else ""

@@ -280,7 +280,8 @@ def _no_reference(models: list[str], targets, backends) -> str:
 
 def verify(models: list[str], *, thresholds: dict | None = None, text_files: list[str] | None = None,
            text_tokens: int = 2048, window: int = 256, greedy_new: int = 128, threads: int | None = None,
-           backends=("onnxruntime", "torch"), providers=("cpu",), tokenizer=None, progress=lambda msg: None) -> dict:
+           backends=("onnxruntime", "torch"), providers=("cpu",), tokenizer=None, progress=lambda msg: None,
+           tf32: bool = False) -> dict:
     """Compare every target under `models` with the torch fp32 reference; the report as a dict.
 
     Args:
@@ -293,6 +294,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         threads: intra-op threads for every backend.
         tokenizer: a tiktoken Encoding (default: runtime.tokenizer.load_tokenizer()).
         progress: called with a line per stage.
+        tf32: onnxruntime on CUDA runs fp32 MatMuls in TF32 (off by default); each target's "tf32" says which ran.
     Returns:
         {"reference", "text", "targets": [{label, precision, metrics, failures}], "failures", "passed", "notes"}
     """
@@ -326,7 +328,11 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
 
     t0 = time.perf_counter()
     progress(f"reference: {ref_target.label} on {ref_target.model}")
-    ref_backend = load_backend(ref_target.backend, ref_target.model, provider=ref_target.provider, threads=threads)
+    def options(t) -> dict:  # a TensorRT engine's TF32 is built in; torch keeps its own default (off for MatMuls)
+        return {"provider": t.provider, "threads": threads, **({"tf32": True} if tf32 and t.backend == "onnxruntime" else {})}
+
+    ref_backend = load_backend(ref_target.backend, ref_target.model, **options(ref_target))
+    ref_tf32 = bool(getattr(ref_backend, "tf32", False))
     config = ref_backend.config
     source = getattr(ref_backend, "source", None)
     if source is None:
@@ -345,7 +351,8 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     report_targets, all_failures = [], []
     for t in others:
         progress(f"{t.label} on {t.model}")
-        backend = load_backend(t.backend, t.model, provider=t.provider, threads=threads)
+        backend = load_backend(t.backend, t.model, **options(t))
+        t_tf32 = bool(getattr(backend, "tf32", False))
         if backend.config.real_vocab_size != config.real_vocab_size or backend.config.n_layer != config.n_layer:
             raise VerifyError(f"{t.model} is not the reference's model ({ref_target.model}): its config differs; "
                               f"verify the exports of one checkpoint together")
@@ -358,9 +365,9 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         fails = failures(t.label, t.precision, m, thresholds)
         all_failures += fails
         report_targets.append({"label": t.label, "backend": t.backend, "provider": t.provider, "precision": t.precision,
-                               "model": t.model, "metrics": m, "failures": fails})
+                               "tf32": t_tf32, "model": t.model, "metrics": m, "failures": fails})
     return {
-        "reference": {"label": ref_target.label, "model": ref_target.model, "source": source},
+        "reference": {"label": ref_target.label, "model": ref_target.model, "source": source, "tf32": ref_tf32},
         "text": {"from": text_from, "windows": len(windows), "tokens": int(sum(w.size for w in windows))},
         "prompts": len(PROMPTS), "greedy_prompts": GREEDY_PROMPTS, "greedy_new_tokens": new, "shapes": SHAPES,
         "thresholds": thresholds, "targets": report_targets, "failures": all_failures, "passed": not all_failures,

@@ -68,6 +68,7 @@ def test_passes_on_a_good_export(tiny_export, capsys):
     assert rc == 0, out.err
     report = json.loads(out.out)
     assert report["passed"] and report["reference"]["label"] == "torch cpu fp32"
+    assert report["reference"]["tf32"] is False and all(t["tf32"] is False for t in report["targets"]), report["targets"]
     [t] = report["targets"]
     m = t["metrics"]
     assert set(m["max_abs_diff_per_shape"]) == {"B1xT1xP0", "B2xT7xP0", "B2xT1xP5", "B2xT3xP5"}

@@ -34,11 +34,18 @@ MIN_CAPACITY = 128  # kv_cache="shared": positions a cache buffer holds at least
 PREFILL_CHUNK = 256
 
 
+def cuda_provider_options(device_id: int = 0, tf32: bool = False) -> dict:
+    """CUDAExecutionProvider's options. The CUDA EP runs fp32 MatMuls in TF32 unless told not to (10-bit
+    mantissa: the 124M fp32 export differed from the CPU reference by 2.5e-3), so fp32 means fp32 here unless
+    `tf32` asks for the speed."""
+    return {"device_id": str(int(device_id)), "use_tf32": "1" if tf32 else "0"}
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model: str | Path, provider: str = "cpu", threads: int | None = None,
-                 device_id: int = 0, optimize: bool = True, spinning: bool = True):
+                 device_id: int = 0, optimize: bool = True, spinning: bool = True, tf32: bool = False):
         """Open an exported folder or its model.onnx.
 
         Args:
@@ -53,6 +60,8 @@ class OnnxRuntimeBackend:
                 speculative draft and its target) need False, or one's idle threads steal the other's cores
                 (124M fp32 target + int8 draft, 2 threads: 52.6 tok/s spinning, 103.2 not;
                 scripts/speculative_check.py with and without --spin).
+            tf32: provider="cuda": let fp32 MatMuls run in TF32 (faster, ~1e-3 off); off by default
+                (cuda_provider_options). `self.tf32` says which ran (always False on the CPU).
         """
         import onnxruntime as ort
 
@@ -73,7 +82,7 @@ class OnnxRuntimeBackend:
             so.add_session_config_entry("session.force_spinning_stop", "1")
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = [(ep, {"device_id": device_id}), "CPUExecutionProvider"] if provider == "cuda" else [ep]
+        providers = [(ep, cuda_provider_options(device_id, tf32)), "CPUExecutionProvider"] if provider == "cuda" else [ep]
         self.session = _open_session(ort, path, so, providers)
         if self.session.get_providers()[0] != ep:  # onnxruntime falls back to CPU when CUDA libraries are missing
             raise BackendError(f"{path}: onnxruntime could not start {ep} (session runs on "
@@ -85,6 +94,7 @@ class OnnxRuntimeBackend:
         self.config = self.artifact.config
         self.precision = self.artifact.precision
         self.provider = ep
+        self.tf32 = bool(tf32) and provider == "cuda"
         self.path = path
         self._ort = ort
         self._device = "cuda" if provider == "cuda" else "cpu"
