@@ -20,15 +20,18 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=positive_int, default=8, help="largest batch the engine serves (default: 8)")
     p.add_argument("--max-seq", type=positive_int, default=None,
                    help="largest total context, past + new tokens (default: the model's block_size)")
-    p.add_argument("--opt-batch", type=positive_int, default=1, help="batch size TensorRT tunes kernels for (default: 1)")
+    p.add_argument("--opt-batch", type=positive_int,
+                   default=1, help="batch size TensorRT tunes kernels for (default: 1)")
     p.add_argument("--opt-seq", type=positive_int, default=None,
                    help="prompt length TensorRT tunes the prefill profile for (default: min(128, max-seq))")
-    p.add_argument("--workspace-gb", type=float_in(0, 1024, "a size in GiB", above=True), default=4.0, help="TensorRT scratch memory limit in GiB (default: 4)")
+    p.add_argument("--workspace-gb", type=float_in(0, 1024, "a size in GiB", above=True),
+                   default=4.0, help="TensorRT scratch memory limit in GiB (default: 4)")
     p.add_argument("--timing-cache", metavar="PATH", default=None,
                    help="timing cache to reuse and update (default: one per TensorRT version and GPU under "
                         "~/.cache/nanogpt-deploy/tensorrt)")
     p.add_argument("--no-timing-cache", action="store_true", help="build without a timing cache")
-    p.add_argument("--device", type=int_in(0, None, "a CUDA device index"), default=0, help="CUDA device to build on (default: 0)")
+    p.add_argument("--device", type=int_in(0, None, "a CUDA device index"),
+                   default=0, help="CUDA device to build on (default: 0)")
     p.add_argument("--tf32", action="store_true",
                    help="let fp32 layers run in TF32: faster, ~1e-3 off fp32 (default: off, the engine is fp32)")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")

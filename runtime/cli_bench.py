@@ -43,13 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int_list, default=[128], metavar="N[,N...]", help="generated tokens per row")
     p.add_argument("--batch", type=int_list, default=[1], metavar="N[,N...]", help="rows per batch")
     p.add_argument("--warmup", type=int_in(0, None, "a run count"), default=1, help="untimed runs per case (default 1)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per case; medians are reported (default 3)")
-    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"), default=None, help="intra-op CPU threads (default: each backend's choice)")
+    p.add_argument("--repeats", type=positive_int,
+                   default=3, help="timed runs per case; medians are reported (default 3)")
+    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
+                   default=None, help="intra-op CPU threads (default: each backend's choice)")
     p.add_argument("--draft", metavar="DIR", default=None,
                    help="also time speculative decoding with this draft export (e.g. the int8 folder) on every "
                         "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batches too on a "
                         "--kv-cache concat pair")
-    p.add_argument("--speculate", type=int_in(1, 64, "a guess count"), default=4, metavar="K", help="guesses per round with --draft (default 4)")
+    p.add_argument("--speculate", type=int_in(1, 64, "a guess count"),
+                   default=4, metavar="K", help="guesses per round with --draft (default 4)")
     p.add_argument("--tf32", action="store_true",
                    help="onnxruntime on CUDA: run fp32 MatMuls in TF32, faster and ~1e-3 off fp32 (default: off)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write tokens/s vs context and latency percentiles here")

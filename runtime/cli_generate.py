@@ -29,13 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: onnxruntime")
     p.add_argument("--provider", default=None, choices=["cpu", "cuda"],
                    help="execution provider / torch device (default: cpu; tensorrt is always cuda)")
-    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"), default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
+                   default=None, help="intra-op CPU threads (default: the backend's choice)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="default: 64")
     p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int_in(0, None, "0 (off) or a count"), default=200, help="0 = off (default: 200)")
     p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
     p.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int_in(0, None, "a seed"), default=None, help="same seed, same backend -> same tokens")
+    p.add_argument("--seed", type=int_in(0, None, "a seed"),
+                   default=None, help="same seed, same backend -> same tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); trimmed from the text")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,

@@ -23,10 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
                                                    "source for --backend torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback addresses need an API key")
-    p.add_argument("--port", type=int_in(1, 65535, "a TCP port"), default=8000, help="TCP port, 1..65535 (default 8000)")
+    p.add_argument("--port", type=int_in(1, 65535, "a TCP port"),
+                   default=8000, help="TCP port, 1..65535 (default 8000)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
-    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"), default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
+                   default=None, help="intra-op CPU threads (default: the backend's choice)")
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV}; prefer the "
                                                    f"variable, a flag shows up in `ps`)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
@@ -34,9 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: a cheaper export of the same checkpoint (e.g. its int8 folder) guesses, "
                         "MODEL checks; same output, faster. MODEL must keep --speculate + 1 logits positions (export "
                         "--logits last:5 or all); batches speculate on a --kv-cache concat pair, lone requests on any")
-    p.add_argument("--speculate", type=int_in(1, 64, "a guess count"), default=None, metavar="K", help="most guesses per round with --draft (default 4)")
-    p.add_argument("--max-batch", type=int_in(1, 4096, "a batch size"), default=16, help="rows per batch (shared forward passes)")
-    p.add_argument("--max-queue", type=int_in(1, 1 << 16, "a queue length"), default=64, help="requests waiting while a batch runs; more get 429")
+    p.add_argument("--speculate", type=int_in(1, 64, "a guess count"),
+                   default=None, metavar="K", help="most guesses per round with --draft (default 4)")
+    p.add_argument("--max-batch", type=int_in(1, 4096, "a batch size"),
+                   default=16, help="rows per batch (shared forward passes)")
+    p.add_argument("--max-queue", type=int_in(1, 1 << 16, "a queue length"),
+                   default=64, help="requests waiting while a batch runs; more get 429")
     p.add_argument("--batch-window-ms", type=float_in(0, 1000, "a batching window in ms"), default=10.0,
                    help="how long a batch's first request waits for others to join, 0..1000 ms (default 10)")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
@@ -48,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float_in(0, 300, "a timeout in seconds", above=True), default=5.0,
                    help="seconds a connection may take to send a whole request head, from opening and between "
                         "keep-alive requests; then it is closed (default 5)")
-    p.add_argument("--max-body-bytes", type=int_in(1024, 1 << 30, "a body size in bytes"), default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-body-bytes", type=int_in(1024, 1 << 30, "a body size in bytes"),
+                   default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
                                                           "then the cache)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
