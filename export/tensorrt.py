@@ -167,11 +167,20 @@ def _progress_monitor(trt, out):
     return BuildProgress()
 
 
+def set_tf32(trt, config, tf32: bool) -> None:
+    """TensorRT turns BuilderFlag.TF32 on in every new builder config: fp32 layers may then run in TF32 (a 10-bit
+    mantissa, ~1e-3 off fp32). An fp32 engine is fp32 unless `tf32` asks for the speed."""
+    if tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+
+
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | None = None, *,
                  max_batch: int = DEFAULT_MAX_BATCH, max_seq: int | None = None, opt_batch: int = DEFAULT_OPT_BATCH,
                  opt_seq: int | None = None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
                  timing_cache: str | os.PathLike | None | bool = True, device: int = 0, verbose: bool = False,
-                 progress=sys.stderr) -> EngineMeta:
+                 tf32: bool = False, progress=sys.stderr) -> EngineMeta:
     """Build a TensorRT engine from an exported model.onnx and write it with its sidecar, atomically.
 
     Args:
@@ -187,6 +196,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
             None/False for none. Loaded before the build, saved after it.
         device: the CUDA device to build on (the engine runs on GPUs of its compute capability).
         verbose: TensorRT's own verbose log.
+        tf32: let fp32 layers run in TF32 (faster, ~1e-3 off); off by default (set_tf32), recorded in the sidecar.
         progress: a text stream for build progress, or None for silence.
 
     Returns:
@@ -220,6 +230,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(limits["workspace_gb"] * (1 << 30)))
+    set_tf32(trt, config, tf32)
     for p in profiles:
         prof = builder.create_optimization_profile()
         for name, s in p["shapes"].items():
@@ -258,7 +269,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
         profiles=profiles, max_batch=limits["max_batch"], max_seq=limits["max_seq"],
         source_onnx=str(onnx_path.resolve()), source_onnx_sha256=onnx_sha256(onnx_path),
         engine_bytes=serialized.nbytes,
-        build=dict(opt_batch=limits["opt_batch"], opt_seq=limits["opt_seq"], workspace_gb=limits["workspace_gb"],
+        build=dict(tf32=bool(tf32), opt_batch=limits["opt_batch"], opt_seq=limits["opt_seq"], workspace_gb=limits["workspace_gb"],
                    timing_cache=str(cache_path) if cache_path else None, build_seconds=round(seconds, 2),
                    built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
     # sidecar first, engine last: a crash in between leaves an engine whose size the sidecar does not match
@@ -268,4 +279,5 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     return meta
 
 
-__all__ = ["EngineBuildError", "TensorRTError", "build_engine", "check_kv_cache", "check_precision", "compute_profiles", "resolve_limits"]
+__all__ = ["EngineBuildError", "TensorRTError", "build_engine", "check_kv_cache", "check_precision", "compute_profiles",
+           "resolve_limits", "set_tf32"]

@@ -306,9 +306,10 @@ def run_worker(spec: dict, emit=print) -> None:
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()
+    tf32 = {"tf32": True} if spec.get("tf32") and target.backend == "onnxruntime" else {}  # a TensorRT engine's is built in
     backend, draft = load_pair(target.backend, target.model, target.draft or None, target.speculate or None,
                                provider=target.provider, threads=spec.get("threads"),
-                               verify_weights=spec.get("verify_weights", True))
+                               verify_weights=spec.get("verify_weights", True), **tf32)
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
     results = []
@@ -324,7 +325,7 @@ def run_worker(spec: dict, emit=print) -> None:
                       draft, target.speculate or None)
         results.append({"case": dataclasses.asdict(case), **m})
     emit(json.dumps({"event": "result", "target": dataclasses.asdict(target), "label": target.label,
-                     "provider_name": backend.provider, "load_s": load_s, "rss_after_load_mb": rss_loaded,
+                     "provider_name": backend.provider, "tf32": bool(getattr(backend, "tf32", False)), "load_s": load_s, "rss_after_load_mb": rss_loaded,
                      "peak_rss_mb": peak_rss_mb(), "versions": _versions(target.backend), "cases": results}))
 
 
@@ -337,7 +338,7 @@ def _versions(backend: str) -> dict:
 # ---------------------------------------------------------------------------------- the parent
 
 def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats: int = 3,
-              threads: int | None = None, progress=None, verify_weights: bool = True) -> dict:
+              threads: int | None = None, progress=None, verify_weights: bool = True, tf32: bool = False) -> dict:
     """Time every case on every target, each target in a fresh process; the whole report as a dict.
 
     Args:
@@ -347,6 +348,7 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         threads: intra-op CPU threads for every backend (None: each backend's default).
         progress: called as progress(done_runs, total_runs, label) after each run.
         verify_weights: onnxruntime targets check their weights' recorded sha256 at load (False: skip).
+        tf32: onnxruntime on CUDA runs fp32 MatMuls in TF32 (off by default); each result's "tf32" says which ran.
     Returns:
         {"machine", "settings", "results": [one per target], "failed": [...], "seconds"}
     """
@@ -359,7 +361,8 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         env["OMP_NUM_THREADS"] = str(threads)
     for target in targets:
         spec = {"target": dataclasses.asdict(target), "cases": [dataclasses.asdict(c) for c in todo],
-                "warmup": warmup, "repeats": repeats, "threads": threads, "verify_weights": verify_weights}
+                "warmup": warmup, "repeats": repeats, "threads": threads, "verify_weights": verify_weights,
+                "tf32": tf32}
         # stderr goes to a file, not a pipe: a worker filling a stderr pipe while this loop reads stdout would hang both
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errf:
             proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", json.dumps(spec)], stdout=subprocess.PIPE,
@@ -387,7 +390,7 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         del result["event"]
         results.append(result)
     return {"machine": machine_info(load0, _loadavg()), "results": results, "failed": failed,
-            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "sampling": "greedy, no early stop",
+            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "tf32": tf32, "sampling": "greedy, no early stop",
                          "cases": [dataclasses.asdict(c) for c in todo]},
             "seconds": time.perf_counter() - t0}
 

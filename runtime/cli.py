@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -42,6 +43,31 @@ def int_in(low: int, high: int | None = None, what: str = "a positive integer"):
 
 
 positive_int = int_in(1)
+
+
+def float_in(low: float | None = None, high: float | None = None, what: str = "a number", above: bool = False):
+    """An argparse type: a finite float in low..high (above=True: strictly more than low). `nan`, `inf` and
+    `1e999` parse as floats, and a NaN passes every `<` check, so they are refused here, by name."""
+    if low is None:
+        span = "any finite number" if high is None else f"a finite number up to {high:g}"
+    elif high is None:
+        span = f"more than {low:g}" if above else f"{low:g} or more"
+    else:
+        span = f"more than {low:g}, up to {high:g}" if above else f"{low:g}..{high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {span}") from None
+        if not math.isfinite(value) or low is not None and (value < low or above and value == low) or \
+                high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is not {what}; give {span}")
+        return value
+    return parse
+
+
+finite_float = float_in()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:  # fetch-tokenizer
@@ -84,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency (torch in a `pip install '.[cpu]'`): name its extra
+        from .backends import MISSING_HINTS
+
+        dep = (e.name or "").split(".")[0]
+        if dep not in MISSING_HINTS or getattr(args, "debug", False) or os.environ.get("NANOGPT_DEPLOY_DEBUG"):
+            raise
+        print(f"error: {args.command} needs {dep}, which is not installed; {MISSING_HINTS[dep]}", file=sys.stderr)
+        return 1
     except (ValueError, RuntimeError, OSError) as e:
         # the project's errors (CheckpointError, ArtifactError, ...) carry the fix in their message;
         # --debug (where a command has it) or NANOGPT_DEPLOY_DEBUG=1 shows the traceback instead

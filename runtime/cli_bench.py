@@ -15,6 +15,8 @@ import json
 import sys
 import time
 
+from .cli import int_in, positive_int
+
 
 def int_list(text: str) -> list[int]:
     try:
@@ -40,16 +42,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int_list, default=[32], metavar="N[,N...]", help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int_list, default=[128], metavar="N[,N...]", help="generated tokens per row")
     p.add_argument("--batch", type=int_list, default=[1], metavar="N[,N...]", help="rows per batch")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per case (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case; medians are reported (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: each backend's choice)")
+    p.add_argument("--warmup", type=int_in(0, None, "a run count"), default=1, help="untimed runs per case (default 1)")
+    p.add_argument("--repeats", type=positive_int,
+                   default=3, help="timed runs per case; medians are reported (default 3)")
+    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
+                   default=None, help="intra-op CPU threads (default: each backend's choice)")
     p.add_argument("--no-verify-weights", action="store_true",
                    help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
     p.add_argument("--draft", metavar="DIR", default=None,
                    help="also time speculative decoding with this draft export (e.g. the int8 folder) on every "
                         "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batches too on a "
                         "--kv-cache concat pair")
-    p.add_argument("--speculate", type=int, default=4, metavar="K", help="guesses per round with --draft (default 4)")
+    p.add_argument("--speculate", type=int_in(1, 64, "a guess count"),
+                   default=4, metavar="K", help="guesses per round with --draft (default 4)")
+    p.add_argument("--tf32", action="store_true",
+                   help="onnxruntime on CUDA: run fp32 MatMuls in TF32, faster and ~1e-3 off fp32 (default: off)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write tokens/s vs context and latency percentiles here")
     p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
 
@@ -88,7 +95,7 @@ def run(args) -> int:
     print(f"timing {len(targets)} targets x {len(todo)} cases ({args.warmup} warm-up + {args.repeats} runs each)",
           file=sys.stderr)
     report = run_bench(targets, todo, args.warmup, args.repeats, args.threads, progress=ProgressBar(),
-                       verify_weights=not args.no_verify_weights)
+                       verify_weights=not args.no_verify_weights, tf32=args.tf32)
     report["skipped"] = notes
     if plot:
         report["plot"] = str(plot)
@@ -118,4 +125,12 @@ def summary(report: dict) -> str:
         return f"{len(report['results'])} targets timed in {report['seconds']:.0f} s [{where}]"
     rate, label, case = max(timed, key=lambda t: t[0])
     return (f"{len(report['results'])} targets x {len(report['settings']['cases'])} cases in {report['seconds']:.0f} s; "
-            f"fastest decode {rate:.1f} tok/s [{label}, batch {case['batch']}, prompt {case['prompt']}] [{where}]")
+            f"fastest decode {rate:.1f} tok/s [{label}, batch {case['batch']}, prompt {case['prompt']}] [{where}]"
+            f"{tf32_note(report['results'])}")
+
+
+def tf32_note(results: list[dict]) -> str:
+    """Which GPU targets ran fp32 MatMuls in TF32 (nothing to say when none ran on a GPU)."""
+    gpu = [r for r in results if r.get("target", {}).get("provider") == "cuda"]
+    on = [r["label"] for r in gpu if r.get("tf32")]
+    return f"; TF32 on: {', '.join(on)}" if on else "; TF32 off" if gpu else ""

@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from .cli import finite_float, int_in, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
@@ -27,15 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: onnxruntime")
     p.add_argument("--provider", default=None, choices=["cpu", "cuda"],
                    help="execution provider / torch device (default: cpu; tensorrt is always cuda)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
+                   default=None, help="intra-op CPU threads (default: the backend's choice)")
     p.add_argument("--no-verify-weights", action="store_true",
                    help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="0 = off (default: 200)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same backend -> same tokens")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="default: 64")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int_in(0, None, "0 (off) or a count"), default=200, help="0 = off (default: 200)")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int_in(0, None, "a seed"),
+                   default=None, help="same seed, same backend -> same tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); trimmed from the text")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -45,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "int4 folder) guesses tokens and MODEL checks them in one step; the output is MODEL's own. "
                         "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); several prompts need "
                         "a --kv-cache concat pair")
-    p.add_argument("--speculate", type=int, default=None, metavar="K",
+    p.add_argument("--speculate", type=int_in(1, 64, "a guess count"), default=None, metavar="K",
                    help="most tokens the draft guesses per round (default: 4); each round guesses 0..K, whichever the "
                         "measured acceptance and step costs make fastest (0: a plain decode step)")
     p.add_argument("--json", action="store_true", help="print one JSON document: tokens, text, timing")

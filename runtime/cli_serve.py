@@ -14,7 +14,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from .cli import int_in
+from .cli import float_in, int_in
 
 API_KEY_ENV = "NANOGPT_DEPLOY_API_KEY"
 
@@ -23,10 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
                                                    "source for --backend torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback addresses need an API key")
-    p.add_argument("--port", type=int_in(1, 65535, "a TCP port"), default=8000, help="TCP port, 1..65535 (default 8000)")
+    p.add_argument("--port", type=int_in(1, 65535, "a TCP port"),
+                   default=8000, help="TCP port, 1..65535 (default 8000)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: the backend's choice)")
+    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
+                   default=None, help="intra-op CPU threads (default: the backend's choice)")
     p.add_argument("--no-verify-weights", action="store_true",
                    help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV}; prefer the "
@@ -36,17 +38,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: a cheaper export of the same checkpoint (e.g. its int8 folder) guesses, "
                         "MODEL checks; same output, faster. MODEL must keep --speculate + 1 logits positions (export "
                         "--logits last:5 or all); batches speculate on a --kv-cache concat pair, lone requests on any")
-    p.add_argument("--speculate", type=int, default=None, metavar="K", help="most guesses per round with --draft (default 4)")
-    p.add_argument("--max-batch", type=int, default=16, help="rows per batch (shared forward passes)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting while a batch runs; more get 429")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long a batch's first request waits for others to join")
+    p.add_argument("--speculate", type=int_in(1, 64, "a guess count"),
+                   default=None, metavar="K", help="most guesses per round with --draft (default 4)")
+    p.add_argument("--max-batch", type=int_in(1, 4096, "a batch size"),
+                   default=16, help="rows per batch (shared forward passes)")
+    p.add_argument("--max-queue", type=int_in(1, 1 << 16, "a queue length"),
+                   default=64, help="requests waiting while a batch runs; more get 429")
+    p.add_argument("--batch-window-ms", type=float_in(0, 1000, "a batching window in ms"), default=10.0,
+                   help="how long a batch's first request waits for others to join, 0..1000 ms (default 10)")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous (default): a request arriving while a batch runs joins it at its next step when "
                         "it has rows free (not in a speculative batch); static: it waits for the next batch")
-    p.add_argument("--request-timeout", type=float, default=60.0,
-                   help="seconds from arrival to the last token, queueing included; then 504 / an error event")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float_in(0, 86400, "a timeout in seconds", above=True), default=60.0,
+                   help="seconds from arrival to the last token, queueing included, up to 86400; then 504 / an error "
+                        "event (default 60)")
+    p.add_argument("--idle-timeout", type=float_in(0, 300, "a timeout in seconds", above=True), default=5.0,
+                   help="seconds a connection may take to send a whole request head, from opening and between "
+                        "keep-alive requests; then it is closed (default 5)")
+    p.add_argument("--max-body-bytes", type=int_in(1024, 1 << 30, "a body size in bytes"),
+                   default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
                                                           "then the cache)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -69,13 +79,11 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 
 def check_limits(args) -> None:
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1024)):
-        if value < low:
-            raise ValueError(f"{flag} {value} is below its minimum {low}")
-    if args.batch_window_ms < 0 or args.request_timeout <= 0:
-        raise ValueError(f"--batch-window-ms ({args.batch_window_ms}) must be >= 0 and --request-timeout "
-                         f"({args.request_timeout}) > 0")
+    """What the flags' types cannot check alone (each is range-checked by argparse)."""
+    if args.batch_window_ms / 1000 >= args.request_timeout:
+        raise ValueError(f"--batch-window-ms {args.batch_window_ms:g} is not shorter than --request-timeout "
+                         f"{args.request_timeout:g} s: every request would time out waiting for its batch; lower "
+                         f"--batch-window-ms")
 
 
 def check_engine_batch(backends, max_batch: int) -> None:
@@ -95,6 +103,7 @@ def run(args) -> int:
     try:
         import uvicorn
 
+        from .connections import uvicorn_config
         from .server import ServerSettings, create_app
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
@@ -120,9 +129,11 @@ def run(args) -> int:
           f"{f', speculative with {args.draft}' if draft else ''}"
           f"{' (lone requests: shared KV cache)' if draft and not draft_for(backend, draft, 2) else ''}"
           f"{', API key required' if api_key else ''}", flush=True)
-    # connections beyond this get uvicorn's plain 503: room for every running + queued request, and as many
-    # again for requests being refused with 429 and idle keep-alive connections
+    # requests in flight beyond this get a JSON 429 at once: room for every running + queued request, and as many
+    # again for requests the scheduler is refusing with its own 429. Idle connections are not counted (uvicorn's
+    # limit_concurrency counted them, and answered a plain 503); --idle-timeout closes them
     limit = 2 * (args.max_batch + args.max_queue) + 16
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=limit,
-                timeout_graceful_shutdown=5)
-    return 0
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout, max_requests=limit,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+    server.run()
+    return 0 if server.started else 1

@@ -10,6 +10,7 @@ past `real_vocab_size` (nanoGPT pads 50257 to 50304) are cut off before anything
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,13 +51,13 @@ class SamplingParams:
         for name, ok, message in (
                 ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
                  f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"),
-                ("temperature", self.temperature >= 0,  # also catches NaN
-                 f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+                ("temperature", 0 <= self.temperature < math.inf,  # also catches NaN
+                 f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"),
                 ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
                 ("top_k", isinstance(self.top_k, int) and self.top_k >= 0,
                  f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
-                ("repetition_penalty", self.repetition_penalty > 0,
-                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+                ("repetition_penalty", 0 < self.repetition_penalty < math.inf,
+                 f"repetition_penalty must be > 0 and finite (1 = off), got {self.repetition_penalty}"),
                 ("stop", all(self.stop), "stop strings must not be empty")):
             if not ok:
                 raise SamplingError(name, message)
@@ -86,7 +87,11 @@ def sample_next_token(logits: np.ndarray, params: SamplingParams, rng: np.random
         x[seen_ids] = np.where(s > 0, s / params.repetition_penalty, s * params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(x))
-    x /= params.temperature
+    # Subtract the max before dividing: (x - max) / T is <= 0 and never NaN for any finite T > 0, where x / T
+    # overflows to inf below T ~ 1e-300 and inf - inf is NaN. A gap too large for T becomes -inf, probability 0,
+    # so a temperature below the logits' resolution is greedy (ties at the max share the mass).
+    with np.errstate(over="ignore"):
+        x = (x - x.max()) / params.temperature
     # Candidates stay in token-id order: the draw maps to a token through the cumulative sum, so an order
     # that followed the values (argpartition's, a sort's) would let a 1e-6 difference between backends, or
     # between a 1-token and a 5-token step, reorder near-equal candidates and change the token.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -35,6 +36,10 @@ log = logging.getLogger("nanogpt_deploy.scheduler")
 
 class Overloaded(RuntimeError):
     """The queue is full (or the scheduler is closing): answer 429 now rather than wait."""
+
+
+class WorkerDead(RuntimeError):
+    """The worker thread has stopped (it never should): nothing would run a queued job, answer 503 now."""
 
 
 class Job:
@@ -74,9 +79,9 @@ class Scheduler:
 
     def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, batch_window_s: float = 0.01,
                  draft=None, speculate: int | None = None, continuous: bool = True):
-        if max_batch < 1 or max_queue < 1 or batch_window_s < 0:
+        if max_batch < 1 or max_queue < 1 or not 0 <= batch_window_s < math.inf:  # inf killed the worker
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and "
-                             f"batch_window_s ({batch_window_s}) >= 0")
+                             f"batch_window_s ({batch_window_s}) finite and >= 0")
         self.backend, self.tokenizer = backend, tokenizer
         self.draft, self.speculate = draft, speculate  # handed to make_generation for every batch
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
@@ -110,6 +115,11 @@ class Scheduler:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """The worker thread is running (False before start(), after close(), or if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         return len(self._queue)
 
@@ -121,6 +131,9 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise Overloaded("the server is shutting down")
+            if not self.alive:
+                raise WorkerDead("the scheduler's worker thread has stopped, so no request can run; restart the "
+                                 "server (its log holds the worker's traceback)")
             if len(self._queue) >= self.max_queue:  # make room first from jobs whose clients have gone
                 self._queue = deque(j for j in self._queue if not j.cancelled)
             if len(self._queue) >= self.max_queue:
@@ -136,11 +149,14 @@ class Scheduler:
     # ---- the worker thread ----
 
     def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        except BaseException:  # noqa: BLE001 - _run keeps batch errors to their jobs: this is a bug; /health turns 503
+            log.exception("the scheduler's worker thread died")
 
     def _pop_live(self) -> Job | None:
         """The oldest queued job whose client is still waiting (cancelled ones are dropped on the way)."""

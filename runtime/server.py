@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -33,7 +34,7 @@ from starlette.requests import ClientDisconnect
 
 from .generation import GenerationError, SamplingParams, check_context
 from .sampling import SamplingError
-from .scheduler import Overloaded, Scheduler
+from .scheduler import Overloaded, Scheduler, WorkerDead
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class ServerSettings:
     batching: str = "continuous"  # "continuous": requests join a running batch; "static": they wait for the next
     request_timeout_s: float = 60.0  # arrival -> last token, queueing included
     max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        # NaN passes every comparison and inf overflows the worker's waits: both are refused by name
+        if not 0 < self.request_timeout_s < math.inf:
+            raise ValueError(f"request_timeout_s must be a finite number of seconds > 0, got {self.request_timeout_s}")
+        if not 0 <= self.batch_window_ms < math.inf:
+            raise ValueError(f"batch_window_ms must be a finite number of ms >= 0, got {self.batch_window_ms}")
 
 
 class APIError(Exception):
@@ -257,6 +265,10 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
 
     @app.get("/health")
     async def health():
+        if not scheduler.alive:  # nothing would run a request: load balancers must stop sending them
+            return JSONResponse({"status": "unavailable", "model": settings.model_name,
+                                 "error": "the scheduler's worker thread has stopped; restart the server"},
+                                status_code=503)
         return {"status": "ok", "model": settings.model_name, "backend": backend.name, "provider": backend.provider,
                 "precision": backend.precision, "block_size": backend.config.block_size,
                 "running_rows": scheduler.running_rows, "queued": scheduler.queued,
@@ -298,6 +310,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         except Overloaded as e:
             raise APIError(429, str(e), type="server_overloaded", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except WorkerDead as e:
+            raise APIError(503, str(e), type="server_error", code="scheduler_stopped") from None
         except ValueError as e:
             raise APIError(400, f"{e}; split the prompt list over several requests", param="prompt") from None
         counts["requests"] += 1

@@ -73,11 +73,12 @@ def parse_thresholds(overrides: dict[str, list[str]] | None) -> dict:
             for part in item.split(","):
                 prec, sep, value = part.partition("=")
                 try:
-                    if not sep:
+                    if not sep or not 0 <= float(value) < float("inf"):  # nan / inf / a negative would gate nothing
                         raise ValueError
                     out[check][prec.strip()] = float(value)
                 except ValueError:
-                    raise VerifyError(f"{FLAGS[check]} {part!r}: expected PRECISION=NUMBER, e.g. int8=0.95") from None
+                    raise VerifyError(f"{FLAGS[check]} {part!r}: expected PRECISION=NUMBER, a finite number >= 0, "
+                                      f"e.g. int8=0.95") from None
     return out
 
 
@@ -245,10 +246,42 @@ def failures(label: str, precision: str, m: dict, thresholds: dict) -> list[str]
 
 # ---------------------------------------------------------------------------------- entry point
 
+def _no_reference(models: list[str], targets, backends) -> str:
+    """Why there is no reference (a checkpoint torch runs, or an fp32 export), and the command that gives one."""
+    import importlib.util
+
+    from .artifact import read_onnx_artifact
+    from .backends import MISSING_HINTS
+
+    sources = []
+    for t in targets:
+        try:
+            src = read_onnx_artifact(t.model).source if t.backend == "onnxruntime" else ""
+        except Exception:  # noqa: BLE001 - only a hint: the export's recorded checkpoint
+            src = ""
+        if src and src not in sources:
+            sources.append(src)
+    ckpt = sources[0] if sources else "CHECKPOINT"
+    given = " ".join(map(str, models))
+    fix = (f"add the checkpoint as another MODEL (nanogpt-deploy verify {given} {ckpt}) or the folder of its fp32 "
+           f"export (nanogpt-deploy export {ckpt} --out DIR)")
+    if "torch" not in backends:
+        why = "and --backends leaves out torch, which runs the checkpoint"
+        fix = (f"add torch (--backends {','.join([*backends, 'torch'])}) with the checkpoint as another MODEL "
+               f"({ckpt}), or add the folder of its fp32 export (nanogpt-deploy export {ckpt} --out DIR)")
+    elif importlib.util.find_spec("torch") is None:
+        why = "and torch, which runs the checkpoint, is not installed"
+        fix = f"add the folder of an fp32 export, or {MISSING_HINTS['torch']} and {fix.split(' or ')[0]}"
+    else:
+        why = "and no checkpoint was given for torch to run"
+    return (f"no reference to compare {', '.join(t.label for t in targets) or given} with: verify compares against "
+            f"the checkpoint (run by torch) or an fp32 export of it; there is no fp32 export among {given} {why}; {fix}")
+
+
 def verify(models: list[str], *, thresholds: dict | None = None, text_files: list[str] | None = None,
            text_tokens: int = 2048, window: int = 256, greedy_new: int = 128, threads: int | None = None,
            backends=("onnxruntime", "torch"), providers=("cpu",), tokenizer=None, progress=lambda msg: None,
-           verify_weights: bool = True) -> dict:
+           verify_weights: bool = True, tf32: bool = False) -> dict:
     """Compare every target under `models` with the torch fp32 reference; the report as a dict.
 
     Args:
@@ -263,6 +296,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         progress: called with a line per stage.
         verify_weights: every exported target proves its model.onnx.data against the sha256 recorded at export
             before it is measured (an ArtifactError names the file otherwise); False skips the hashing.
+        tf32: onnxruntime on CUDA runs fp32 MatMuls in TF32 (off by default); each target's "tf32" says which ran.
     Returns:
         {"reference", "text", "targets": [{label, precision, metrics, failures}], "failures", "passed", "notes"}
     """
@@ -283,8 +317,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     else:
         fp32 = [t for t in others if t.backend == "onnxruntime" and t.precision == "fp32"]
         if not fp32:
-            raise VerifyError("no reference: torch is not available and no fp32 export was given; "
-                              "install torch (pip install torch==2.13.0) or add the fp32 export")
+            raise VerifyError(_no_reference(models, others, backends))
         ref_target, others = fp32[0], [t for t in others if t is not fp32[0]]
         notes.append(f"reference is {ref_target.label} (torch is not available): fp32 is compared with itself")
     if not others:
@@ -297,8 +330,11 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
 
     t0 = time.perf_counter()
     progress(f"reference: {ref_target.label} on {ref_target.model}")
-    ref_backend = load_backend(ref_target.backend, ref_target.model, provider=ref_target.provider, threads=threads,
-                               verify_weights=verify_weights)
+    def options(t) -> dict:  # a TensorRT engine's TF32 is built in; torch keeps its own default (off for MatMuls)
+        return {"provider": t.provider, "threads": threads, "verify_weights": verify_weights, **({"tf32": True} if tf32 and t.backend == "onnxruntime" else {})}
+
+    ref_backend = load_backend(ref_target.backend, ref_target.model, **options(ref_target))
+    ref_tf32 = bool(getattr(ref_backend, "tf32", False))
     config = ref_backend.config
     source = getattr(ref_backend, "source", None)
     if source is None:
@@ -317,7 +353,8 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     report_targets, all_failures = [], []
     for t in others:
         progress(f"{t.label} on {t.model}")
-        backend = load_backend(t.backend, t.model, provider=t.provider, threads=threads, verify_weights=verify_weights)
+        backend = load_backend(t.backend, t.model, **options(t))
+        t_tf32 = bool(getattr(backend, "tf32", False))
         if backend.config.real_vocab_size != config.real_vocab_size or backend.config.n_layer != config.n_layer:
             raise VerifyError(f"{t.model} is not the reference's model ({ref_target.model}): its config differs; "
                               f"verify the exports of one checkpoint together")
@@ -330,9 +367,9 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         fails = failures(t.label, t.precision, m, thresholds)
         all_failures += fails
         report_targets.append({"label": t.label, "backend": t.backend, "provider": t.provider, "precision": t.precision,
-                               "model": t.model, "metrics": m, "failures": fails})
+                               "tf32": t_tf32, "model": t.model, "metrics": m, "failures": fails})
     return {
-        "reference": {"label": ref_target.label, "model": ref_target.model, "source": source},
+        "reference": {"label": ref_target.label, "model": ref_target.model, "source": source, "tf32": ref_tf32},
         "text": {"from": text_from, "windows": len(windows), "tokens": int(sum(w.size for w in windows))},
         "prompts": len(PROMPTS), "greedy_prompts": GREEDY_PROMPTS, "greedy_new_tokens": new, "shapes": SHAPES,
         "thresholds": thresholds, "targets": report_targets, "failures": all_failures, "passed": not all_failures,

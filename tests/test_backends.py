@@ -554,3 +554,26 @@ def test_greedy_tokens_identical_on_the_124m_shape(tmp_path_factory):
     a = generate(ort_be, None, prompts, GREEDY_VARIED)
     b = generate(torch_be, None, prompts, GREEDY_VARIED)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+@pytest.mark.parametrize("tf32, want", [(None, "0"), (False, "0"), (True, "1")])
+def test_cuda_provider_runs_fp32_without_tf32_unless_asked(tiny_onnx_dir, monkeypatch, tf32, want):
+    # the CUDA EP runs fp32 MatMuls in TF32 by default (124M fp32: 2.5e-3 off the CPU reference); the providers
+    # the session is opened with are checked here, on the CPU (a fake CUDA EP: no session is made)
+    import onnxruntime as ort
+
+    import runtime.backends.onnxruntime as ob
+
+    seen = {}
+
+    def fake_open(ort_, path, so, providers):
+        seen["providers"] = providers
+        raise RuntimeError("stop: no CUDA here")
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ob, "_open_session", fake_open)
+    with pytest.raises(RuntimeError, match="stop"):
+        ob.OnnxRuntimeBackend(tiny_onnx_dir, provider="cuda", **({} if tf32 is None else {"tf32": tf32}))
+    ep, options = seen["providers"][0]
+    assert ep == "CUDAExecutionProvider" and options.get("use_tf32") == want, \
+        f"tf32={tf32}: CUDA provider options {options}, expected use_tf32={want}"

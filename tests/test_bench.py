@@ -159,3 +159,18 @@ def test_hub_names_are_checkpoints_for_torch_but_a_missing_local_path_is_not(tin
     for typo in ("out/typo", "./typo", "typo.pt"):
         with pytest.raises(BenchError, match="neither an exported folder"):
             find_targets([typo])
+
+
+def test_results_say_whether_tf32_ran(tiny_onnx_dir, capsys):
+    from runtime.cli_bench import tf32_note
+    from runtime.cli_verify import tf32_note as verify_note
+
+    report = bench_json(capsys, tiny_onnx_dir, "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "4",
+                        "--new-tokens", "2", "--repeats", "1", "--warmup", "0")
+    assert report["settings"]["tf32"] is False and report["results"][0]["tf32"] is False, report["results"][0]
+    gpu = lambda label, tf32: {"label": label, "target": {"provider": "cuda"}, "provider": "cuda", "tf32": tf32}  # noqa: E731
+    assert tf32_note(report["results"]) == ""  # CPU only: nothing to say
+    assert tf32_note([gpu("onnxruntime cuda fp32", False)]) == "; TF32 off"
+    assert tf32_note([gpu("onnxruntime cuda fp32", True)]) == "; TF32 on: onnxruntime cuda fp32"
+    assert verify_note({"reference": {"label": "onnxruntime cuda fp32", "tf32": True}, "targets": []}) == \
+        "; TF32 on: onnxruntime cuda fp32"

@@ -180,3 +180,66 @@ def test_demo_refuses_a_prompt_past_block_size_before_exporting(tmp_path, capsys
     err = capsys.readouterr().err
     assert "leaves no room to generate within this checkpoint's block_size" in err and "shorter --prompt" in err, err
     assert not (tmp_path / "demo").exists()  # refused before the export
+
+
+BAD_NUMBERS = [  # (argv, the flag argparse names, the range it states)
+    (["serve", "m", "--batch-window-ms", "inf"], "--batch-window-ms", "give 0..1000"),
+    (["serve", "m", "--batch-window-ms", "nan"], "--batch-window-ms", "give 0..1000"),
+    (["serve", "m", "--batch-window-ms", "1e12"], "--batch-window-ms", "give 0..1000"),
+    (["serve", "m", "--request-timeout", "nan"], "--request-timeout", "give more than 0, up to 86400"),
+    (["serve", "m", "--request-timeout", "0"], "--request-timeout", "give more than 0, up to 86400"),
+    (["serve", "m", "--threads", "-4"], "--threads", "give 1..1024"),
+    (["serve", "m", "--idle-timeout", "nan"], "--idle-timeout", "give more than 0, up to 300"),
+    (["serve", "m", "--max-queue", "0"], "--max-queue", "give 1..65536"),
+    (["generate", "m", "--threads", "-4"], "--threads", "give 1..1024"),
+    (["generate", "m", "--temperature", "nan"], "--temperature", "give any finite number"),
+    (["generate", "m", "--repetition-penalty", "inf"], "--repetition-penalty", "give any finite number"),
+    (["generate", "m", "--seed", "-1"], "--seed", "give 0 or more"),
+    (["demo", "--temperature", "inf"], "--temperature", "give any finite number"),
+    (["demo", "--threads", "0"], "--threads", "give 1..1024"),
+    (["bench", "m", "--warmup", "-1"], "--warmup", "give 0 or more"),
+    (["bench", "m", "--threads", "-4"], "--threads", "give 1..1024"),
+    (["verify", "m", "--threads", "-4"], "--threads", "give 1..1024"),
+    (["build-engine", "m", "--workspace-gb", "nan"], "--workspace-gb", "give more than 0, up to 1024"),
+    (["build-engine", "m", "--max-batch", "-1"], "--max-batch", "give 1 or more"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, span", BAD_NUMBERS, ids=[" ".join(a[:1] + a[-2:]) for a, _, _ in BAD_NUMBERS])
+def test_every_numeric_flag_is_checked_at_startup(capsys, argv, flag, span):
+    # nan / inf / 1e12 once killed the scheduler thread or made every request wait for its timeout
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and flag in err and argv[-1] in err and span in err, err
+
+
+def test_numeric_flags_accept_their_range(capsys):
+    from runtime.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--batch-window-ms", "0", "--request-timeout", "0.5",
+                                      "--threads", "4", "--max-body-bytes", "1024"])
+    assert (args.batch_window_ms, args.request_timeout, args.threads) == (0.0, 0.5, 4)
+
+
+BLOCK = """import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # `import torch` now raises ModuleNotFoundError, as in a `pip install '.[cpu]'`
+from runtime.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("argv, blocked, hint", [
+    (["export", "random:tiny", "--out", "{tmp}/x"], ["torch"], ["pip install torch==2.13.0", "nanogpt-deploy[export]"]),
+    (["demo", "--out", "{tmp}/demo"], ["torch"], ["pip install torch==2.13.0", "nanogpt-deploy[export]"]),
+    (["export", "random:tiny", "--out", "{tmp}/x"], ["onnxscript"], ["nanogpt-deploy[export]"]),
+])
+def test_a_missing_dependency_names_its_extra_not_a_traceback(tmp_path, argv, blocked, hint):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-c", BLOCK.format(blocked=blocked, argv=argv)], cwd=ROOT, text=True,
+                       capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]  # "[  1.9s] loading ..." stages
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert lines[0].startswith(f"error: {argv[0]} needs {blocked[0]}, which is not installed") and \
+        all(h in lines[0] for h in hint), lines[0]

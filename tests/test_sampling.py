@@ -92,6 +92,8 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
     (dict(top_p=1.5), "top_p must be in (0, 1]"),
     (dict(temperature=-0.1), "temperature must be >= 0"),
     (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be > 0 and finite"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
@@ -125,3 +127,27 @@ def test_a_tiny_logit_difference_does_not_change_the_sampled_token(kwargs):
         b = sample_next_token(noisy, params, np.random.default_rng(seed))
         same += a == b
     assert same >= 299, same
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-320, 1e-310, 1e-300, 1e-200, 1e-40, 1e-12])
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 3}, {"top_p": 0.9}, {"repetition_penalty": 1.3}])
+def test_tiny_temperatures_sample_the_argmax(temperature, kwargs):
+    # logits / 5e-324 overflows to inf and inf - inf is NaN: every finite positive temperature must still give a
+    # valid distribution, which below the logits' resolution puts all its mass on the argmax
+    rng = np.random.default_rng(0)
+    # the argmax 7.25 is one float32 step (4.8e-7) above the runner-up, beside huge and infinite logits
+    logits = np.array([3.0, -1e30, 7.25, np.nextafter(np.float32(7.25), np.float32(0)), -np.inf, 1e-38, -2.0],
+                      np.float32)
+    want = 2
+    params = SamplingParams(temperature=temperature, **kwargs)
+    got = [sample_next_token(logits, params, rng, np.array([0], np.int64)) for _ in range(200)]
+    bad = [t for t in got if t != want]
+    assert not bad, f"T={temperature:g} {kwargs}: {len(bad)}/200 draws were not the argmax {want}: {sorted(set(bad))}"
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 0.1, 0.7, 1.0, 2.0, 1e3, 1e300])
+def test_every_temperature_gives_valid_tokens(temperature):
+    rng = np.random.default_rng(1)
+    logits = np.random.default_rng(2).normal(0, 30, 50).astype(np.float32)
+    got = [sample_next_token(logits, SamplingParams(temperature=temperature), rng) for _ in range(200)]
+    assert all(0 <= t < 50 for t in got), f"T={temperature:g}: tokens outside 0..49: {sorted(set(got) - set(range(50)))}"

@@ -24,6 +24,7 @@ openai = pytest.importorskip("openai")
 from runtime.backends import load_backend  # noqa: E402
 from runtime.cli import main  # noqa: E402
 from runtime.cli_serve import check_bind, check_engine_batch, is_loopback  # noqa: E402
+from runtime.connections import uvicorn_config  # noqa: E402
 from runtime.generation import SamplingParams, generate  # noqa: E402
 from runtime.server import ServerSettings, create_app  # noqa: E402
 
@@ -64,14 +65,17 @@ class SlowBackend:
 
 
 @contextmanager
-def serve(onnx_dir, tokenizer, delay_s=0.0, fail_once=False, draft=None, **settings):
-    """A live server on 127.0.0.1:<free port> with its own backend; yields (base_url, app)."""
+def serve(onnx_dir, tokenizer, delay_s=0.0, fail_once=False, draft=None, idle_timeout=5.0, max_requests=200,
+          **settings):
+    """A live server on 127.0.0.1:<free port> with its own backend, under the CLI's uvicorn config; yields
+    (base_url, app)."""
     backend = SlowBackend(load_backend("onnxruntime", onnx_dir, threads=1), delay_s, fail_once)
     app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings), draft=draft)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, idle_timeout=idle_timeout,
+                                           max_requests=max_requests, log_level="error"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(200):
@@ -378,6 +382,93 @@ def test_failed_batch_is_a_500_and_the_server_goes_on(tiny_onnx_dir, tokenizer):
         assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"], r.text
         r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """True when the server has closed `sock` (EOF or reset), False while it is still open."""
+    sock.settimeout(0.05)
+    try:
+        while True:  # a response may come first (keep-alive): read past it to the close
+            if not sock.recv(65536):
+                return True
+    except socket.timeout:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_idle_and_slow_header_connections_are_closed_and_do_not_block_requests(tiny_onnx_dir, tokenizer):
+    # 180 idle sockets once filled uvicorn's limit_concurrency: every request got a plain 503, and they were all still
+    # open 30 s later
+    stop = threading.Event()
+    with serve(tiny_onnx_dir, tokenizer, idle_timeout=1.0) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        for sock in slow:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+
+        def dribble():  # one more header byte per socket every 0.2 s, for ever
+            while not stop.wait(0.2):
+                for sock in slow:
+                    try:
+                        sock.send(b"X")
+                    except OSError:
+                        pass
+        threading.Thread(target=dribble, daemon=True).start()
+        try:
+            t0 = time.perf_counter()
+            r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 3}, timeout=10)
+            took = time.perf_counter() - t0
+            assert r.status_code == 200 and took < 3, f"{r.status_code} after {took:.2f} s beside 220 idle sockets: {r.text}"
+            kept = socket.create_connection(("127.0.0.1", port))  # a keep-alive connection gets the deadline again
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(2.5)  # the deadline is 1 s
+            open_idle = sum(not _closed_by_server(sk) for sk in idle)
+            open_slow = sum(not _closed_by_server(sk) for sk in slow)
+            assert open_idle == 0 and open_slow == 0, \
+                f"{open_idle}/200 idle and {open_slow}/20 slow-header connections still open 2.5 s after a 1 s deadline"
+            assert _closed_by_server(kept), "a keep-alive connection was still open 2.5 s after its response"
+        finally:
+            stop.set()
+            for sock in idle + slow:
+                sock.close()
+
+
+def test_requests_past_the_in_flight_cap_get_a_json_429(tiny_onnx_dir, tokenizer):
+    with serve(tiny_onnx_dir, tokenizer, delay_s=0.05, max_requests=1) as (url, _):
+        with cf.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/completions", timeout=30,
+                                json={"model": MODEL, "prompt": [1, 2], "max_tokens": 15})
+            time.sleep(0.3)  # the first is generating (15 steps of 50 ms)
+            r = httpx.get(f"{url}/health")
+            assert first.result().status_code == 200
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", (r.status_code, r.text)
+        assert r.json()["error"]["type"] == "server_overloaded", r.text
+
+
+def test_health_is_503_once_the_scheduler_thread_is_dead(tiny_onnx_dir, tokenizer):
+    # --batch-window-ms inf (now refused at startup) made the worker's Condition.wait(inf) raise OverflowError: the
+    # thread died while /health said ok and every request waited for its timeout
+    with serve(tiny_onnx_dir, tokenizer, request_timeout_s=2.0) as (url, app):
+        assert httpx.get(f"{url}/health").status_code == 200
+        app.state.scheduler.batch_window_s = float("inf")
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3}, timeout=10)
+        assert r.status_code == 504, r.text  # the request the worker died on
+        assert wait_for(lambda: not app.state.scheduler.alive), "the worker thread did not die"
+        h = httpx.get(f"{url}/health")
+        assert h.status_code == 503 and h.json()["status"] == "unavailable", (h.status_code, h.text)
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 3}, timeout=10)
+        took = time.perf_counter() - t0
+        assert r.status_code == 503 and r.json()["error"]["code"] == "scheduler_stopped", r.text
+        assert took < 1.0, f"a request to a dead scheduler took {took:.2f} s; it must be refused at once"
+
+
+def test_server_settings_refuse_non_finite_timeouts():
+    for bad in (dict(request_timeout_s=float("nan")), dict(request_timeout_s=0.0), dict(batch_window_ms=float("inf"))):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            ServerSettings(model_name=MODEL, **bad)
 
 
 def test_max_batch_above_a_tensorrt_engines_is_refused_at_startup():

@@ -310,3 +310,24 @@ def test_the_backend_presents_the_engines_context_as_block_size():
     Generation(backend, None, [[1] * 20], SamplingParams(max_new_tokens=12))
     with pytest.raises(GenerationError, match="exceeds block_size 32"):
         Generation(backend, None, [[1] * 20], SamplingParams(max_new_tokens=13))
+
+
+def test_tf32_is_cleared_unless_asked():
+    # TensorRT sets BuilderFlag.TF32 in every new builder config: an fp32 engine would run its layers in TF32
+    from export.tensorrt import set_tf32
+
+    class Config:
+        def __init__(self):
+            self.flags = {"TF32"}  # TensorRT's default
+
+        def set_flag(self, f):
+            self.flags.add(f)
+
+        def clear_flag(self, f):
+            self.flags.discard(f)
+
+    trt = type("trt", (), {"BuilderFlag": type("BuilderFlag", (), {"TF32": "TF32"})})
+    for tf32, want in ((False, set()), (True, {"TF32"})):
+        c = Config()
+        set_tf32(trt, c, tf32)
+        assert c.flags == want, f"tf32={tf32}: builder flags {c.flags}, expected {want}"

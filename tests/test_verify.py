@@ -75,6 +75,7 @@ def test_passes_on_a_good_export(tiny_export, capsys):
     assert rc == 0, out.err
     report = json.loads(out.out)
     assert report["passed"] and report["reference"]["label"] == "torch cpu fp32"
+    assert report["reference"]["tf32"] is False and all(t["tf32"] is False for t in report["targets"]), report["targets"]
     [t] = report["targets"]
     m = t["metrics"]
     assert set(m["max_abs_diff_per_shape"]) == {"B1xT1xP0", "B2xT7xP0", "B2xT1xP5", "B2xT3xP5"}
@@ -117,3 +118,33 @@ def test_threshold_flags_parse_and_reject_garbage():
     assert THRESHOLDS["min_top1"]["int8"] == 0.95  # the defaults are not modified
     with pytest.raises(VerifyError, match="--min-top1 'int8': expected PRECISION=NUMBER"):
         parse_thresholds({"min_top1": ["int8"]})
+    for bad in ("int8=nan", "int8=inf", "int8=-1"):  # nan once passed every check it gated
+        with pytest.raises(VerifyError, match="a finite number >= 0"):
+            parse_thresholds({"max_ppl_change": [bad]})
+
+
+@pytest.fixture(scope="module")
+def int8_only(tiny_export, tmp_path_factory):
+    """A folder holding one export that says it is int8 (the fp32 graph relabelled: verify stops before running it)."""
+    import onnx
+
+    out = tmp_path_factory.mktemp("verify") / "tiny-int8"
+    shutil.copytree(tiny_export, out)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    [p] = [p for p in m.metadata_props if p.key.endswith("precision")]
+    p.value = "int8"
+    onnx.save(m, str(out / "model.onnx"))
+    return out
+
+
+def test_no_reference_says_what_is_missing_and_the_flags(int8_only, capsys):
+    # with torch installed, this said "torch is not available and no fp32 export was given"
+    rc, out = run_verify(capsys, int8_only)
+    err = out.err.strip().splitlines()[-1]
+    assert rc == 1 and "torch is not" not in err, err
+    assert "no fp32 export" in err and "no checkpoint" in err, err
+    # the exact command: the checkpoint the export records, as another MODEL
+    assert f"nanogpt-deploy verify {int8_only} random:tiny@0" in err, err
+    rc, out = run_verify(capsys, int8_only, "--backends", "onnxruntime")
+    err = out.err.strip().splitlines()[-1]
+    assert rc == 1 and "--backends leaves out torch" in err and "--backends onnxruntime,torch" in err, err

@@ -72,6 +72,11 @@ MISSING_HINTS = {
     "tensorrt": "pip install 'nanogpt-deploy[tensorrt]' (needs a CUDA GPU)",
     "cuda": "pip install 'nanogpt-deploy[tensorrt]' (cuda-python)",
 }
+# the other extras' modules, for the CLI (a subcommand that imports one of them names its extra)
+MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[export]'" for name in ("onnx", "onnxscript", "safetensors", "tqdm")})
+MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[serve]'" for name in ("fastapi", "uvicorn", "starlette", "h11")})
+MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[bench]'" for name in ("matplotlib", "psutil")})
+MISSING_HINTS["huggingface_hub"] = "pip install 'nanogpt-deploy[hub]'"
 
 
 class BackendError(ValueError):

@@ -36,12 +36,19 @@ MIN_CAPACITY = 128  # kv_cache="shared": positions a cache buffer holds at least
 PREFILL_CHUNK = 256
 
 
+def cuda_provider_options(device_id: int = 0, tf32: bool = False) -> dict:
+    """CUDAExecutionProvider's options. The CUDA EP runs fp32 MatMuls in TF32 unless told not to (10-bit
+    mantissa: the 124M fp32 export differed from the CPU reference by 2.5e-3), so fp32 means fp32 here unless
+    `tf32` asks for the speed."""
+    return {"device_id": str(int(device_id)), "use_tf32": "1" if tf32 else "0"}
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model: str | Path, provider: str = "cpu", threads: int | None = None,
                  device_id: int = 0, optimize: bool = True, spinning: bool = True, verify_weights: bool = True,
-                 decode: str = "auto", graph_capacity: int | None = None):
+                 tf32: bool = False, decode: str = "auto", graph_capacity: int | None = None):
         """Open an exported folder or its model.onnx.
 
         Args:
@@ -56,6 +63,8 @@ class OnnxRuntimeBackend:
                 speculative draft and its target) need False, or one's idle threads steal the other's cores
                 (124M fp32 target + int8 draft, 2 threads: 52.6 tok/s spinning, 103.2 not;
                 scripts/speculative_check.py with and without --spin).
+            tf32: provider="cuda": let fp32 MatMuls run in TF32 (faster, ~1e-3 off); off by default
+                (cuda_provider_options). `self.tf32` says which ran (always False on the CPU).
             verify_weights: check the sha256 of model.onnx.data against the digest recorded at export (about
                 1 s per 500 MB, README) and refuse a damaged or foreign weights file; False skips it (CLI
                 --no-verify-weights). An artifact exported before digests were recorded loads with a warning.
@@ -84,7 +93,7 @@ class OnnxRuntimeBackend:
             so.add_session_config_entry("session.force_spinning_stop", "1")
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = [(ep, {"device_id": device_id}), "CPUExecutionProvider"] if provider == "cuda" else [ep]
+        providers = [(ep, cuda_provider_options(device_id, tf32)), "CPUExecutionProvider"] if provider == "cuda" else [ep]
         self.session = _open_session(ort, path, so, providers)
         if self.session.get_providers()[0] != ep:  # onnxruntime falls back to CPU when CUDA libraries are missing
             raise BackendError(f"{path}: onnxruntime could not start {ep} (session runs on "
@@ -98,6 +107,7 @@ class OnnxRuntimeBackend:
         self.config = self.artifact.config
         self.precision = self.artifact.precision
         self.provider = ep
+        self.tf32 = bool(tf32) and provider == "cuda"
         self.path = path
         self._ort = ort
         self._device = "cuda" if provider == "cuda" else "cpu"
@@ -125,7 +135,7 @@ class OnnxRuntimeBackend:
         self._static_capacity = min(int(graph_capacity or self.config.block_size), self.config.block_size)
         self._run_options = None
         if self.decode == "graph":  # capture needs the provider option; the session is opened again with it
-            providers = [(ep, {"device_id": device_id, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+            providers = [(ep, {**cuda_provider_options(device_id, tf32), "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
             self.session = _open_session(ort, path, so, providers)
             self._io = self.session.io_binding()
             self._run_options = ort.RunOptions()

@@ -393,6 +393,7 @@ class TensorRTBackend:
 
         self.meta, self.artifact, self.path = meta, meta.artifact, path
         self.config, self.precision = meta.serving_config, meta.precision
+        self.tf32 = bool(meta.build.get("tf32", True))  # engines built before the flag was recorded: TensorRT's default
         self.provider = f"cuda:{device} ({gpu_name})"
         self._trt, self._cudart = trt, cudart
         self._ptrs: list[int] = []
