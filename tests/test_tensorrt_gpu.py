@@ -21,7 +21,9 @@ pytestmark = pytest.mark.tensorrt
 trt = pytest.importorskip("tensorrt")
 torch = pytest.importorskip("torch")
 
-from runtime.backends.tensorrt import TensorRTBackend, TensorRTError, current_gpu, import_cudart  # noqa: E402
+from runtime.backends.tensorrt import TensorRTBackend  # noqa: E402
+from runtime.trt_cuda import current_gpu, import_cudart  # noqa: E402
+from runtime.trt_plan import TensorRTError  # noqa: E402
 
 try:
     current_gpu(import_cudart())
