@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .backends import capabilities_of
 from .sampling import Sampler, SamplingParams
 
 __all__ = ["SamplingParams", "Timing", "Completion", "Delta", "Generation", "generate", "stream", "make_generation",
@@ -268,7 +269,7 @@ class Generation:
     def fits(self, prompt_lengths: Sequence[int], max_new_tokens: Sequence[int]) -> bool:
         """Whether rows of these prompt lengths and max_new_tokens can join now: the cache, as wide as its longest
         row (left padding), must hold every row's remaining tokens within block_size."""
-        if not callable(getattr(self.backend, "add_rows", None)):
+        if not capabilities_of(self.backend).add_rows:
             return False
         live = [b for b in self._batch.slots if self.completions[b].finish_reason is None]
         width = max([self._width_at_join() if live else 0, *prompt_lengths,
@@ -287,7 +288,7 @@ class Generation:
         if self._done:
             raise GenerationError("this batch has finished; start a new Generation for these prompts")
         ids, params = self._check(prompts, params)
-        if not callable(getattr(self.backend, "add_rows", None)):
+        if not capabilities_of(self.backend).add_rows:
             raise GenerationError(f"the {self.backend.name} backend cannot add rows to a running batch (no add_rows); "
                                   f"run these prompts in the next batch")
         if not self.fits([len(p) for p in ids], [sp.max_new_tokens for sp in params]):
@@ -303,7 +304,7 @@ class Generation:
             raise GenerationError("a Generation runs once; make a new one")
         self._started = True
         backend, st = self.backend, self._batch
-        can_drop = callable(getattr(backend, "keep_rows", None))
+        can_drop = capabilities_of(backend).keep_rows
         start = time.perf_counter()
         for b in self._joining:  # the clocks of the rows given at construction start now
             self._start[b] = start
@@ -332,7 +333,7 @@ class Generation:
         them (TRIM_AT_LEAST or more); else 0."""
         st = self._batch
         rows = list(range(len(st.slots))) if rows is None else rows
-        if not st.width or not rows or not callable(getattr(self.backend, "drop_front", None)):
+        if not st.width or not rows or not capabilities_of(self.backend).drop_front:
             return 0
         lead = int(np.argmax(st.mask[rows, :st.width].any(axis=0)))
         return lead if lead >= TRIM_AT_LEAST else 0
@@ -348,7 +349,7 @@ class Generation:
     def _width_at_join(self) -> int:
         """The cache's width when rows join next: finished rows leave first (with keep_rows), then it is trimmed."""
         st = self._batch
-        if not callable(getattr(self.backend, "keep_rows", None)):
+        if not capabilities_of(self.backend).keep_rows:
             return st.width - self._lead()
         return st.width - self._lead([i for i, b in enumerate(st.slots) if self.completions[b].finish_reason is None])
 

@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .backends import capabilities_of
 from .generate import Delta, Generation, GenerationError, Prompt
 from .sampling import SamplingParams, sample_next_token
 
@@ -155,7 +156,7 @@ def check_pair(target, draft, speculate: int) -> None:
     if not isinstance(speculate, int) or speculate < 1:
         raise GenerationError(f"speculate must be an integer >= 1 (tokens the draft guesses per round), got {speculate!r}")
     for role, b in (("target", target), ("draft", draft)):
-        if not callable(getattr(b, "rewind", None)):
+        if not capabilities_of(b).rewind:
             raise GenerationError(f"the {role} backend {getattr(b, 'name', type(b).__name__)!r} cannot rewind its KV "
                                   f"cache, which speculative decoding needs; use the onnxruntime or torch backend")
     t, d = target.config, draft.config
@@ -174,7 +175,7 @@ def check_pair(target, draft, speculate: int) -> None:
 def batches(backend) -> bool:
     """Whether `backend` can be a target or draft for a batch of prompts: its attention takes a mask with holes
     (a kv_cache="shared" graph's GroupQueryAttention does not)."""
-    return getattr(backend, "kv_cache", "concat") != "shared"
+    return not capabilities_of(backend).ragged_cache
 
 
 def draft_for(target, draft, rows: int):
@@ -282,7 +283,7 @@ class SpeculativeGeneration(Generation):
         cs = self.completions
         # the caches' rows, in their order (finished rows leave them: keep_rows); the arrays below follow it
         slots = list(range(B))
-        can_drop = all(callable(getattr(b, "keep_rows", None)) for b in (target, draft))
+        can_drop = all(capabilities_of(b).keep_rows for b in (target, draft))
 
         t0 = time.perf_counter()
         tc = _Cache(target, B)

@@ -28,7 +28,7 @@ from ..artifact import ArtifactError
 from ..trt_cuda import cuda_call, current_gpu, import_cudart, import_tensorrt
 from ..trt_plan import (EngineMeta, TensorRTError, check_engine, check_gpu, check_tensorrt_version, io_shapes,
                         plan_buffers, resolve_engine, rewind_copy, sidecar_path)
-from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step, merge_rows, pack_rows
+from . import Backend, Capabilities, merge_rows, pack_rows
 
 def describe_engine(trt, engine) -> dict:
     """The engine's I/O names, dtypes and profile shapes, in the form `check_engine` reads."""
@@ -43,7 +43,7 @@ def describe_engine(trt, engine) -> dict:
     }
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, model: str | Path, device: int = 0, provider: str | None = None, threads: int | None = None):
@@ -72,6 +72,7 @@ class TensorRTBackend:
         self.meta, self.artifact, self.path = meta, meta.artifact, path
         self.config, self.precision = meta.serving_config, meta.precision
         self.provider = f"cuda:{device} ({gpu_name})"
+        self.capabilities = Capabilities(device="cuda", max_context=meta.max_seq, max_batch=meta.max_batch)
         self._trt, self._cudart = trt, cudart
         self._ptrs: list[int] = []
         self._stream, self._device = None, device
@@ -95,7 +96,7 @@ class TensorRTBackend:
         if self.context is None:
             raise TensorRTError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
         self._profile = -1
-        self._batch, self._length, self._current = 0, 0, 0
+        self._current = 0  # the ping-pong set holding the past
 
     def _on_device(self) -> None:
         """Make this backend's GPU current for the calling thread (CUDA's current device is per host thread, and
@@ -107,27 +108,15 @@ class TensorRTBackend:
         self._ptrs.append(ptr)
         return ptr
 
-    @property
-    def past_length(self) -> int:
-        return self._length
-
-    def reset(self, batch_size: int) -> None:
+    def _reset(self, batch_size: int) -> None:
         self.meta.select_profile(batch_size, 1, 0)  # the batch limit, said before any step
-        self._batch, self._length, self._current = batch_size, 0, 0
+        self._current = 0
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         self._on_device()
         cudart, ctx = self._cudart, self.context
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
         B, T = ids.shape
-        if B != self._batch:
-            if self._length:
-                raise BackendError(f"batch size changed from {self._batch} to {B} mid-sequence; call reset({B}) first")
-            self.reset(B)
         P = self._length
-        check_step(self.config, ids, mask, pos, P)
         k = self.meta.select_profile(B, T, P)  # the engine's own limits, with the rebuild command
 
         stream = int(self._stream)
@@ -154,20 +143,17 @@ class TensorRTBackend:
                                                  cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream),
                   "copy logits from the GPU")
         cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        self._current, self._length = 1 - self._current, P + T  # this step's present is the next step's past
+        self._current = 1 - self._current  # this step's present is the next step's past
         return logits.astype(np.float32, copy=False)
 
-    def rewind(self, length: int) -> None:
+    def _rewind(self, length: int) -> None:
         """Drop the cache's positions past `length`: a device-to-device repack of the current past set into the
         other ping-pong set (the packed layout's row pitch changes), which becomes the past."""
-        if check_rewind(length, self._length):
-            self._repack(0, length)
+        self._repack(0, length)
 
-    def drop_front(self, n: int) -> None:
+    def _drop_front(self, n: int) -> None:
         """Drop every row's first n positions: the same repack as rewind, from position n on."""
-        length = check_drop_front(n, self._length)
-        if n:
-            self._repack(n, length)
+        self._repack(n, self._length - n)
 
     def _repack(self, start: int, length: int) -> None:
         """Keep positions [start, start + length) of every (batch, head) row: one cudaMemcpy2DAsync per tensor
@@ -185,14 +171,11 @@ class TensorRTBackend:
                                                            self._stream),
                           "repack the KV cache (cudaMemcpy2DAsync)")
             cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        self._current, self._length = 1 - self._current, length
+        self._current = 1 - self._current
 
-    def keep_rows(self, rows) -> None:
+    def _keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows: each run of kept rows (pack_rows) is copied device to device into the other
         ping-pong set, which becomes the past; a row of the packed past is n_head * length * head_dim."""
-        rows = check_keep_rows(rows, self._batch)
-        if len(rows) == self._batch:
-            return
         self._on_device()
         cudart, c = self._cudart, self.config
         block = c.n_head * self._length * c.head_dim * np.dtype(self.artifact.kv_dtype).itemsize
@@ -204,14 +187,14 @@ class TensorRTBackend:
                                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream),
                               "keep rows of the KV cache (cudaMemcpyAsync)")
             cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        self._current, self._batch = 1 - self._current, len(rows)
+        self._current = 1 - self._current
 
-    def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                  width: int) -> np.ndarray:
         """Prefill new rows as their own batch and append them (Backend.add_rows): the running rows' cache and
         the new rows' are merged, right-aligned, through host memory (the packed layout's row pitch changes
         with the width), into the set that becomes the past."""
         B, L, current = self._batch, self._length, self._current
-        width = check_add_rows(self.config, input_ids, attention_mask, position_ids, B, L)
         self.meta.select_profile(B + input_ids.shape[0], 1, width)  # the merged batch's next step must fit the engine
         self._on_device()
         old = self._download(current, B, L)
@@ -224,7 +207,6 @@ class TensorRTBackend:
             raise
         new = self._download(self._current, input_ids.shape[0], input_ids.shape[1])
         self._upload(self._current, [merge_rows(o, nw) for o, nw in zip(old, new)])
-        self._batch, self._length = B + input_ids.shape[0], width
         return logits
 
     def _download(self, kv_set: int, batch: int, length: int) -> list[np.ndarray]:
