@@ -169,7 +169,8 @@ def test_a_failed_add_rows_leaves_the_running_rows_as_they_were(ort_tiny, ort_ti
         raise RuntimeError("the prefill failed")
 
     with monkeypatch.context() as m:  # the joining rows' prefill fails, however each backend runs it
-        m.setattr(be, "_run_rows" if backend == "onnxruntime-shared" else "forward", fail)
+        where = be.cache if be.name == "onnxruntime" else be  # onnxruntime: its cache layout runs the prefill
+        m.setattr(where, "run_rows" if backend == "onnxruntime-shared" else "forward", fail)
         with pytest.raises(RuntimeError, match="the prefill failed"):
             be.add_rows(new, np.ones((1, 9), np.int64), np.arange(9)[None])
     assert be.past_length == 6
@@ -194,7 +195,7 @@ def test_chained_cache_ops_keep_their_memory(ort_tiny):
     be.forward(more, mask[:, :14], pos[:, 12:14])
     for op in (lambda: be.keep_rows(keep), lambda: be.rewind(12), lambda: be.drop_front(3)):
         op()
-        assert all(np.shares_memory(v.numpy(), h) for v, h in zip(be._past, be._past_host))
+        assert all(np.shares_memory(v.numpy(), h) for v, h in zip(be.cache.past, be.cache.past_host))
     got = be.forward(nxt, mask[keep, 3:13], pos[keep, 12:13])
     be.reset(2)
     be.forward(ids[keep, 3:], mask[keep, 3:12], pos[keep, 3:12])
@@ -209,7 +210,7 @@ def test_pack_rows_moves_runs_to_the_front():
     assert pack_rows([0, 1, 3, 4, 6], in_place=False) == [(0, 0, 2), (2, 3, 2), (4, 6, 1)]  # into another buffer
     assert pack_rows([2]) == [(0, 2, 1)] and pack_rows([0, 1]) == []
     a = np.arange(7 * 3).reshape(7, 3)
-    from runtime.backends.onnxruntime import _keep
+    from runtime.backends.ort_cache import _keep
 
     want = a[[0, 1, 3, 4, 6]].copy()
     assert np.array_equal(_keep(a, [0, 1, 3, 4, 6]), want) and np.shares_memory(_keep(a, [0]), a)
@@ -352,7 +353,7 @@ def test_kv_cache_stays_in_ortvalues_between_steps(ort_tiny):
     ort_tiny.reset(2)
     ort_tiny.forward(np.ones((2, 3), np.int64), np.ones((2, 3), np.int64), np.tile(np.arange(3), (2, 1)))
     ort_tiny.forward(np.ones((2, 1), np.int64), np.ones((2, 4), np.int64), np.full((2, 1), 3))
-    past = ort_tiny._past
+    past = ort_tiny.cache.past
     assert len(past) == 2 * ort_tiny.config.n_layer
     assert all(isinstance(v, ort.OrtValue) and v.shape() == [2, 4, 4, 16] for v in past)
     assert ort_tiny.past_length == 4
@@ -496,7 +497,7 @@ def test_cuda_provider_matches_cpu_and_keeps_the_cache_on_the_device(tiny_onnx_d
     a = generate(cuda, None, PROMPTS, GREEDY_VARIED)
     b = generate(ort_tiny, None, PROMPTS, GREEDY_VARIED)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
-    assert all(v.device_name().lower() == "cuda" for v in cuda._past)
+    assert all(v.device_name().lower() == "cuda" for v in cuda.cache.past)
 
 
 @pytest.mark.slow
