@@ -2,9 +2,15 @@
 
 Each backend owns its KV cache. `forward` appends T positions to it and returns float32 logits: of every
 position, or of the last min(T, N) for a graph exported with `--logits last` (N = 1) or `last:N`
-(`artifact.logits_positions(T)`).
+(`artifact.logits_positions(T)`). `Backend` is an abstract base class: its public methods check every
+request once, for all backends, and call the backend's `_forward`, `_rewind`, ...; each backend declares
+what it can do (`Capabilities`), and callers read that (`capabilities_of`) instead of probing for methods.
 Choosing a backend is the three-entry table below; each module is imported only when chosen, so the
 onnxruntime path never imports torch.
+
+    backend = load_backend("onnxruntime", "out/tiny", threads=2)
+    backend.reset(1); logits = backend.forward(ids, mask, pos)
+    capabilities_of(backend).ragged_cache   # False for a concat graph
 """
 from __future__ import annotations
 
