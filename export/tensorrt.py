@@ -29,8 +29,8 @@ from pathlib import Path
 
 from model.config import GPTConfig
 from runtime.artifact import check_io, read_onnx_artifact, resolve_onnx
-from runtime.backends.tensorrt import (EngineMeta, TensorRTError, cuda_call, current_gpu, import_cudart,
-                                       import_tensorrt, io_shapes, sidecar_path)
+from runtime.trt_cuda import cuda_call, current_gpu, import_cudart, import_tensorrt
+from runtime.trt_plan import EngineMeta, TensorRTError, io_shapes, sidecar_path
 from runtime.files import atomic_path, atomic_write_bytes
 
 DEFAULT_MAX_BATCH = 8

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINE_NAME = "model.engine"
+from .trt_plan import ENGINE_NAME, sidecar_path
+
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 PROVIDERS = ("cpu", "cuda")
 
@@ -214,7 +215,7 @@ def _torch_cuda() -> bool:
 
 def _engine_precision(engine: str) -> str:
     p = Path(engine)
-    side = (p / ENGINE_NAME if p.is_dir() else p).with_suffix(".engine.json")
+    side = sidecar_path(p / ENGINE_NAME if p.is_dir() else p)
     try:
         return json.loads(side.read_text()).get("precision", "?")
     except (OSError, ValueError):

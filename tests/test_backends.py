@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from runtime.artifact import ArtifactError
-from runtime.backends import BackendError, load_backend
+from runtime.backends import Backend, BackendError, Capabilities, capabilities_of, load_backend
 from runtime.generation import SamplingParams, generate
 
 from conftest import ROOT, max_abs_diff
@@ -169,7 +169,8 @@ def test_a_failed_add_rows_leaves_the_running_rows_as_they_were(ort_tiny, ort_ti
         raise RuntimeError("the prefill failed")
 
     with monkeypatch.context() as m:  # the joining rows' prefill fails, however each backend runs it
-        m.setattr(be, "_run_rows" if backend == "onnxruntime-shared" else "forward", fail)
+        where = be.cache if be.name == "onnxruntime" else be  # onnxruntime: its cache layout runs the prefill
+        m.setattr(where, "run_rows" if backend == "onnxruntime-shared" else "forward", fail)
         with pytest.raises(RuntimeError, match="the prefill failed"):
             be.add_rows(new, np.ones((1, 9), np.int64), np.arange(9)[None])
     assert be.past_length == 6
@@ -194,7 +195,7 @@ def test_chained_cache_ops_keep_their_memory(ort_tiny):
     be.forward(more, mask[:, :14], pos[:, 12:14])
     for op in (lambda: be.keep_rows(keep), lambda: be.rewind(12), lambda: be.drop_front(3)):
         op()
-        assert all(np.shares_memory(v.numpy(), h) for v, h in zip(be._past, be._past_host))
+        assert all(np.shares_memory(v.numpy(), h) for v, h in zip(be.cache.past, be.cache.past_host))
     got = be.forward(nxt, mask[keep, 3:13], pos[keep, 12:13])
     be.reset(2)
     be.forward(ids[keep, 3:], mask[keep, 3:12], pos[keep, 3:12])
@@ -209,7 +210,7 @@ def test_pack_rows_moves_runs_to_the_front():
     assert pack_rows([0, 1, 3, 4, 6], in_place=False) == [(0, 0, 2), (2, 3, 2), (4, 6, 1)]  # into another buffer
     assert pack_rows([2]) == [(0, 2, 1)] and pack_rows([0, 1]) == []
     a = np.arange(7 * 3).reshape(7, 3)
-    from runtime.backends.onnxruntime import _keep
+    from runtime.backends.ort_cache import _keep
 
     want = a[[0, 1, 3, 4, 6]].copy()
     assert np.array_equal(_keep(a, [0, 1, 3, 4, 6]), want) and np.shares_memory(_keep(a, [0]), a)
@@ -352,7 +353,7 @@ def test_kv_cache_stays_in_ortvalues_between_steps(ort_tiny):
     ort_tiny.reset(2)
     ort_tiny.forward(np.ones((2, 3), np.int64), np.ones((2, 3), np.int64), np.tile(np.arange(3), (2, 1)))
     ort_tiny.forward(np.ones((2, 1), np.int64), np.ones((2, 4), np.int64), np.full((2, 1), 3))
-    past = ort_tiny._past
+    past = ort_tiny.cache.past
     assert len(past) == 2 * ort_tiny.config.n_layer
     assert all(isinstance(v, ort.OrtValue) and v.shape() == [2, 4, 4, 16] for v in past)
     assert ort_tiny.past_length == 4
@@ -368,6 +369,108 @@ def test_step_errors(ort_tiny):
         ort_tiny.forward(np.ones((1, n), np.int64), np.ones((1, n), np.int64), np.zeros((1, n), np.int64))
     with pytest.raises(BackendError, match=r"attention_mask is \(1, 2\), expected"):
         ort_tiny.forward(np.ones((1, 1), np.int64), np.ones((1, 2), np.int64), np.zeros((1, 1), np.int64))
+
+
+class BareBackend(Backend):
+    """A backend that checks nothing itself: it records what reaches it (the checks must come from Backend)."""
+    name, provider, precision = "bare", "cpu", "fp32"
+
+    def __init__(self, capabilities=None, block_size=8):
+        from model.config import GPTConfig
+
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=16, block_size=block_size)
+        self.capabilities = capabilities or Capabilities(device="cpu", max_context=block_size)
+        self.calls = []
+
+    def _reset(self, batch_size):
+        self.calls.append(("reset", batch_size))
+
+    def _forward(self, ids, mask, pos):
+        self.calls.append(("forward", ids.shape, ids.dtype, ids.flags.c_contiguous))
+        return np.zeros((*ids.shape, self.config.vocab_size), np.float32)
+
+    def _rewind(self, length):
+        self.calls.append(("rewind", length))
+
+    def _drop_front(self, n):
+        self.calls.append(("drop_front", n))
+
+    def _keep_rows(self, rows):
+        self.calls.append(("keep_rows", rows))
+
+    def _add_rows(self, ids, mask, pos, width):
+        self.calls.append(("add_rows", ids.shape, width))
+        return np.zeros((*ids.shape, self.config.vocab_size), np.float32)
+
+
+def test_the_base_class_checks_what_a_backend_that_checks_nothing_gets():
+    be = BareBackend()
+    ones = lambda *shape: np.ones(shape, np.int64)  # noqa: E731
+    bad = [
+        (lambda: be.forward(np.array([[16]]), ones(1, 1), ones(1, 1)), "token id 16 is outside this model's vocabulary"),
+        (lambda: be.forward(ones(1, 3), ones(1, 2), ones(1, 3)), r"attention_mask is \(1, 2\), expected"),
+        (lambda: be.forward(ones(1, 9), ones(1, 9), ones(1, 9)), "exceeds block_size 8"),
+        (lambda: be.forward(ones(3), ones(3), ones(3)), "must both be \\(batch, seq\\)"),
+    ]
+    for call, match in bad:
+        with pytest.raises(BackendError, match=match):
+            call()
+    assert "forward" not in [c[0] for c in be.calls], be.calls  # no forward reached the backend
+    with pytest.raises(BackendError, match="add_rows joins rows to a running batch"):
+        BareBackend().add_rows(ones(1, 2), ones(1, 2), ones(1, 2))
+    be.calls.clear()
+    be.forward(np.ones((2, 3), np.int32), ones(2, 3), np.asfortranarray(np.tile(np.arange(3), (2, 1))))  # int32; F order
+    assert be.calls == [("reset", 2), ("forward", (2, 3), np.dtype(np.int64), True)]  # int64, C-contiguous
+    assert (be.past_length, be._batch) == (3, 2)
+    with pytest.raises(BackendError, match="batch size changed from 2 to 1 mid-sequence"):
+        be.forward(ones(1, 1), ones(1, 4), ones(1, 1))
+    for call, match in [(lambda: be.rewind(4), "cannot rewind the KV cache to 4 positions: it holds 3"),
+                        (lambda: be.drop_front(4), "cannot drop the first 4 positions"),
+                        (lambda: be.keep_rows([1, 0]), "distinct ascending row indices in 0..1"),
+                        (lambda: be.keep_rows([2]), "distinct ascending row indices in 0..1"),
+                        (lambda: be.add_rows(ones(1, 2), np.zeros((1, 2), np.int64), ones(1, 2)), "at least one real token")]:
+        with pytest.raises(BackendError, match=match):
+            call()
+    be.calls.clear()
+    be.rewind(3), be.drop_front(0), be.keep_rows([0, 1])  # no-ops never reach the backend
+    assert be.calls == [] and (be.past_length, be._batch) == (3, 2)
+    be.rewind(2), be.drop_front(1), be.keep_rows([1])
+    assert be.calls == [("rewind", 2), ("drop_front", 1), ("keep_rows", [1])] and (be.past_length, be._batch) == (1, 1)
+    be.add_rows(ones(2, 4), ones(2, 4), ones(2, 4))
+    assert be.calls[-1] == ("add_rows", (2, 4), 4) and (be.past_length, be._batch) == (4, 3)
+
+
+def test_a_backend_cannot_override_the_checked_methods():
+    with pytest.raises(TypeError, match="overrides Backend.forward, which check.*implement _forward instead"):
+        class Unchecked(BareBackend):  # noqa: F841
+            def forward(self, input_ids, attention_mask, position_ids):
+                return self._forward(input_ids, attention_mask, position_ids)
+    with pytest.raises(TypeError, match="abstract"):
+        type("Incomplete", (Backend,), {"_reset": lambda self, b: None})()
+
+
+def test_capabilities_are_declared_and_read_instead_of_probed(ort_tiny, ort_tiny_shared, torch_tiny):
+    for be, ragged in ((ort_tiny, False), (ort_tiny_shared, True), (torch_tiny, False)):
+        caps = capabilities_of(be)
+        assert caps is be.capabilities
+        assert (caps.device, caps.max_context, caps.max_batch, caps.ragged_cache) == ("cpu", 128, None, ragged), be.name
+        assert caps.rewind and caps.keep_rows and caps.drop_front and caps.add_rows
+
+    class Fake:  # a duck-typed stand-in (a test's fake, a wrapper): what its methods offer
+        config, kv_cache = BareBackend().config, "shared"
+
+        def rewind(self, length): ...
+
+    caps = capabilities_of(Fake())
+    assert (caps.rewind, caps.keep_rows, caps.drop_front, caps.add_rows, caps.ragged_cache, caps.max_context) == \
+        (True, False, False, False, True, 8)
+
+    # generation reads the declaration: a backend that says it cannot drop rows keeps them (no keep_rows call)
+    for keep in (True, False):
+        be = BareBackend(Capabilities(device="cpu", max_context=32, keep_rows=keep), block_size=32)
+        generate(be, None, [[1, 2], [3]], [SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=())
+                                          for n in (1, 16)])
+        assert any(c[0] == "keep_rows" for c in be.calls) == keep, be.calls
 
 
 def _copy_with_metadata(src: Path, dst: Path, edit) -> Path:
@@ -533,7 +636,7 @@ def test_cuda_provider_matches_cpu_and_keeps_the_cache_on_the_device(tiny_onnx_d
     a = generate(cuda, None, PROMPTS, GREEDY_VARIED)
     b = generate(ort_tiny, None, PROMPTS, GREEDY_VARIED)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
-    assert all(v.device_name().lower() == "cuda" for v in cuda._past)
+    assert all(v.device_name().lower() == "cuda" for v in cuda.cache.past)
 
 
 @pytest.mark.slow

@@ -174,3 +174,25 @@ def test_results_say_whether_tf32_ran(tiny_onnx_dir, capsys):
     assert tf32_note([gpu("onnxruntime cuda fp32", True)]) == "; TF32 on: onnxruntime cuda fp32"
     assert verify_note({"reference": {"label": "onnxruntime cuda fp32", "tf32": True}, "targets": []}) == \
         "; TF32 on: onnxruntime cuda fp32"
+
+
+@pytest.mark.parametrize("name", ["x.plan", "x.engine", "folder"])
+def test_engine_targets_read_the_precision_from_the_sidecar_the_builder_writes(tmp_path, monkeypatch, name):
+    """Bench names an engine's sidecar as the builder and backend do (runtime/trt_plan.sidecar_path): x.plan's is
+    x.plan.json, not x.engine.json (which once left a .plan engine's precision "?"). No TensorRT needed: the
+    sidecar is JSON, and find_targets only asks whether the package is installed."""
+    import importlib.util
+
+    from model.config import GPTConfig
+    from runtime.artifact import Artifact
+    from runtime.trt_plan import ENGINE_NAME, EngineMeta, sidecar_path
+
+    engine = tmp_path / (ENGINE_NAME if name == "folder" else name)
+    engine.write_bytes(b"plan")
+    EngineMeta(artifact=Artifact(config=GPTConfig.preset("tiny"), precision="fp16"), tensorrt_version="10.9.0.34",
+               gpu_name="GPU", compute_capability="9.0", profiles=[], max_batch=1, max_seq=8).write_json(sidecar_path(engine))
+    assert sidecar_path(engine).name == engine.name + ".json"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "tensorrt" else find_spec(n, *a))
+    targets, notes = find_targets([str(tmp_path if name == "folder" else engine)], ("tensorrt",), ("cuda",))
+    assert [(t.backend, t.precision) for t in targets] == [("tensorrt", "fp16")], notes

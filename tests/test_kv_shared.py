@@ -87,7 +87,7 @@ def test_backend_steps_match_torch_through_padding_and_ragged_decode(shared_dir,
         ids = want[:, -1].argmax(-1)[:, None] if step % 2 else rng.integers(0, 512, (3, 1))
         mask, pos = np.concatenate([mask, np.ones((3, 1), np.int64)], 1), pos[:, -1:] + 1
     assert worst <= PARITY_ATOL, f"max|Δlogits|={worst:.2e} > {PARITY_ATOL}"
-    assert list(be._rows) == [49, 44, 47]  # real tokens per row, left-aligned in the buffers
+    assert list(be.cache.rows) == [49, 44, 47]  # real tokens per row, left-aligned in the buffers
 
 
 def test_cache_is_written_in_place(shared_dir):
@@ -95,22 +95,22 @@ def test_cache_is_written_in_place(shared_dir):
     be.reset(2)
     ids, mask = np.array([[0, 0, 5, 6], [1, 2, 3, 4]]), np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
     be.forward(ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0))
-    buffers = [id(b) for b in be._cache]
-    key0 = be._cache[0]
+    buffers = [id(b) for b in be.cache.buffers]
+    key0 = be.cache.buffers[0]
     assert np.any(key0[0, :, 1] != 0) and not np.any(key0[0, :, 2:] != 0)  # row 0: 2 real tokens at slots 0, 1
     assert np.any(key0[1, :, 3] != 0) and not np.any(key0[1, :, 4:] != 0)
     be.forward(np.array([[7], [7]]), np.ones((2, 5), np.int64) - np.array([[1, 1, 0, 0, 0], [0] * 5]), np.array([[2], [4]]))
-    assert [id(b) for b in be._cache] == buffers  # no new buffers: onnxruntime wrote into ours
+    assert [id(b) for b in be.cache.buffers] == buffers  # no new buffers: onnxruntime wrote into ours
     assert np.any(key0[0, :, 2] != 0) and np.any(key0[1, :, 4] != 0)  # each row's new key at its own length
 
 
 def test_capacity_grows_and_generation_matches_torch(shared_dir, torch_tiny, monkeypatch):
-    import runtime.backends.onnxruntime as ortb
+    import runtime.backends.ort_cache as ortb
 
     monkeypatch.setattr(ortb, "MIN_CAPACITY", 4)  # 4 -> 8 -> 16 -> 32 -> 64 while generating
     be = load_backend("onnxruntime", str(shared_dir), threads=1)
     got = [c.token_ids for c in generate(be, None, PROMPTS, GREEDY_VARIED)]
-    assert be._capacity >= 47 and be._capacity < 128
+    assert be.cache.capacity >= 47 and be.cache.capacity < 128
     want = [c.token_ids for c in generate(torch_tiny, None, PROMPTS, GREEDY_VARIED)]
     assert got == want
     alone = [generate(be, None, [p], GREEDY_VARIED)[0].token_ids for p in PROMPTS]
@@ -121,17 +121,17 @@ def test_capacity_grows_and_generation_matches_torch(shared_dir, torch_tiny, mon
 def test_cpu_buffers_outlive_reset_and_never_shrink(shared_dir, torch_tiny, monkeypatch):
     """A one-row prompt longer than the buffers must grow them for every row they held: a wide batch after it
     reuses the same arrays (no fresh pages to fault in mid-decode) and still generates like torch."""
-    import runtime.backends.onnxruntime as ortb
+    import runtime.backends.ort_cache as ortb
 
     monkeypatch.setattr(ortb, "MIN_CAPACITY", 4)
     be = load_backend("onnxruntime", str(shared_dir), threads=1)
     generate(be, None, PROMPTS, GREEDY_VARIED)
-    rows, cap = be._base[0].shape[0], be._base[0].shape[2]
+    rows, cap = be.cache.base[0].shape[0], be.cache.base[0].shape[2]
     generate(be, None, [list(range(1, cap + 3))], SamplingParams(max_new_tokens=2, temperature=0.0))
-    base = be._base[0]
+    base = be.cache.base[0]
     assert base.shape[0] >= rows and base.shape[2] >= cap + 4
     got = [c.token_ids for c in generate(be, None, PROMPTS, GREEDY_VARIED)]
-    assert be._base[0] is base  # reused, not reallocated
+    assert be.cache.base[0] is base  # reused, not reallocated
     assert got == [c.token_ids for c in generate(torch_tiny, None, PROMPTS, GREEDY_VARIED)]
 
 def test_quantized_shared_variant_generates_like_the_concat_one(tiny_model, tmp_path):
@@ -177,7 +177,7 @@ def test_cuda_fp16_shared_cache_lives_on_the_device_and_follows_cpu(tiny_model, 
     b = [c.token_ids for c in generate(cpu, None, PROMPTS, GREEDY_VARIED)]
     agree = np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)])
     assert agree >= 0.9, f"fp16 CUDA vs CPU greedy agreement {agree:.2f}"
-    assert all(v.device_name().lower() == "cuda" for v in cuda._cache)
+    assert all(v.device_name().lower() == "cuda" for v in cuda.cache.buffers)
     fp32 = export_onnx(tiny_model, tmp_path / "fp32", kv_cache="shared").parent
     with pytest.raises(BackendError, match="CUDA provider has in fp16 only"):
         load_backend("onnxruntime", str(fp32), provider="cuda")
@@ -185,7 +185,7 @@ def test_cuda_fp16_shared_cache_lives_on_the_device_and_follows_cpu(tiny_model, 
 
 @pytest.mark.parametrize("logits", ["all", "last"])
 def test_long_prompts_prefill_in_chunks_with_the_same_logits(tiny_model, torch_tiny, tmp_path, monkeypatch, logits):
-    import runtime.backends.onnxruntime as ortb
+    import runtime.backends.ort_cache as ortb
 
     out = export_onnx(tiny_model, tmp_path / logits, logits=logits, kv_cache="shared").parent
     be = load_backend("onnxruntime", str(out), threads=1)

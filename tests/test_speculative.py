@@ -468,7 +468,7 @@ def test_last_n_logits_of_a_row_by_row_step(exports):
 
 
 def test_concat_rewind_compacts_in_place():
-    from runtime.backends.onnxruntime import _compact
+    from runtime.backends.ort_cache import _compact
 
     a = np.random.default_rng(0).standard_normal((3, 4, 10, 5)).astype(np.float32)
     want = a[:, :, :6].copy()

@@ -21,7 +21,10 @@ pytestmark = pytest.mark.tensorrt
 trt = pytest.importorskip("tensorrt")
 torch = pytest.importorskip("torch")
 
-from runtime.backends.tensorrt import TensorRTBackend, TensorRTError, current_gpu, import_cudart  # noqa: E402
+from runtime.backends import Capabilities  # noqa: E402
+from runtime.backends.tensorrt import TensorRTBackend  # noqa: E402
+from runtime.trt_cuda import current_gpu, import_cudart  # noqa: E402
+from runtime.trt_plan import TensorRTError  # noqa: E402
 
 try:
     current_gpu(import_cudart())
@@ -102,6 +105,7 @@ def test_fp32_engine_matches_torch(fp32_engine, tiny_model, batch, seq, past):
     engine, meta = fp32_engine
     assert meta.precision == "fp32" and meta.tensorrt_version == trt.__version__
     backend = TensorRTBackend(engine)
+    assert backend.capabilities == Capabilities(device="cuda", max_context=meta.max_seq, max_batch=meta.max_batch)
     ids = np.random.default_rng(batch * 100 + seq * 10 + past).integers(0, 512, (batch, past + seq))
     got = _run(backend, ids, past)
     want = _torch_logits(tiny_model, ids)[:, past:]

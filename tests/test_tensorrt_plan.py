@@ -20,9 +20,9 @@ from export.tensorrt import (EngineBuildError, check_precision, compute_profiles
                              resolve_limits)
 from model.config import GPTConfig
 from runtime.artifact import Artifact, ArtifactError
-from runtime.backends.tensorrt import (EngineMeta, TensorRTBackend, TensorRTError, check_engine, check_gpu,
-                                       check_tensorrt_version, io_shapes, plan_buffers, profile_covers,
-                                       resolve_engine, sidecar_path, suggest_max_seq)
+from runtime.backends.tensorrt import TensorRTBackend
+from runtime.trt_plan import (EngineMeta, TensorRTError, check_engine, check_gpu, check_tensorrt_version, io_shapes,
+                              plan_buffers, profile_covers, resolve_engine, sidecar_path, suggest_max_seq)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig.preset("tiny")  # n_layer 2, n_head 4, n_embd 64, vocab 512, block 128
@@ -266,6 +266,14 @@ def test_runtime_and_builder_modules_import_without_torch_or_tensorrt():
             "import runtime.backends.tensorrt, export.tensorrt, export.cli_engine; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_the_builder_reads_the_engine_schema_without_importing_a_backend():
+    """export/ may import runtime's schema (runtime/trt_plan.py, runtime/trt_cuda.py), never a backend."""
+    code = ("import sys, export.tensorrt, export.cli_engine\n"
+            "print(sorted(m for m in sys.modules if m.startswith('runtime.backends')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_source_hash_covers_external_data_and_cache_path_is_per_gpu(tmp_path, monkeypatch):

@@ -19,13 +19,17 @@ address), replays, and copies the logits back. Prefill and cache surgery stay on
 (`gpu_graph_id` -1). On the CPU provider the same static steps run without capture: the logits equal the
 dynamic path's, which the CPU tests check.
 
-    steps = StaticDecode(session, ort, config, device="cuda", device_id=0, kv_dtype=np.float16,
-                         cache=buffers, capacity=1024, positions=1, capture=True)
-    logits = steps.run(ids, positions, lengths)  # (B, positions, V) float32; lengths: cached tokens per row
+`StaticCache` is the SharedCache layout (runtime/backends/ort_cache.py) over such buffers: its prefill, rewind,
+keep_rows and add_rows are SharedCache's, done without moving the buffers, and its decode steps go through
+`StaticDecode`. The onnxruntime backend picks it for decode="static" / "graph".
+
+    cache = StaticCache(session, artifact, OrtDevice(ort, "cuda"), capture=True, capacity=1024)
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .ort_cache import SharedCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SKIP_GRAPH = "-1"  # onnxruntime's gpu_graph_id that runs a step without capturing or replaying a graph
@@ -84,7 +88,7 @@ class StaticDecode:
     """
 
     def __init__(self, session, ort, config, *, device: str, device_id: int, kv_dtype, past_names, present_names,
-                 cache_ptrs, capacity: int, positions: int, capture: bool, max_rows: int):
+                 cache_ptrs, capacity: int, positions: int, capture: bool, max_rows: int, stats: dict | None = None):
         self.session, self.ort, self.config = session, ort, config
         self.device, self.device_id, self.kv_dtype = device, device_id, np.dtype(kv_dtype)
         self.past_names, self.present_names = list(past_names), list(present_names)
@@ -92,7 +96,14 @@ class StaticDecode:
         self.buckets = tuple(b for b in BUCKETS if b <= max_rows) or (max_rows,)
         self._next_graph_id = 0
         self._by_size: dict[int, _Bucket] = {}
-        self.stats = {"graph_steps": 0, "fallback_steps": 0, "captured_buckets": [], "fallbacks": {}}
+        self.stats = stats if stats is not None else {"graph_steps": 0, "fallback_steps": 0, "captured_buckets": [],
+                                                      "fallbacks": {}}
+        self.rebind(cache_ptrs)
+
+    def resize(self, cache_ptrs, capacity: int, max_rows: int) -> None:
+        """The owner's buffers grew (rows or positions): new buckets, bound and captured anew."""
+        self.capacity = capacity
+        self.buckets = tuple(b for b in BUCKETS if b <= max_rows) or (max_rows,)
         self.rebind(cache_ptrs)
 
     def rebind(self, cache_ptrs) -> None:
@@ -102,7 +113,7 @@ class StaticDecode:
 
     def fits(self, batch: int, length: int) -> bool:
         """Whether a decode step of `batch` rows whose longest holds `length` tokens runs here."""
-        return bucket_for(batch, self.buckets) is not None and length + 1 <= self.capacity
+        return batch <= self.buckets[-1] and length + 1 <= self.capacity
 
     def note_fallback(self, why: str) -> None:
         self.stats["fallback_steps"] += 1
@@ -112,7 +123,7 @@ class StaticDecode:
         """(B, 1) ids and positions, (B,) cached tokens per row -> logits (B, positions, V) float32; the new
         keys and values land at slot lengths[b] of each row."""
         B = input_ids.shape[0]
-        nb = bucket_for(B, self.buckets)
+        nb = next(b for b in self.buckets if b >= B)
         b = self._by_size.get(nb)
         if b is None:
             b = self._by_size[nb] = _Bucket(self, nb, self._next_graph_id)
@@ -130,9 +141,84 @@ class StaticDecode:
         # a copy: on the CPU, numpy() is a view of the bucket's buffer, which the next step overwrites
         return b.logits.numpy()[:B].astype(np.float32, copy=True)
 
-    def uncaptured_run_options(self):
-        """RunOptions for the steps that must not touch a graph (prefill, steps that do not fit a bucket)."""
-        ro = self.ort.RunOptions()
-        if self.capture:
-            ro.add_run_config_entry("gpu_graph_id", SKIP_GRAPH)
-        return ro
+
+class StaticCache(SharedCache):
+    """SharedCache over buffers of a fixed capacity and a bucket's rows, allocated once and kept across reset(), so
+    the decode buckets' bindings and captured graphs stay valid; decode steps that fit a bucket run through
+    StaticDecode. Only a batch past the rows held, or a sequence past the capacity, moves the buffers (the buckets
+    are then bound and captured again)."""
+
+    def __init__(self, session, artifact, device, *, capture: bool, capacity: int):
+        super().__init__(session, artifact, device)
+        self.capture, self.fixed_capacity = capture, capacity
+        self.steps: StaticDecode | None = None  # made with the buffers
+        self.stats = {"graph_steps": 0, "fallback_steps": 0, "captured_buckets": [], "fallbacks": {}}
+        if capture:  # prefill and cache surgery: no graph
+            self.run_options = device.ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", SKIP_GRAPH)
+
+    def reset(self, batch_size: int) -> None:
+        self.bound, self.rows = None, np.zeros(batch_size, np.int64)  # the buffers stay
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: int) -> np.ndarray:
+        B, T = ids.shape
+        if T == 1 and self.buffers and mask[:, -1].all():
+            self.reserve(past + 1)
+            if self.steps.fits(B, int(self.rows.max())):
+                if not np.array_equal(mask.sum(1), self.rows + 1):
+                    raise BackendError("attention_mask disagrees with the cache (its ones must count each row's "
+                                       "cached + new tokens); pass the same growing mask every step, or reset()")
+                logits = self.steps.run(ids, pos, self.rows)
+                self.rows += 1
+                return logits
+            self.steps.note_fallback(f"batch {B} past the largest bucket {self.steps.buckets[-1]}")
+        return super().forward(ids, mask, pos, past)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """The kept rows move to the front of the same buffers (on CUDA through host memory, written back in
+        place: the captured graphs read these addresses)."""
+        dev = self.device
+        if dev.cpu:
+            self.buffers = [dev.take_rows(buf, rows) for buf in self.base]
+        else:
+            for buf in self.base:
+                host = buf.numpy()
+                buf.update_inplace(np.ascontiguousarray(np.concatenate([host[rows], host[len(rows):]])))
+        self.rows, self.bound = self.rows[rows], None
+
+    def add_rows(self, ids, mask, pos, past: int, width: int) -> np.ndarray:
+        B = len(self.rows)
+        try:
+            return super().add_rows(ids, mask, pos, past, width)
+        except Exception:  # SharedCache kept the running rows' lengths; the buffers stay where they are
+            self.buffers = [b[:B] for b in self.base] if self.device.cpu else self.base
+            raise
+
+    def reserve(self, length: int, batch: int | None = None) -> None:
+        batch = len(self.rows) if batch is None else batch
+        c, dev = self.config, self.device
+        held_rows, cap = (self.base[0].shape[0], self.base[0].shape[2]) if self.base else (0, 0)
+        if not (self.base and batch <= held_rows and length <= cap):
+            rows = max(bucket_for(batch) or batch, held_rows)
+            new_cap = max(cap, min(c.block_size, max(self.fixed_capacity, length, 2 * cap)))
+            grown = []
+            for old in self.base or [None] * len(self.past_names):
+                host = np.zeros((rows, c.n_head, new_cap, c.head_dim), self.kv_dtype)
+                if old is not None:
+                    host[:held_rows, :, :cap] = dev.host(old)
+                grown.append(dev.buffer(host))
+            self.base, self.bound = grown, None
+            ptrs = [dev.data_ptr(g) for g in grown]
+            if self.steps is None:
+                self.steps = StaticDecode(self.session, dev.ort, c, device=dev.kind, device_id=dev.id,
+                                          kv_dtype=self.kv_dtype, past_names=self.past_names,
+                                          present_names=self.present_names, cache_ptrs=ptrs, capacity=new_cap,
+                                          positions=self.artifact.logits_positions(1), capture=self.capture,
+                                          max_rows=rows, stats=self.stats)
+            else:
+                self.steps.resize(ptrs, new_cap, rows)
+        if dev.cpu and (not self.buffers or len(self.buffers[0]) != batch):
+            self.buffers, self.bound = [b[:batch] for b in self.base], None
+        elif not dev.cpu:
+            self.buffers = self.base  # bindings give the batch's shape; the buffers hold more rows
+        self.capacity = self.base[0].shape[2]

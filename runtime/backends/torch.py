@@ -19,7 +19,7 @@ import torch
 from model.checkpoints import is_hub_name
 
 from ..artifact import Artifact, read_onnx_artifact
-from . import BackendError, check_add_rows, check_drop_front, check_keep_rows, check_rewind, check_step
+from . import Backend, BackendError, Capabilities
 
 DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
           "float16": (torch.float16, "fp16"), "fp16": (torch.float16, "fp16")}
@@ -64,7 +64,7 @@ def check_source_unchanged(files, art: Artifact, onnx_path: Path) -> None:
                                f"{onnx_path.parent} CHECKPOINT`), or re-export from this one")
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
@@ -94,63 +94,45 @@ class TorchBackend:
         self.config = self.model.config
         self.device = torch.device(device)
         self.provider = str(self.device)
+        self.capabilities = Capabilities(device="cuda" if self.device.type == "cuda" else "cpu",
+                                         max_context=self.config.block_size)
         self._past = None
-        self._length = 0
 
-    @property
-    def past_length(self) -> int:
-        return self._length
-
-    def reset(self, batch_size: int) -> None:
+    def _reset(self, batch_size: int) -> None:
         self._past = self.model.empty_past(batch_size, device=self.device)
-        self._length = 0
 
-    def rewind(self, length: int) -> None:
+    def _rewind(self, length: int) -> None:
         """Drop the cache's positions past `length` (views of the kept part; the next forward concatenates)."""
-        if check_rewind(length, self._length):
-            self._past = tuple((k[:, :, :length], v[:, :, :length]) for k, v in self._past)
-            self._length = length
+        self._past = tuple((k[:, :, :length], v[:, :, :length]) for k, v in self._past)
 
-    def drop_front(self, n: int) -> None:
+    def _drop_front(self, n: int) -> None:
         """Drop every row's first n positions (views of the rest; the next forward concatenates)."""
-        self._length = check_drop_front(n, self._length)
-        if n:
-            self._past = tuple((k[:, :, n:], v[:, :, n:]) for k, v in self._past)
+        self._past = tuple((k[:, :, n:], v[:, :, n:]) for k, v in self._past)
 
-    def keep_rows(self, rows) -> None:
+    def _keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows of the cache (index_select along the batch)."""
-        B = self._past[0][0].size(0) if self._past is not None else 0
-        index = torch.tensor(check_keep_rows(rows, B), device=self.device)
+        index = torch.tensor(rows, device=self.device)
         self._past = tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self._past)
 
     @torch.inference_mode()
-    def add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _add_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                  width: int) -> np.ndarray:
         """Prefill new rows as their own batch, then append their cache to the running rows', both right-aligned
         (Backend.add_rows)."""
-        B = self._past[0][0].size(0) if self._past is not None else 0
-        old, L = self._past, self._length
-        width = check_add_rows(self.config, input_ids, attention_mask, position_ids, B, L)
+        old, B, L = self._past, self._batch, self._length
         self.reset(input_ids.shape[0])
         try:
             logits = self.forward(input_ids, attention_mask, position_ids)
         except Exception:
-            self._past, self._length = old, L
+            self._past, self._batch, self._length = old, B, L
             raise
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, width - t.size(2), 0))  # noqa: E731 - zeros on the left
         self._past = tuple((torch.cat([pad(ko), pad(kn)]), torch.cat([pad(vo), pad(vn)]))
                            for (ko, vo), (kn, vn) in zip(old, self._past))
-        self._length = width
         return logits
 
     @torch.inference_mode()
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        B = input_ids.shape[0]
-        if self._past is None or self._past[0][0].size(0) != B:
-            if self._length:
-                raise BackendError(f"batch size changed to {B} mid-sequence; call reset({B}) first")
-            self.reset(B)
-        check_step(self.config, input_ids, attention_mask, position_ids, self._length)
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731 - already C-contiguous int64
         logits, self._past = self.model(to(input_ids), to(attention_mask), to(position_ids), self._past)
-        self._length += input_ids.shape[1]
         return logits.float().cpu().numpy()  # (B, T, V)

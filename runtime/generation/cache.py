@@ -15,13 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
+from ..backends import capabilities_of
+
 DROP_AFTER = 8  # finished rows leave a batch when the live ones have this many steps or more to go
 TRIM_AT_LEAST = 8  # leading cache columns no row needs (left padding of rows that left) go in runs this long
 
 
 def can(backend, ability: str) -> bool:
-    """Whether `backend` offers the optional method `ability` ("keep_rows", "drop_front", "add_rows", "rewind")."""
-    return callable(getattr(backend, ability, None))
+    """Whether `backend` declares the ability ("keep_rows", "drop_front", "add_rows", "rewind"): its Capabilities."""
+    return getattr(capabilities_of(backend), ability)
 
 
 def worth_dropping(batch: int, live: int, left: int) -> bool:

@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..backends import capabilities_of
 from ..sampling import SamplingParams, sample_next_token
 from .cache import Cache, can, worth_dropping
 from .depth import Depth
@@ -72,7 +73,7 @@ def check_pair(target, draft, speculate: int) -> None:
 def batches(backend) -> bool:
     """Whether `backend` can be a target or draft for a batch of prompts: its attention takes a mask with holes
     (a kv_cache="shared" graph's GroupQueryAttention does not)."""
-    return getattr(backend, "kv_cache", "concat") != "shared"
+    return not capabilities_of(backend).ragged_cache
 
 
 def draft_for(target, draft, rows: int):
