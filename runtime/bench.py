@@ -326,7 +326,8 @@ def run_worker(spec: dict, emit=print) -> None:
                       draft, target.speculate or None)
         results.append({"case": dataclasses.asdict(case), **m})
     emit(json.dumps({"event": "result", "target": dataclasses.asdict(target), "label": target.label,
-                     "provider_name": backend.provider, "tf32": bool(getattr(backend, "tf32", False)), "load_s": load_s, "rss_after_load_mb": rss_loaded,
+                     "provider_name": backend.provider, "tf32": bool(getattr(backend, "tf32", False)),
+                     "decode": backend.graph_stats() if hasattr(backend, "graph_stats") else None, "load_s": load_s, "rss_after_load_mb": rss_loaded,
                      "peak_rss_mb": peak_rss_mb(), "versions": _versions(target.backend), "cases": results}))
 
 

@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: onnxruntime")
     p.add_argument("--provider", default=None, choices=["cpu", "cuda"],
                    help="execution provider / torch device (default: cpu; tensorrt is always cuda)")
+    p.add_argument("--decode", default="auto", choices=["auto", "graph", "static", "dynamic"],
+                   help="onnxruntime, --kv-cache shared export: graph = replay decode steps as CUDA graphs (needs "
+                        "--provider cuda), static = the same fixed-shape steps uncaptured, dynamic = per-step shapes; "
+                        "auto = graph on CUDA, else dynamic (default: auto)")
     p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
                    default=None, help="intra-op CPU threads (default: the backend's choice)")
     p.add_argument("--no-verify-weights", action="store_true",
@@ -83,7 +87,7 @@ def run(args) -> int:
         options = {}
     else:
         options = dict(provider=args.provider or "cpu", threads=args.threads)
-    options["verify_weights"] = not args.no_verify_weights
+    options.update(verify_weights=not args.no_verify_weights, decode=args.decode)
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate, **options)
     gen = make_generation(backend, tokenizer, prompts, params, draft, args.speculate)
 
@@ -97,6 +101,8 @@ def run(args) -> int:
     if args.json:
         doc = {"backend": backend.name, "provider": backend.provider, "precision": backend.precision,
                "seconds": seconds, "completions": [c.to_dict() for c in completions]}
+        if hasattr(backend, "graph_stats"):  # how decode steps ran: CUDA graphs, static shapes, fallbacks
+            doc["decode"] = backend.graph_stats()
         if getattr(gen, "stats", None):
             doc["speculative"] = dict(gen.stats, draft=args.draft, draft_precision=draft.precision)
         json.dump(doc, sys.stdout, indent=1)

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=8000, help="TCP port, 1..65535 (default 8000)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
+    p.add_argument("--decode", default="auto", choices=["auto", "graph", "static", "dynamic"],
+                   help="onnxruntime, --kv-cache shared export: graph = replay decode steps as CUDA graphs (needs "
+                        "--provider cuda), static = the same fixed-shape steps uncaptured, dynamic = per-step shapes; "
+                        "auto = graph on CUDA, else dynamic (default: auto)")
     p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
                    default=None, help="intra-op CPU threads (default: the backend's choice)")
     p.add_argument("--no-verify-weights", action="store_true",
@@ -114,7 +118,8 @@ def run(args) -> int:
     tokenizer = load_tokenizer(path=args.tokenizer_file)
     # a pair that cannot speculate is refused here, at startup, not per request
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
-                               provider=args.provider, threads=args.threads, verify_weights=not args.no_verify_weights)
+                               provider=args.provider, threads=args.threads, verify_weights=not args.no_verify_weights,
+                               decode=args.decode)
     check_engine_batch((backend, draft), args.max_batch)
     path = Path(args.model)
     name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model

@@ -189,7 +189,7 @@ def main() -> int:
     if args.phase in ("export", "all"):
         @section(out, "exports")
         def _():
-            from export.onnx import export_onnx, write_metadata
+            from export.onnx import data_digests, export_onnx, write_metadata
             from export.quantize import make_variant
             from model import GPT
             from runtime.artifact import read_onnx_artifact
@@ -205,7 +205,8 @@ def main() -> int:
             dst.mkdir(parents=True, exist_ok=True)
             src = dirs["fp32-shared"] / "model.onnx"
             make_variant(src, dst / "model.onnx", "fp16", fuse=False)
-            write_metadata(dst / "model.onnx", dataclasses.replace(read_onnx_artifact(src), precision="fp16"))
+            write_metadata(dst / "model.onnx", dataclasses.replace(read_onnx_artifact(src), precision="fp16",
+                                                                   data_sha256=data_digests(dst / "model.onnx")))
             nodes = {}
             import onnx
             for k, d in dirs.items():

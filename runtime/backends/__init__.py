@@ -299,6 +299,9 @@ def load_backend(name: str, model: str, **options) -> Backend:
     module, cls = BACKENDS[name].split(":")
     if name != "onnxruntime":  # only an exported model.onnx records its weights' digest (a TensorRT engine: its sidecar)
         options.pop("verify_weights", None)
+        if options.pop("decode", "auto") not in ("auto", "dynamic"):
+            raise BackendError(f"--decode static/graph (fixed-shape steps, CUDA graphs) is the onnxruntime backend's, "
+                               f"on a --kv-cache shared export; the {name} backend decodes dynamically")
     try:
         return getattr(importlib.import_module(module), cls)(model, **options)
     except ModuleNotFoundError as e:
