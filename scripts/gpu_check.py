@@ -42,9 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RESULTS: dict = {}
 
 
+SELECTED: set[str] = set()
+
+
 def section(out: Path, name: str):
     """Decorator: run the function, record its result or its error under `name`, write the JSON."""
     def wrap(fn):
+        if SELECTED and name not in SELECTED:
+            return fn
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
         try:
@@ -174,10 +179,14 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sections", default="all",
+                    help="comma-separated sections of the check phase to run (default: all)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the same steps on the CPU (static decode instead of CUDA graphs): a dry run")
     args = ap.parse_args()
     dev, out, work = args.device, Path(args.out), Path(args.work)
+    if args.sections != "all":
+        SELECTED.update(args.sections.split(",") + ["reference"])
     out.mkdir(parents=True, exist_ok=True)
     prev = out / "gpu_results.json"
     if prev.exists():
@@ -299,8 +308,8 @@ def main() -> int:
     def _():
         res = {}
         for B in (1, 8):
-            for decode in ("dynamic", graph):
-                be = ort("fp16-shared", decode)
+            for decode, cap in (("dynamic", None), (graph, None), (graph, 256)):
+                be = ort("fp16-shared", decode, graph_capacity=cap)
                 be.reset(B)
                 p = np.tile(np.arange(32), (B, 1))
                 be.forward(np.ones((B, 32), np.int64), np.ones((B, 32), np.int64), p)
@@ -309,7 +318,7 @@ def main() -> int:
                     t0 = time.perf_counter()
                     be.forward(np.ones((B, 1), np.int64), np.ones((B, t + 1), np.int64), np.full((B, 1), t))
                     times.append(time.perf_counter() - t0)
-                res[f"b{B} {decode} forward ms p50"] = float(np.median(times[8:]) * 1e3)
+                res[f"b{B} {decode}{f' capacity {cap}' if cap else ''} forward ms p50"] = float(np.median(times[8:]) * 1e3)
         return res
 
     @section(out, "speed")
@@ -317,6 +326,8 @@ def main() -> int:
         rows = []
         targets = {
             "onnxruntime fp16 shared, CUDA graphs (fused)": lambda: ort("fp16-shared", graph),
+            "onnxruntime fp16 shared, CUDA graphs (fused), capacity 256": lambda: ort("fp16-shared", graph,
+                                                                                      graph_capacity=256),
             "onnxruntime fp16 shared, CUDA graphs (unfused)": lambda: ort("fp16-shared-unfused", graph),
             "onnxruntime fp16 shared, uncaptured (fused)": lambda: ort("fp16-shared", "dynamic"),
             "onnxruntime fp16 shared, uncaptured (unfused, before)": lambda: ort("fp16-shared-unfused", "dynamic"),

@@ -197,7 +197,7 @@ class StaticCache(SharedCache):
     def reserve(self, length: int, batch: int | None = None) -> None:
         batch = len(self.rows) if batch is None else batch
         c, dev = self.config, self.device
-        held_rows, cap = (self.base[0].shape[0], self.base[0].shape[2]) if self.base else (0, 0)
+        held_rows, cap = _shape(self.base[0])[::2] if self.base else (0, 0)
         if not (self.base and batch <= held_rows and length <= cap):
             rows = max(bucket_for(batch) or batch, held_rows)
             new_cap = max(cap, min(c.block_size, max(self.fixed_capacity, length, 2 * cap)))
@@ -221,4 +221,9 @@ class StaticCache(SharedCache):
             self.buffers, self.bound = [b[:batch] for b in self.base], None
         elif not dev.cpu:
             self.buffers = self.base  # bindings give the batch's shape; the buffers hold more rows
-        self.capacity = self.base[0].shape[2]
+        self.capacity = _shape(self.base[0])[2]
+
+
+def _shape(buf) -> tuple:
+    """A cache buffer's shape: a numpy array's attribute, an OrtValue's method."""
+    return buf.shape if isinstance(buf, np.ndarray) else tuple(buf.shape())
