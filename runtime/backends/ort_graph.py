@@ -20,8 +20,8 @@ address), replays, and copies the logits back. Prefill and cache surgery stay on
 dynamic path's, which the CPU tests check.
 
 `StaticCache` is the SharedCache layout (runtime/backends/ort_cache.py) over such buffers: its prefill, rewind,
-keep_rows and add_rows are SharedCache's, done without moving the buffers, and its decode steps go through
-`StaticDecode`. The onnxruntime backend picks it for decode="static" / "graph".
+keep_rows and add_rows are SharedCache's, done without moving the buffers; its decode steps run through the
+buckets. The onnxruntime backend picks it for decode="static" / "graph".
 
     cache = StaticCache(session, artifact, OrtDevice(ort, "cuda"), capture=True, capacity=1024)
 """
@@ -49,109 +49,57 @@ def static_mask(lengths: np.ndarray, nb: int, capacity: int) -> np.ndarray:
 
 
 class _Bucket:
-    """One batch size's fixed buffers and IO binding (and, when captured, its CUDA graph)."""
+    """One batch size's fixed device buffers and IO binding over the cache (and, when captured, its CUDA graph)."""
 
-    def __init__(self, owner: "StaticDecode", nb: int, graph_id: int):
-        o, ort = owner, owner.ort
-        c, cap = o.config, o.capacity
-        self.nb, self.graph_id, self.steps = nb, graph_id, 0
+    def __init__(self, cache: "StaticCache", nb: int, graph_id: int):
+        c, dev, cap, ort = cache.config, cache.device, cache.capacity, cache.device.ort
 
         def device(shape, dtype):
-            return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, o.device, o.device_id)
+            return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, dev.kind, dev.id)
 
-        self.ids_host = np.zeros((nb, 1), np.int64)
-        self.pos_host = np.zeros((nb, 1), np.int64)
-        self.ids, self.pos = device((nb, 1), np.int64), device((nb, 1), np.int64)
-        self.mask = device((nb, cap), np.int64)
-        self.logits = device((nb, o.positions, c.vocab_size), o.kv_dtype)
-        io = o.session.io_binding()
+        self.nb, self.steps = nb, 0
+        self.ids_host, self.pos_host = np.zeros((nb, 1), np.int64), np.zeros((nb, 1), np.int64)
+        self.ids, self.pos, self.mask = device((nb, 1), np.int64), device((nb, 1), np.int64), device((nb, cap), np.int64)
+        self.logits = device((nb, cache.artifact.logits_positions(1), c.vocab_size), cache.kv_dtype)
+        self.io = io = cache.session.io_binding()
         io.bind_ortvalue_input("input_ids", self.ids)
         io.bind_ortvalue_input("attention_mask", self.mask)
         io.bind_ortvalue_input("position_ids", self.pos)
-        shape = [nb, c.n_head, cap, c.head_dim]
-        for past, present, ptr in zip(o.past_names, o.present_names, o.cache_ptrs):
-            io.bind_input(past, o.device, o.device_id, o.kv_dtype, shape, ptr)
-            io.bind_output(present, o.device, o.device_id, o.kv_dtype, shape, ptr)
+        shape = [nb, c.n_head, cap, c.head_dim]  # the buffers' first nb rows
+        for past, present, buf in zip(cache.past_names, cache.present_names, cache.base):
+            ptr = dev.data_ptr(buf)
+            io.bind_input(past, dev.kind, dev.id, cache.kv_dtype, shape, ptr)
+            io.bind_output(present, dev.kind, dev.id, cache.kv_dtype, shape, ptr)
         io.bind_ortvalue_output("logits", self.logits)
-        self.io = io
         self.run_options = ort.RunOptions()
-        if o.capture:
+        if cache.capture:
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
-
-class StaticDecode:
-    """Decode steps of fixed shape per batch bucket over fixed cache buffers; captured when `capture`.
-
-    `cache_ptrs` are the device addresses of the shared cache buffers, one per past_key_values.* input in
-    order, each holding at least max(BUCKETS used) rows of (n_head, capacity, head_dim). When the owner
-    moves its buffers it calls `rebind` (the captured graphs read the old addresses; new graph ids follow).
-    """
-
-    def __init__(self, session, ort, config, *, device: str, device_id: int, kv_dtype, past_names, present_names,
-                 cache_ptrs, capacity: int, positions: int, capture: bool, max_rows: int, stats: dict | None = None):
-        self.session, self.ort, self.config = session, ort, config
-        self.device, self.device_id, self.kv_dtype = device, device_id, np.dtype(kv_dtype)
-        self.past_names, self.present_names = list(past_names), list(present_names)
-        self.capacity, self.positions, self.capture = capacity, positions, capture
-        self.buckets = tuple(b for b in BUCKETS if b <= max_rows) or (max_rows,)
-        self._next_graph_id = 0
-        self._by_size: dict[int, _Bucket] = {}
-        self.stats = stats if stats is not None else {"graph_steps": 0, "fallback_steps": 0, "captured_buckets": [],
-                                                      "fallbacks": {}}
-        self.rebind(cache_ptrs)
-
-    def resize(self, cache_ptrs, capacity: int, max_rows: int) -> None:
-        """The owner's buffers grew (rows or positions): new buckets, bound and captured anew."""
-        self.capacity = capacity
-        self.buckets = tuple(b for b in BUCKETS if b <= max_rows) or (max_rows,)
-        self.rebind(cache_ptrs)
-
-    def rebind(self, cache_ptrs) -> None:
-        """The cache moved: drop every bucket (their bindings and graphs point at the old buffers)."""
-        self.cache_ptrs = list(cache_ptrs)
-        self._by_size.clear()
-
-    def fits(self, batch: int, length: int) -> bool:
-        """Whether a decode step of `batch` rows whose longest holds `length` tokens runs here."""
-        return batch <= self.buckets[-1] and length + 1 <= self.capacity
-
-    def note_fallback(self, why: str) -> None:
-        self.stats["fallback_steps"] += 1
-        self.stats["fallbacks"][why] = self.stats["fallbacks"].get(why, 0) + 1
-
-    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """(B, 1) ids and positions, (B,) cached tokens per row -> logits (B, positions, V) float32; the new
-        keys and values land at slot lengths[b] of each row."""
-        B = input_ids.shape[0]
-        nb = next(b for b in self.buckets if b >= B)
-        b = self._by_size.get(nb)
-        if b is None:
-            b = self._by_size[nb] = _Bucket(self, nb, self._next_graph_id)
-            self._next_graph_id += 1
-        b.ids_host[:B], b.ids_host[B:] = input_ids, 0
-        b.pos_host[:B], b.pos_host[B:] = position_ids, 0
-        b.ids.update_inplace(b.ids_host)
-        b.pos.update_inplace(b.pos_host)
-        b.mask.update_inplace(static_mask(lengths, nb, self.capacity))
-        self.session.run_with_iobinding(b.io, b.run_options)
-        b.steps += 1
-        self.stats["graph_steps"] += 1
-        if self.capture and b.steps == 1:
-            self.stats["captured_buckets"].append(nb)
+    def run(self, session, ids: np.ndarray, pos: np.ndarray, lengths: np.ndarray, capacity: int) -> np.ndarray:
+        """Copy this step's ids, positions and mask into the fixed buffers, run (replay), return (B, P, V) float32."""
+        B = ids.shape[0]
+        self.ids_host[:B], self.ids_host[B:] = ids, 0
+        self.pos_host[:B], self.pos_host[B:] = pos, 0
+        self.ids.update_inplace(self.ids_host)
+        self.pos.update_inplace(self.pos_host)
+        self.mask.update_inplace(static_mask(lengths, self.nb, capacity))
+        session.run_with_iobinding(self.io, self.run_options)
+        self.steps += 1
         # a copy: on the CPU, numpy() is a view of the bucket's buffer, which the next step overwrites
-        return b.logits.numpy()[:B].astype(np.float32, copy=True)
+        return self.logits.numpy()[:B].astype(np.float32, copy=True)
 
 
 class StaticCache(SharedCache):
     """SharedCache over buffers of a fixed capacity and a bucket's rows, allocated once and kept across reset(), so
-    the decode buckets' bindings and captured graphs stay valid; decode steps that fit a bucket run through
-    StaticDecode. Only a batch past the rows held, or a sequence past the capacity, moves the buffers (the buckets
-    are then bound and captured again)."""
+    the buckets' bindings and captured graphs stay valid. Only a batch past the rows held, or a sequence past the
+    capacity, moves the buffers; the buckets are then bound and captured anew (under new graph ids)."""
 
     def __init__(self, session, artifact, device, *, capture: bool, capacity: int):
         super().__init__(session, artifact, device)
         self.capture, self.fixed_capacity = capture, capacity
-        self.steps: StaticDecode | None = None  # made with the buffers
+        self.buckets: dict[int, _Bucket] = {}  # bucket size -> its bindings, made at its first step
+        self.sizes: tuple[int, ...] = ()  # the bucket sizes the buffers' rows allow
+        self.next_graph_id = 0
         self.stats = {"graph_steps": 0, "fallback_steps": 0, "captured_buckets": [], "fallbacks": {}}
         if capture:  # prefill and cache surgery: no graph
             self.run_options = device.ort.RunOptions()
@@ -162,16 +110,25 @@ class StaticCache(SharedCache):
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: int) -> np.ndarray:
         B, T = ids.shape
-        if T == 1 and self.buffers and mask[:, -1].all():
+        if T == 1 and self.base and mask[:, -1].all():
             self.reserve(past + 1)
-            if self.steps.fits(B, int(self.rows.max())):
+            if B <= self.sizes[-1]:
                 if not np.array_equal(mask.sum(1), self.rows + 1):
                     raise BackendError("attention_mask disagrees with the cache (its ones must count each row's "
                                        "cached + new tokens); pass the same growing mask every step, or reset()")
-                logits = self.steps.run(ids, pos, self.rows)
+                nb = bucket_for(B, self.sizes)
+                if nb not in self.buckets:
+                    self.buckets[nb] = _Bucket(self, nb, self.next_graph_id)
+                    self.next_graph_id += 1
+                    if self.capture:
+                        self.stats["captured_buckets"].append(nb)
+                logits = self.buckets[nb].run(self.session, ids, pos, self.rows, self.capacity)
+                self.stats["graph_steps"] += 1
                 self.rows += 1
                 return logits
-            self.steps.note_fallback(f"batch {B} past the largest bucket {self.steps.buckets[-1]}")
+            why = f"batch {B} past the largest bucket {self.sizes[-1]}"
+            self.stats["fallback_steps"] += 1
+            self.stats["fallbacks"][why] = self.stats["fallbacks"].get(why, 0) + 1
         return super().forward(ids, mask, pos, past)
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -208,15 +165,8 @@ class StaticCache(SharedCache):
                     host[:held_rows, :, :cap] = dev.host(old)
                 grown.append(dev.buffer(host))
             self.base, self.bound = grown, None
-            ptrs = [dev.data_ptr(g) for g in grown]
-            if self.steps is None:
-                self.steps = StaticDecode(self.session, dev.ort, c, device=dev.kind, device_id=dev.id,
-                                          kv_dtype=self.kv_dtype, past_names=self.past_names,
-                                          present_names=self.present_names, cache_ptrs=ptrs, capacity=new_cap,
-                                          positions=self.artifact.logits_positions(1), capture=self.capture,
-                                          max_rows=rows, stats=self.stats)
-            else:
-                self.steps.resize(ptrs, new_cap, rows)
+            self.buckets.clear()  # their bindings and graphs read the old buffers
+            self.sizes = tuple(b for b in BUCKETS if b <= rows) or (rows,)
         if dev.cpu and (not self.buffers or len(self.buffers[0]) != batch):
             self.buffers, self.bound = [b[:batch] for b in self.base], None
         elif not dev.cpu:
