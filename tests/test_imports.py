@@ -25,7 +25,6 @@ KNOWN_CYCLE_EDGES = {
 }
 # being removed in issue #18: runtime modules importing export (runtime sits below export)
 KNOWN_RUNTIME_TO_EXPORT = {
-    ("runtime.backends.torch", "export.onnx"),  # sha256_file
     ("runtime.cli_demo", "export.onnx"),  # export_onnx of the demo model
 }
 
