@@ -19,8 +19,6 @@ PACKAGES = ("model", "export", "runtime")
 # being removed in issue #18: import cycles, each broken by dropping one of these edges
 # (function-level imports back up the chain: export_onnx builds variants, GPT loads checkpoints)
 KNOWN_CYCLE_EDGES = {
-    ("export.onnx", "export.quantize"),  # export.onnx <-> export.quantize (<- export.kv_shared)
-    ("export.onnx", "export.kv_shared"),  # export.onnx <-> export.kv_shared -> export.quantize
     ("model.gpt", "model.checkpoints"),  # model.gpt <-> model.checkpoints
 }
 # being removed in issue #18: runtime modules importing export (runtime sits below export)
