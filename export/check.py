@@ -37,7 +37,6 @@ def check_finite_weights(model: GPT) -> None:
         raise ExportError(str(e)) from None
 
 
-
 def check_symbolic_axes(path: Path, logits: str = "all") -> None:
     """Every batch / sequence / past axis of the saved graph's I/O is a named symbol, not a number.
 
@@ -226,4 +225,3 @@ def sample_eval_ids(model: GPT, batch: int = 4, seq: int = 64, seed: int = 0) ->
             logits, past = model(nxt, position_ids=torch.full_like(nxt, ids.size(1) - 1),
                                  attention_mask=torch.ones_like(ids), past=past)
     return ids.numpy()
-

@@ -89,7 +89,6 @@ def write_metadata(path: Path, artifact: Artifact) -> None:
     os.replace(tmp, path)
 
 
-
 def toposort(proto):
     """Reorder the main graph's nodes so each comes after the producers of its inputs (ONNX requires it)."""
     g = proto.graph

@@ -167,4 +167,3 @@ def check_options(opset: int, dtype: str = "fp32", quantize: str | None = None, 
         raise ExportError(f"{e}; choose all, last, or last:N for a speculative-decoding target") from None
     if kv_cache not in KV_CACHES:
         raise ExportError(f"kv_cache {kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}")
-

@@ -141,4 +141,3 @@ def _link_or_copy(src, dst) -> None:
 
 def _fsync_dir(path: Path) -> None:
     files._fsync(path)
-

@@ -64,7 +64,6 @@ def dynamic_shapes(n_layer: int) -> dict:
     }
 
 
-
 def trace_and_save(model: GPT, path: Path, opset: int, artifact: Artifact) -> None:
     import onnx_ir as ir
 
@@ -95,7 +94,6 @@ def _log_level(logger: logging.Logger, level: int):
         logger.setLevel(old)
 
 
-
 @functools.cache
 def max_opset() -> tuple[int, str]:
     """(the highest ai.onnx opset this install can export and load, what sets it): the least of torch's
@@ -117,7 +115,6 @@ def max_opset() -> tuple[int, str]:
     return limits[name], name
 
 
-
 def versions(opset: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -130,7 +127,6 @@ def versions(opset: int) -> dict:
     return out
 
 
-
 def recorded_source(source: str | os.PathLike) -> str:
     """`source` as the metadata records it: a local path absolute and resolved (so the torch reference loads
     that checkpoint from any directory, not whatever the relative path names there); hub names and
@@ -140,4 +136,3 @@ def recorded_source(source: str | os.PathLike) -> str:
         return source
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else source
-

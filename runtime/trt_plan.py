@@ -23,8 +23,8 @@ import numpy as np
 from model.config import GPTConfig
 
 # ENGINE_NAME, resolve_engine, sidecar_path: the file names live with the rest in artifact.py (imported from here too)
-from .artifact import (ENGINE_NAME, Artifact, ArtifactError, Record, check_io, input_names, resolve_engine,  # noqa: F401
-                       sidecar_path)
+from .artifact import ENGINE_NAME, resolve_engine, sidecar_path  # noqa: F401
+from .artifact import Artifact, ArtifactError, Record, check_io, input_names
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
 
