@@ -53,7 +53,8 @@ def run(args) -> int:
 
     from model import GPT
 
-    from .onnx import check_options, export_onnx, prepare_out_dir
+    from .onnx import check_options, export_onnx
+    from .publish import prepare_out_dir
 
     check_options(args.opset, args.dtype, args.quantize, args.logits, args.kv_cache)  # cheap checks before a slow load
     out = Path(args.out).expanduser()
@@ -85,7 +86,7 @@ def missing_dirs(path: Path) -> list[Path]:
 def remove_made_dirs(made: list[Path]) -> None:
     """Remove the folders `missing_dirs` listed, deepest first, while they are empty (our `.export-*` temp
     folders aside): never a file, nor a folder something else has since written into."""
-    from .onnx import clear_temp_dirs
+    from .publish import clear_temp_dirs
 
     if made and made[0].is_dir():
         clear_temp_dirs(made[0])

@@ -15,13 +15,17 @@ a left-padded prefill runs row by row; a decode step needs every row's newest ma
 graph runs on onnxruntime only (CPU: fp32 / fp16; CUDA: fp16), never on TensorRT.
 
     proto = share_kv_cache(onnx.load("out/x/model.onnx"), config)
+    share_kv_cache_file(Path("out/x/model.onnx"), config)   # the same, rewriting the file (and its data)
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
 from runtime.artifact import ArtifactError
+
+from .graph import save_model, toposort
 
 MS_DOMAIN = "com.microsoft"
 SEQLENS, TOTAL = "gqa.seqlens_k", "gqa.total_sequence_length"
@@ -119,9 +123,14 @@ def share_kv_cache(proto, config):
             v.type.tensor_type.shape.dim[2].dim_param = "present_sequence"
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.add(domain=MS_DOMAIN, version=1)
-    from .quantize import toposort
-
     return toposort(proto)
+
+
+def share_kv_cache_file(path: Path, config) -> None:
+    """share_kv_cache on the graph saved at `path`, written back there (external data included)."""
+    import onnx
+
+    save_model(share_kv_cache(onnx.load(str(path)), config), path)
 
 
 def prune(proto) -> None:

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import read_onnx_artifact
+from runtime.artifact import data_digests, read_onnx_artifact, resolve_onnx
 
-from .onnx import (ExportError, check_external_data, clear_temp_dirs, data_digests, new_session, prepare_out_dir,
-                   publish, save_model, write_metadata)
+from .check import new_session
+from .graph import ExportError, check_external_data, save_model, toposort, write_metadata
+from .publish import clear_temp_dirs, prepare_out_dir, publish
 
 VARIANTS = ("fp16", "int8", "int4")
 # precision -> (min top-1 agreement with fp32, max relative perplexity increase)
@@ -161,29 +162,6 @@ def _same_computation(a, b) -> bool:
     b2.CopyFrom(b)
     a2.name = b2.name = ""
     return a2.SerializeToString(deterministic=True) == b2.SerializeToString(deterministic=True)
-
-
-def toposort(proto):
-    """Reorder the main graph's nodes so each comes after the producers of its inputs (ONNX requires it)."""
-    g = proto.graph
-    known = {""} | {v.name for v in g.input} | {t.name for t in g.initializer}
-    pending, ordered = list(g.node), []
-    while pending:
-        ready = [n for n in pending if all(i in known for i in n.input)]
-        if not ready:
-            raise ExportError(f"graph has a cycle or undefined inputs at {[n.name for n in pending[:5]]}")
-        ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ids]
-        for n in ready:
-            known.update(n.output)
-        ordered.extend(ready)
-    if [id(n) for n in ordered] != [id(n) for n in g.node]:
-        copies = [type(n)() for n in ordered]
-        for c, n in zip(copies, ordered):
-            c.CopyFrom(n)
-        del g.node[:]
-        g.node.extend(copies)
-    return proto
 
 
 def untie_lm_head(proto):
@@ -368,8 +346,6 @@ def quantize_onnx(src_dir: str | os.PathLike, out_dir: str | os.PathLike, precis
     Returns:
         the path of the variant's model.onnx.
     """
-    from runtime.artifact import resolve_onnx
-
     src = resolve_onnx(src_dir)
     art = read_onnx_artifact(src)
     if art.precision != "fp32":

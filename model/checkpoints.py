@@ -1,12 +1,14 @@
 """Load GPT weights from wherever users keep them, with one table of key renames.
 
-Sources `load_model` takes:
+Sources `read_checkpoint` reads (and `GPT.from_pretrained`, model/gpt.py, builds a model from):
 - a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin);
 - a folder this project wrote (config.json holding a GPTConfig + model.safetensors);
 - a nanoGPT `ckpt.pt` ({'model': state_dict, 'model_args': {...}}, as nanoGPT's train.py saves it);
 - a hub name (`gpt2`, `gpt2-medium`, `org/name`, ...) via huggingface_hub, when online;
 - `random:PRESET` or `random:PRESET@SEED` for an explicitly requested seeded random model.
 
+Below model/gpt.py: this module reads configs and state dicts and checks them against the shapes a config
+implies (`state_shapes`), without the GPT class; the model is built by GPT.from_pretrained.
 Nothing here can run code from a checkpoint: pickles load with `torch.load(weights_only=True)`.
 Random weights are never substituted for requested pretrained ones.
 """
@@ -22,7 +24,6 @@ from pathlib import Path
 import torch
 
 from .config import GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from .gpt import GPT
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 # HF GPT-2 stores these as Conv1D, (in, out): transposed relative to nn.Linear
@@ -48,46 +49,34 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe or does not match the model."""
 
 
-def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, gelu: str | None = None) -> GPT:
-    """Build a GPT from `source` (see the module docstring); returns it in eval mode.
+def read_checkpoint(source: str | os.PathLike, *, gelu: str | None = None) -> tuple[GPTConfig, dict, list[Path]]:
+    """(config, state dict checked against it, the files read) of a checkpoint folder, ckpt.pt or hub name.
 
-    Args:
-        source: folder, ckpt.pt path, hub name or `random:PRESET[@SEED]`.
-        dtype: parameter dtype of the returned model.
-        gelu: override the GELU form the loader picks ("tanh" for GPT-2 weights, "exact" for nanoGPT).
-    Returns:
-        the model, with `model.checkpoint_files` listing the files its weights came from.
+    gelu overrides the GELU form the reader picks ("tanh" for GPT-2 weights, "exact" for nanoGPT). The state
+    is normalized to GPT's keys and checked (shapes from the config alone, values finite) before anything the
+    size of the model is allocated.
     """
     source = os.fspath(source)
-    if source.startswith("random:"):
-        model, files = _load_random(source[len("random:"):]), []
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config, state, files = _read_folder(path)
+    elif path.is_file():
+        config, state, files = _read_nanogpt_ckpt(path)
+    elif path.exists():
+        raise CheckpointError(f"{path} is neither a file nor a folder")
+    elif not is_hub_name(source):
+        raise CheckpointError(
+            f"checkpoint {source!r} does not exist; give a Hugging Face GPT-2 folder, a nanoGPT "
+            f"ckpt.pt, a hub name ({', '.join(HUB_NAMES)}) or random:PRESET")
     else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            config, state, files = _read_folder(path)
-        elif path.is_file():
-            config, state, files = _read_nanogpt_ckpt(path)
-        elif path.exists():
-            raise CheckpointError(f"{path} is neither a file nor a folder")
-        elif not is_hub_name(source):
-            raise CheckpointError(
-                f"checkpoint {source!r} does not exist; give a Hugging Face GPT-2 folder, a nanoGPT "
-                f"ckpt.pt, a hub name ({', '.join(HUB_NAMES)}) or random:PRESET")
-        else:
-            config, state, files = _read_folder(_download_from_hub(source))
-        if gelu:
-            config = dataclasses.replace(config, gelu=gelu)
-        # shapes and values are checked before GPT(config) allocates: a small file whose config claims
-        # n_layer=2000, n_embd=16384 would otherwise take all memory before its first shape was compared
-        state = _check_state(config, state, files[0])
-        model = GPT(config)
-        _load_state(model, state)
-    model.checkpoint_files = files
-    return model.to(dtype).eval()
+        config, state, files = _read_folder(_download_from_hub(source))
+    if gelu:
+        config = dataclasses.replace(config, gelu=gelu)
+    return config, _check_state(config, state, files[0]), files
 
 
 def is_hub_name(source: str) -> bool:
-    """Whether load_model fetches `source` from the Hugging Face hub (`gpt2`, `org/name`): nothing by that name
+    """Whether read_checkpoint fetches `source` from the Hugging Face hub (`gpt2`, `org/name`): nothing by that name
     here, and it does not read as a path (`./x`, `x.pt`, `a/b/c`, or `out/typo` where `out` is a local folder)."""
     s = os.fspath(source)
     if s.startswith("random:") or Path(s).expanduser().exists():
@@ -96,7 +85,8 @@ def is_hub_name(source: str) -> bool:
     return not path_like and not ("/" in s and Path(s.split("/")[0]).is_dir())
 
 
-def _load_random(spec: str) -> GPT:
+def random_spec(spec: str) -> tuple[GPTConfig, int]:
+    """`PRESET[@SEED]` (of `random:PRESET[@SEED]`) -> (the preset's config, the seed)."""
     name, _, seed = spec.partition("@")
     if name not in PRESETS:
         raise CheckpointError(f"unknown preset {name!r} in random:{spec}; choose one of {sorted(PRESETS)}")
@@ -104,7 +94,7 @@ def _load_random(spec: str) -> GPT:
         seed_value = int(seed or 0)
     except ValueError:
         raise CheckpointError(f"random:{spec}: seed {seed!r} is not an integer (e.g. random:{name}@0)") from None
-    return GPT(PRESETS[name]).init_weights(seed_value)
+    return PRESETS[name], seed_value
 
 
 # ---------------------------------------------------------------------------------- file readers
@@ -265,11 +255,30 @@ def _normalize_keys(state: dict, where: Path) -> dict:
     return out
 
 
+def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """{state_dict key: shape} of GPT(config), without building it (nothing allocated): a checkpoint is
+    checked against this before the model is constructed. Tied lm_head listed once, as lm_head.weight."""
+    C, V = config.n_embd, config.vocab_size
+    shapes = {"transformer.wpe.weight": (config.block_size, C)}
+    layer = {"ln_1.weight": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_proj.weight": (C, C),
+             "ln_2.weight": (C,), "mlp.c_fc.weight": (4 * C, C), "mlp.c_proj.weight": (C, 4 * C)}
+    if config.bias:
+        layer.update({"ln_1.bias": (C,), "attn.c_attn.bias": (3 * C,), "attn.c_proj.bias": (C,),
+                      "ln_2.bias": (C,), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.bias": (C,)})
+    for i in range(config.n_layer):
+        shapes.update({f"transformer.h.{i}.{k}": s for k, s in layer.items()})
+    shapes["transformer.ln_f.weight"] = (C,)
+    if config.bias:
+        shapes["transformer.ln_f.bias"] = (C,)
+    shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
 def _check_state(config: GPTConfig, state: dict, where: Path) -> dict:
     """The normalized state if it holds exactly GPT(config)'s tensors, with their shapes, all finite; else a
     CheckpointError naming the differences. Reads shapes from the config alone: nothing is allocated."""
     state = _normalize_keys(state, where)
-    expected = GPT.state_shapes(config)
+    expected = state_shapes(config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = []
@@ -310,10 +319,10 @@ def check_finite(state: dict, where) -> None:
                 f"checkpoint is corrupt or its training diverged: load an earlier checkpoint")
 
 
-def _load_state(model: GPT, state: dict) -> None:
-    """Copy a state _check_state accepted into `model`."""
+def load_state(model: torch.nn.Module, state: dict) -> None:
+    """Copy a state read_checkpoint returned (checked against state_shapes) into `model`, a GPT."""
     expected = {k: v for k, v in model.state_dict().items() if k != "transformer.wte.weight"}
-    assert set(expected) == set(state), "state not checked against GPT.state_shapes"
+    assert set(expected) == set(state), "state not checked against state_shapes"
     with torch.no_grad():
         for key, tensor in state.items():
             expected[key].copy_(tensor.to(expected[key].dtype))
@@ -323,8 +332,8 @@ def _short(keys: list[str]) -> str:
     return str(keys[:6])[:-1] + (f", ... {len(keys) - 6} more]" if len(keys) > 6 else "]")
 
 
-def save_model(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `model` as a folder this project (and `load_model`) reads: config.json + model.safetensors."""
+def save_model(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `model` (a GPT) as a folder this project (GPT.from_pretrained) reads: config.json + model.safetensors."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)

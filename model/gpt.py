@@ -12,11 +12,13 @@ built from absolute cache slots, so it is right whatever the query length and pa
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .checkpoints import load_state, random_spec, read_checkpoint
 from .config import GPTConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (B, nh, P, hs)
@@ -155,28 +157,27 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T or k, vocab)
         return logits, tuple(present)
 
-    @staticmethod
-    def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-        """{state_dict key: shape} of GPT(config), without building it (nothing allocated): a checkpoint is
-        checked against this before the model is constructed. Tied lm_head listed once, as lm_head.weight."""
-        C, V = config.n_embd, config.vocab_size
-        shapes = {"transformer.wpe.weight": (config.block_size, C)}
-        layer = {"ln_1.weight": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_proj.weight": (C, C),
-                 "ln_2.weight": (C,), "mlp.c_fc.weight": (4 * C, C), "mlp.c_proj.weight": (C, 4 * C)}
-        if config.bias:
-            layer.update({"ln_1.bias": (C,), "attn.c_attn.bias": (3 * C,), "attn.c_proj.bias": (C,),
-                          "ln_2.bias": (C,), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.bias": (C,)})
-        for i in range(config.n_layer):
-            shapes.update({f"transformer.h.{i}.{k}": s for k, s in layer.items()})
-        shapes["transformer.ln_f.weight"] = (C,)
-        if config.bias:
-            shapes["transformer.ln_f.bias"] = (C,)
-        shapes["lm_head.weight"] = (V, C)
-        return shapes
-
     @classmethod
-    def from_pretrained(cls, source: str, **kwargs) -> "GPT":
-        """Load weights from a local HF GPT-2 folder, a nanoGPT ckpt.pt, a hub name, or `random:PRESET`."""
-        from .checkpoints import load_model
+    def from_pretrained(cls, source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        gelu: str | None = None) -> "GPT":
+        """Build a GPT from a checkpoint (model/checkpoints.py); returns it in eval mode.
 
-        return load_model(source, **kwargs)
+        Args:
+            source: a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt, a hub name, or `random:PRESET[@SEED]`.
+            dtype: parameter dtype of the returned model.
+            gelu: override the GELU form the loader picks ("tanh" for GPT-2 weights, "exact" for nanoGPT).
+        Returns:
+            the model, with `model.checkpoint_files` listing the files its weights came from.
+        """
+        source = os.fspath(source)
+        if source.startswith("random:"):
+            config, seed = random_spec(source[len("random:"):])
+            model, files = cls(config).init_weights(seed), []
+        else:
+            # shapes and values are checked before cls(config) allocates: a small file whose config claims
+            # n_layer=2000, n_embd=16384 would otherwise take all memory before its first shape was compared
+            config, state, files = read_checkpoint(source, gelu=gelu)
+            model = cls(config)
+            load_state(model, state)
+        model.checkpoint_files = files
+        return model.to(dtype).eval()

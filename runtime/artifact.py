@@ -1,19 +1,27 @@
-"""What an exported artifact says about itself: the schema shared by export/ and runtime/.
+"""What an exported artifact says about itself, what its files are called, and how to prove they belong together.
 
-A `model.onnx` carries, in its `metadata_props`, everything the runtime needs: the GPTConfig, the I/O
-names and layout, the tokenizer name, the precision, where it came from and what built it. The same
-schema serialises to a JSON sidecar for TensorRT engines. Pure Python: no torch, no onnx required.
+The one home of artifact knowledge, shared by export/ (which writes it) and runtime/ (which reads it):
+- the schema: a `model.onnx` carries, in its `metadata_props`, everything the runtime needs (`Artifact`: the
+  GPTConfig, the I/O names and layout, the tokenizer name, the precision, where it came from and what built
+  it); a TensorRT engine's JSON sidecar (runtime/trt_plan.py's `EngineMeta`) wraps one. Both are a `Record`:
+  a frozen dataclass with a format tag and a JSON round-trip;
+- the names: ONNX_NAME and its data file (`data_path`), ENGINE_NAME and its sidecar (`sidecar_path`), and
+  `resolve_onnx` / `resolve_engine` (a folder or the file -> the file, or an error saying how to make one);
+- the digests: `data_digests` computes at export what `check_weights` verifies at load.
+Pure Python: no torch; onnx only where a graph is read.
 
     art = Artifact(config=cfg, precision="fp32"); props = art.to_metadata()
     Artifact.from_metadata(props, where="model.onnx") == art
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from model.config import GPTConfig
 
@@ -54,6 +62,23 @@ class ArtifactError(ValueError):
     """An artifact that is not ours, is damaged, or does not match what the runtime expects."""
 
 
+ONNX_NAME = "model.onnx"
+ENGINE_NAME = "model.engine"
+
+
+def data_path(onnx_path: str | Path) -> Path:
+    """The external data file beside a graph: its full name + ".data" (model.onnx.data)."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    """The sidecar of an engine file: its full name + ".json" (model.engine.json, x.plan.json). The only place
+    the name is made: the builder writes there, the backend and the benchmark read there."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
 def input_names(n_layer: int) -> list[str]:
     return ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
@@ -64,7 +89,53 @@ def output_names(n_layer: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Artifact:
+class Record:
+    """A frozen dataclass that describes an artifact file and round-trips through a dict / JSON file under a format
+    tag (FORMAT, its version). Nested values serialise through their own to_dict (a GPTConfig, an Artifact)."""
+    FORMAT: ClassVar[str] = ""
+    KIND: ClassVar[str] = "artifact metadata"  # what a read error calls the file
+    READ_HINT: ClassVar[str] = ""  # appended to a read error: how to make a good one
+
+    def to_dict(self) -> dict:
+        d = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d["format"] = self.FORMAT
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str):
+        raise NotImplementedError
+
+    @classmethod
+    def _check_format(cls, d: dict, what: str, fix: str) -> None:
+        if d.get("format") != cls.FORMAT:
+            raise ArtifactError(f"{what} (format {d.get('format')!r}, expected {cls.FORMAT!r}); {fix}")
+
+    @classmethod
+    def _plain_fields(cls, d: dict, *nested: str) -> dict:
+        """The fields of `d` that are this class's own, less the `nested` ones the subclass builds itself."""
+        return {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name in d}
+
+    def write_json(self, path: str | Path) -> None:
+        from .files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read_json(cls, path: str | Path):
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"cannot read {cls.KIND} {path}: {e}{cls.READ_HINT}") from None
+        return cls.from_dict(d, str(path))
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, "to_dict") else copy.deepcopy(value)
+
+
+@dataclass(frozen=True)
+class Artifact(Record):
+    FORMAT: ClassVar[str] = FORMAT
     config: GPTConfig
     precision: str = "fp32"
     tokenizer: str = "gpt2"
@@ -104,9 +175,7 @@ class Artifact:
         return min(seq, keep) if keep else seq
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["config"] = self.config.to_dict()
-        d["format"] = FORMAT
+        d = super().to_dict()
         d["inputs"], d["outputs"], d["kv_layout"] = self.inputs, self.outputs, list(KV_LAYOUT)
         return d
 
@@ -117,12 +186,10 @@ class Artifact:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "artifact") -> "Artifact":
-        if d.get("format") != FORMAT:
-            raise ArtifactError(f"{where} was not exported by nanogpt-deploy (format {d.get('format')!r}, expected "
-                                f"{FORMAT!r}); export it with `nanogpt-deploy export SOURCE --out DIR`")
+        cls._check_format(d, f"{where} was not exported by nanogpt-deploy",
+                          "export it with `nanogpt-deploy export SOURCE --out DIR`")
         try:
-            art = cls(config=GPTConfig.from_dict(d["config"]),
-                      **{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "config" and f.name in d})
+            art = cls(config=GPTConfig.from_dict(d["config"]), **cls._plain_fields(d, "config"))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{where}: damaged nanogpt-deploy metadata: {e}") from None
         if d.get("inputs", art.inputs) != art.inputs or d.get("outputs", art.outputs) != art.outputs:
@@ -145,17 +212,20 @@ class Artifact:
                                 f"`nanogpt-deploy export SOURCE --out DIR` (graphs from other exporters are not supported)")
         return cls.from_dict(d, where)
 
-    def write_json(self, path: str | Path) -> None:
-        from .files import atomic_write_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+def data_digests(path: str | Path) -> dict[str, str]:
+    """{file name: sha256} of every external data file the graph `path` references (`{}` when its weights are all
+    inside it): recorded at export (Artifact.data_sha256), so check_weights can prove the weights beside it are the
+    exported ones. Needs onnx (the exporter's dependency)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    @classmethod
-    def read_json(cls, path: str | Path) -> "Artifact":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()), str(path))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"cannot read artifact metadata {path}: {e}") from None
+    from .files import sha256_file
+
+    path = Path(path)
+    m = onnx.load(str(path), load_external_data=False)
+    names = sorted({ExternalDataInfo(t).location for t in m.graph.initializer if uses_external_data(t)})
+    return {name: sha256_file(path.parent / name) for name in names}
 
 
 def check_weights(onnx_path: str | Path, artifact: Artifact) -> str:
@@ -212,7 +282,12 @@ def resolve_file(path: str | Path, name: str, how_to_make: str) -> Path:
 
 def resolve_onnx(path: str | Path) -> Path:
     """`DIR` or `DIR/model.onnx` -> the model.onnx path."""
-    return resolve_file(path, "model.onnx", "create one with `nanogpt-deploy export SOURCE --out DIR`")
+    return resolve_file(path, ONNX_NAME, "create one with `nanogpt-deploy export SOURCE --out DIR`")
+
+
+def resolve_engine(path: str | Path) -> Path:
+    """`DIR` or `DIR/model.engine` -> the engine path, with a clear error when it is not there."""
+    return resolve_file(path, ENGINE_NAME, "build one with `nanogpt-deploy build-engine MODEL_DIR --out ENGINE`")
 
 
 def read_onnx_artifact(path: str | Path) -> Artifact:

@@ -1,5 +1,5 @@
 """Atomic file writes: a crash or kill (or a power loss: the data is flushed before the rename) leaves the old
-file or none, never a half-written one; a whole folder is swapped in with exchange_paths (see export/onnx.py's
+file or none, never a half-written one; a whole folder is swapped in with exchange_paths (see export/publish.py's
 publish) and a swap killed half-way is undone by recover_folder. And the sha256 of a file, fast enough for a 500 MB weights file."""
 from __future__ import annotations
 

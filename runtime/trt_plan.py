@@ -13,20 +13,20 @@ the benchmark all read engines through this module; all of it is unit-tested on 
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from model.config import GPTConfig
 
-from .artifact import Artifact, ArtifactError, check_io, input_names, resolve_file
-from .files import atomic_write_text
+# ENGINE_NAME, resolve_engine, sidecar_path: the file names live with the rest in artifact.py (imported from here too)
+from .artifact import ENGINE_NAME, resolve_engine, sidecar_path  # noqa: F401
+from .artifact import Artifact, ArtifactError, Record, check_io, input_names
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
-ENGINE_NAME = "model.engine"
 
 
 class TensorRTError(RuntimeError):
@@ -69,8 +69,11 @@ def suggest_max_seq(need: int, block_size: int) -> int:
 # ---- the sidecar -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class EngineMeta:
+class EngineMeta(Record):
     """What model.engine.json says about its engine (written by export.tensorrt.build_engine)."""
+    FORMAT: ClassVar[str] = ENGINE_FORMAT
+    KIND: ClassVar[str] = "engine sidecar"
+    READ_HINT: ClassVar[str] = "; rebuild the engine with `nanogpt-deploy build-engine MODEL_DIR --out ENGINE`"
     artifact: Artifact
     tensorrt_version: str
     gpu_name: str
@@ -96,20 +99,17 @@ class EngineMeta:
         return c if self.max_seq >= c.block_size else dataclasses.replace(c, block_size=self.max_seq)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["artifact"] = self.artifact.to_dict()
-        d["format"], d["precision"] = ENGINE_FORMAT, self.precision
+        d = super().to_dict()
+        d["precision"] = self.precision
         return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "engine sidecar") -> "EngineMeta":
-        if d.get("format") != ENGINE_FORMAT:
-            raise ArtifactError(f"{where} is not a nanogpt-deploy engine sidecar (format {d.get('format')!r}, "
-                                f"expected {ENGINE_FORMAT!r}); build the engine with `nanogpt-deploy build-engine`")
+        cls._check_format(d, f"{where} is not a nanogpt-deploy engine sidecar",
+                          "build the engine with `nanogpt-deploy build-engine`")
         try:
             art = Artifact.from_dict(d["artifact"], where)
-            meta = cls(artifact=art, **{f.name: d[f.name] for f in dataclasses.fields(cls)
-                                        if f.name != "artifact" and f.name in d})
+            meta = cls(artifact=art, **cls._plain_fields(d, "artifact"))
             for p in meta.profiles:
                 missing = [n for n in art.inputs if n not in p["shapes"]]
                 if missing:
@@ -121,18 +121,6 @@ class EngineMeta:
         if d.get("precision", meta.precision) != meta.precision:
             raise ArtifactError(f"{where}: precision {d['precision']!r} disagrees with its artifact's {meta.precision!r}")
         return meta
-
-    def write_json(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def read_json(cls, path: str | Path) -> "EngineMeta":
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"cannot read engine sidecar {path}: {e}; rebuild the engine with "
-                                f"`nanogpt-deploy build-engine MODEL_DIR --out ENGINE`") from None
-        return cls.from_dict(d, str(path))
 
     def rebuild_command(self, engine: str | Path, max_batch: int | None = None, max_seq: int | None = None) -> str:
         src = Path(self.source_onnx).parent if self.source_onnx else Path("MODEL_DIR")
@@ -170,19 +158,6 @@ class EngineMeta:
             raise TensorRTError(f"no engine profile holds batch {batch}, sequence {seq}, past {past} "
                                 f"(profiles: {[p['name'] for p in self.profiles]}); rebuild the engine")
         return min(fits, key=lambda k: self.profiles[k]["shapes"]["input_ids"]["max"][1])
-
-
-def resolve_engine(path: str | Path) -> Path:
-    """`DIR` or `DIR/model.engine` -> the engine path, with a clear error when it is not there."""
-    return resolve_file(path, ENGINE_NAME, "build one with `nanogpt-deploy build-engine MODEL_DIR --out ENGINE`")
-
-
-def sidecar_path(engine: str | Path) -> Path:
-    """The sidecar of an engine file: its full name + ".json" (model.engine.json, x.plan.json). The only place
-    the name is made: the builder writes there, the backend and the benchmark read there."""
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".json")
-
 
 
 # ---- compatibility ----------------------------------------------------------------------------------

@@ -198,10 +198,11 @@ def main() -> int:
     if args.phase in ("export", "all"):
         @section(out, "exports")
         def _():
-            from export.onnx import data_digests, export_onnx, write_metadata
+            from export.graph import write_metadata
+            from export.onnx import export_onnx
             from export.quantize import make_variant
             from model import GPT
-            from runtime.artifact import read_onnx_artifact
+            from runtime.artifact import data_digests, read_onnx_artifact
 
             model, took = GPT.from_pretrained(args.checkpoint), {}
             for name, dt, kv in (("fp32", "fp32", "concat"), ("fp32-shared", "fp32", "shared"),

@@ -164,7 +164,7 @@ def save_checkpoint(path: Path, model, optimizer, it: int, gen: torch.Generator,
         "args": {k: v for k, v in vars(args).items() if k not in ("resume", "sample", "prompt")},
         "log": log,
     }
-    if cfg["gelu"] == "exact":  # nanoGPT's key: load_model then reads this file as a nanoGPT ckpt.pt,
+    if cfg["gelu"] == "exact":  # nanoGPT's key: GPT.from_pretrained then reads this file as a nanoGPT ckpt.pt,
         # which it assumes uses exact GELU (and it takes gelu / real_vocab_size as separate arguments)
         state["model_args"] = {k: v for k, v in cfg.items() if k not in ("gelu", "real_vocab_size")}
     tmp = path / (CKPT_NAME + ".tmp")

@@ -51,7 +51,7 @@ def onnx_with_a_nan_weight(src, dst_dir, initializer: str = "model.lm_head.weigh
     import onnx
     from onnx import numpy_helper
 
-    from export.onnx import save_model
+    from export.graph import save_model
 
     m = onnx.load(str(src))
     t = next(t for t in m.graph.initializer if t.name == initializer)

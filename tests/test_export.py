@@ -44,7 +44,7 @@ def test_io_names_and_symbolic_axes(tiny_onnx_dir, tiny_model):
 def test_symbolic_axes_check_catches_a_fixed_axis(tiny_onnx_dir, tmp_path):
     import onnx
 
-    from export.onnx import check_symbolic_axes
+    from export.check import check_symbolic_axes
 
     m = _graph(tiny_onnx_dir / "model.onnx")
     m.graph.input[3].type.tensor_type.shape.dim[2].dim_value = 5  # past_key_values.0.key past axis
@@ -57,7 +57,7 @@ def test_symbolic_axes_check_catches_a_fixed_axis(tiny_onnx_dir, tmp_path):
 @pytest.mark.parametrize("seq", [1, 7])
 @pytest.mark.parametrize("past", [0, 5])
 def test_parity_grid(tiny_onnx_dir, tiny_model, batch, seq, past):
-    from export.onnx import check_parity
+    from export.check import check_parity
 
     r = check_parity(tiny_model, tiny_onnx_dir / "model.onnx", shapes=[(batch, seq, past, 0)], seed=batch * 100 + seq * 10 + past)
     assert r["max_abs_diff"] <= 1e-4, f"B{batch}xT{seq}xP{past}: max|Δ|={r['max_abs_diff']:.2e} > 1e-4"
@@ -65,7 +65,7 @@ def test_parity_grid(tiny_onnx_dir, tiny_model, batch, seq, past):
 
 @pytest.mark.parametrize("shape", [(2, 7, 0, 3), (2, 1, 5, 2), (2, 3, 5, 4)], ids=["prefill", "decode", "chunk"])
 def test_parity_left_padded_batch(tiny_onnx_dir, tiny_model, shape):
-    from export.onnx import check_parity, parity_feeds
+    from export.check import check_parity, parity_feeds
 
     r = check_parity(tiny_model, tiny_onnx_dir / "model.onnx", shapes=[shape], seed=1)
     assert r["max_abs_diff"] <= 1e-4, f"{shape}: max|Δ|={r['max_abs_diff']:.2e}"
@@ -74,7 +74,7 @@ def test_parity_left_padded_batch(tiny_onnx_dir, tiny_model, shape):
 
 
 def test_parity_check_names_outputs_when_graph_differs(tiny_onnx_dir):
-    from export.onnx import check_parity
+    from export.check import check_parity
     from model import GPT
 
     other = GPT.from_pretrained("random:tiny@1")  # same shapes, other weights
@@ -106,10 +106,10 @@ def test_tied_embedding_stored_once(tiny_onnx_dir, tiny_model):
 
 
 def test_cli_export_from_folder_records_checkpoint_hash(tmp_path, tiny_model, capsys):
-    from export.onnx import sha256_file
     from model.checkpoints import save_model
     from runtime.artifact import read_onnx_artifact
     from runtime.cli import main
+    from runtime.files import sha256_file
 
     ckpt = save_model(tiny_model, tmp_path / "ckpt")
     out = tmp_path / "out"
@@ -185,6 +185,7 @@ def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_export(tmp_path,
     atomic exchange that holds at every instant; with two renames, after the next load's recovery. The next export
     into DIR leaves no `.export-*` / `.DIR.publish-*` / `.DIR.old-*` behind."""
     import export.onnx as ex
+    from export.publish import prepare_out_dir, publish
     from model import GPT
     from runtime import files
     from runtime.artifact import read_onnx_artifact
@@ -219,7 +220,7 @@ def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_export(tmp_path,
             for mod, name in mutators:
                 wrap(mod, name)
             try:
-                ex.publish(out / ".export-test", out)
+                publish(out / ".export-test", out)
                 done = True
             except KeyboardInterrupt:
                 done = False
@@ -227,7 +228,7 @@ def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_export(tmp_path,
         state = _export_state(out, digests)  # a load: recovers a half-done two-rename swap first
         states.append(state)
         assert load_backend("onnxruntime", str(out)).artifact.data_sha256 is not None
-        ex.prepare_out_dir(out, force=False)  # what the next export does first
+        prepare_out_dir(out, force=False)  # what the next export does first
         leftovers = sorted(p.name for p in [*out.parent.iterdir(), *out.iterdir()] if p.name.startswith("."))
         assert leftovers == [], f"step {k}: {leftovers}"
         assert sorted(os.listdir(out)) == ["model.onnx", "model.onnx.data"], os.listdir(out)
@@ -241,6 +242,7 @@ def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_export(tmp_path,
 def test_export_killed_while_publishing_over_a_previous_export_keeps_it(tmp_path, tiny_onnx_dir, monkeypatch):
     """The old behaviour removed the old model.onnx first: a crash while the new data file moved in left no export."""
     import export.onnx as ex
+    from export.publish import OURS
     from model import GPT
     from runtime import files
     from runtime.artifact import read_onnx_artifact
@@ -266,7 +268,7 @@ def test_export_killed_while_publishing_over_a_previous_export_keeps_it(tmp_path
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert read_onnx_artifact(out).data_sha256 == read_onnx_artifact(tiny_onnx_dir).data_sha256
     ex.export_onnx(GPT.from_pretrained("random:tiny@1"), out, validate=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(os.listdir(out)) == list(ex.OURS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(os.listdir(out)) == list(OURS)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -320,10 +322,12 @@ def test_external_data_with_forced_small_threshold(tmp_path, tiny_model, monkeyp
     import onnx
     from onnx.external_data_helper import uses_external_data
 
+    import export.graph as graph
     import export.onnx as ex
+    from export.check import check_parity
     from export.quantize import quantize_onnx
 
-    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 64)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 64)
     p = ex.export_onnx(tiny_model, tmp_path / "fp32")
     q = quantize_onnx(tmp_path / "fp32", tmp_path / "fp16", "fp16", gate=False)
     for path in (p, q):
@@ -336,12 +340,12 @@ def test_external_data_with_forced_small_threshold(tmp_path, tiny_model, monkeyp
         assert n_external >= 4 * tiny_model.config.n_layer + 2, n_external  # every weight matrix, wte and wpe
         onnx.checker.check_model(str(path))
     moved = shutil.move(str(tmp_path / "fp32"), str(tmp_path / "elsewhere"))
-    r = ex.check_parity(tiny_model, Path(moved) / "model.onnx", shapes=[(2, 3, 4, 1)])
+    r = check_parity(tiny_model, Path(moved) / "model.onnx", shapes=[(2, 3, 4, 1)])
     assert r["max_abs_diff"] <= 1e-4
     # and the checker catches a data file that does not match
     (Path(moved) / "model.onnx.data").write_bytes(b"short")
     with pytest.raises(ExportError, match="past the end of model.onnx.data"):
-        ex.check_external_data(Path(moved) / "model.onnx")
+        graph.check_external_data(Path(moved) / "model.onnx")
 
 
 @pytest.mark.slow
@@ -371,7 +375,7 @@ def last_onnx_dir(tmp_path_factory, tiny_model):
 
 
 def test_last_logits_export_validates_with_one_position(last_onnx_dir, tiny_model):
-    from export.onnx import PARITY_SHAPES, check_parity, check_symbolic_axes
+    from export.check import PARITY_SHAPES, check_parity, check_symbolic_axes
     from runtime.artifact import read_onnx_artifact
 
     art = read_onnx_artifact(last_onnx_dir)
@@ -549,7 +553,7 @@ def test_failed_export_removes_only_the_out_dir_it_created(tmp_path, capsys, mon
 
 
 def test_cli_export_records_the_absolute_source_and_readable_modes(tmp_path, tiny_model, monkeypatch, capsys):
-    from export.onnx import recorded_source
+    from export.trace import recorded_source
     from model.checkpoints import save_model
     from runtime.artifact import read_onnx_artifact
     from runtime.cli import main
@@ -585,6 +589,7 @@ def test_every_variant_file_gets_the_umask_mode(tmp_path, tiny_model, options):
 def test_every_variant_records_the_digest_of_its_own_weights(tmp_path, tiny_onnx_dir, tiny_model, monkeypatch):
     """export_onnx (shared cache, int8) and quantize_onnx record the sha256 of the data file they publish, not
     their source's; a model whose weights all live inside model.onnx records {} (nothing outside to prove)."""
+    import export.graph as graph
     import export.onnx as ex
     from export.quantize import quantize_onnx
     from runtime.artifact import check_weights, read_onnx_artifact
@@ -597,7 +602,7 @@ def test_every_variant_records_the_digest_of_its_own_weights(tmp_path, tiny_onnx
         art = read_onnx_artifact(path)
         assert art.data_sha256 == {"model.onnx.data": sha256_file(path.parent / "model.onnx.data")}, (path, art.data_sha256)
         assert check_weights(path, art) == ""
-    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
     inline = ex.export_onnx(tiny_model, tmp_path / "inline", validate=False)
     assert not any(t.HasField("data_location") and t.data_location for t in _graph(inline).graph.initializer)
     assert read_onnx_artifact(inline).data_sha256 == {}
@@ -606,7 +611,8 @@ def test_every_variant_records_the_digest_of_its_own_weights(tmp_path, tiny_onnx
 
 
 def test_opset_beyond_the_installed_maximum_is_refused(tmp_path, tiny_model):
-    from export.onnx import export_onnx, max_opset
+    from export.onnx import export_onnx
+    from export.trace import max_opset
 
     top, limited_by = max_opset()
     assert top >= 23 and limited_by  # README recommends --opset 23
@@ -619,7 +625,7 @@ def test_a_graph_onnxruntime_cannot_load_is_an_export_error(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from export.onnx import new_session
+    from export.check import new_session
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
@@ -630,7 +636,7 @@ def test_a_graph_onnxruntime_cannot_load_is_an_export_error(tmp_path):
 
 
 def test_parity_shapes_fit_the_block_size():
-    from export.onnx import PARITY_SHAPES, parity_shapes
+    from export.check import PARITY_SHAPES, parity_shapes
 
     assert parity_shapes(128) == PARITY_SHAPES
     for block_size in (1, 4, 7, 8, 11):
@@ -643,7 +649,9 @@ def test_parity_shapes_fit_the_block_size():
 def test_block_size_8_model_exports_and_is_checked(tmp_path):
     import dataclasses
 
-    from export.onnx import export_onnx, parity_shapes
+    from export.check import parity_shapes
+
+    from export.onnx import export_onnx
     from model import GPT
     from model.config import PRESETS
     from runtime.artifact import read_onnx_artifact
@@ -666,7 +674,7 @@ def test_parity_check_fails_on_non_finite_outputs_of_either_side(tiny_onnx_dir, 
     import torch
 
     from conftest import onnx_with_a_nan_weight
-    from export.onnx import check_parity
+    from export.check import check_parity
 
     nan_torch = copy.deepcopy(tiny_model)
     with torch.no_grad():
@@ -683,7 +691,7 @@ def test_parity_check_fails_on_non_finite_outputs_of_either_side(tiny_onnx_dir, 
 
 
 def test_export_refuses_non_finite_weights_and_outputs(tiny_model, tmp_path):
-    """A model edited in memory (load_model refuses such files) with a NaN weight, or finite weights whose
+    """A model edited in memory (GPT.from_pretrained refuses such files) with a NaN weight, or finite weights whose
     activations overflow fp32: neither exports."""
     import copy
 

@@ -18,7 +18,7 @@ PYCODE = ROOT / "model" / "weights" / "pycode"
 
 @pytest.fixture(scope="module")
 def model_and_ids():
-    from export.onnx import sample_eval_ids
+    from export.check import sample_eval_ids
     from model import GPT
 
     if not (PYCODE / "config.json").is_file():
@@ -38,7 +38,7 @@ def exports(tmp_path_factory, model_and_ids):
 
 
 def test_evaluation_logits_are_per_position_in_both_modes(exports, model_and_ids):
-    from export.onnx import new_session
+    from export.check import new_session
     from export.quantize import DECODE_STEPS, _logits
 
     ids = model_and_ids[1]

@@ -16,16 +16,11 @@ from conftest import ROOT
 
 PACKAGES = ("model", "export", "runtime")
 
-# being removed in issue #18: import cycles, each broken by dropping one of these edges
-# (function-level imports back up the chain: export_onnx builds variants, GPT loads checkpoints)
-KNOWN_CYCLE_EDGES = {
-    ("export.onnx", "export.quantize"),  # export.onnx <-> export.quantize (<- export.kv_shared)
-    ("export.onnx", "export.kv_shared"),  # export.onnx <-> export.kv_shared -> export.quantize
-    ("model.gpt", "model.checkpoints"),  # model.gpt <-> model.checkpoints
-}
+# import cycles, each broken by dropping one of these edges: none left since issue #18 (export/onnx.py's stages
+# import their shared helpers from below, model/checkpoints.py reads checkpoints without the GPT class)
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
 # being removed in issue #18: runtime modules importing export (runtime sits below export)
 KNOWN_RUNTIME_TO_EXPORT = {
-    ("runtime.backends.torch", "export.onnx"),  # sha256_file
     ("runtime.cli_demo", "export.onnx"),  # export_onnx of the demo model
 }
 

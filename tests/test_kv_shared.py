@@ -6,8 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
+from export.check import PARITY_ATOL, new_session, parity_feeds
+from export.graph import save_model
 from export.kv_shared import GraphPatternError, share_kv_cache
-from export.onnx import PARITY_ATOL, export_onnx, new_session, parity_feeds, save_model
+from export.onnx import export_onnx
 from runtime.artifact import read_onnx_artifact
 from runtime.backends import BackendError, load_backend
 from runtime.generation import SamplingParams, generate

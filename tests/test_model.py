@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.checkpoints import CheckpointError, load_model, save_model
+from model.checkpoints import CheckpointError, save_model, state_shapes
 
 
 def _hf_gpt2(tmp_path, **cfg):
@@ -139,7 +139,7 @@ def test_nanogpt_ckpt_model_args_may_name_gelu_and_real_vocab(tmp_path, tiny_mod
     args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=True,
                 vocab_size=c.vocab_size, dropout=0.0, gelu="tanh", real_vocab_size=500)
     torch.save({"model": tiny_model.state_dict(), "model_args": args}, path)
-    m = load_model(path)
+    m = GPT.from_pretrained(path)
     assert m.config.gelu == "tanh" and m.config.real_vocab_size == 500
 
 
@@ -147,7 +147,7 @@ def test_nanogpt_padded_vocab_records_real_vocab(tmp_path):
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304, gelu="exact")
     src = GPT(cfg).init_weights(0)
     _nanogpt_ckpt(tmp_path / "ckpt.pt", src)
-    m = load_model(tmp_path / "ckpt.pt")
+    m = GPT.from_pretrained(tmp_path / "ckpt.pt")
     assert m.config.vocab_size == 50304 and m.config.real_vocab_size == 50257
 
 
@@ -161,10 +161,10 @@ def test_native_folder_round_trip(tmp_path, tiny_model):
 
 
 def test_random_is_explicit_and_seeded():
-    a, b = load_model("random:tiny@7"), load_model("random:tiny@7")
+    a, b = GPT.from_pretrained("random:tiny@7"), GPT.from_pretrained("random:tiny@7")
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
     with pytest.raises(CheckpointError, match="unknown preset"):
-        load_model("random:nope")
+        GPT.from_pretrained("random:nope")
 
 
 class _Evil:
@@ -180,28 +180,28 @@ class _Evil:
 
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_model, monkeypatch):
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_model(tmp_path / "nope" / "ckpt.pt")
+        GPT.from_pretrained(tmp_path / "nope" / "ckpt.pt")
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_model("out/typo")  # a mistyped folder under a local one, not a hub repo 'out/typo'
+        GPT.from_pretrained("out/typo")  # a mistyped folder under a local one, not a hub repo 'out/typo'
     junk = tmp_path / "junk.pt"
     junk.write_text("this is not a checkpoint")
     with pytest.raises(CheckpointError, match="is not a torch checkpoint"):
-        load_model(junk)
+        GPT.from_pretrained(junk)
     # a pickle that would run code: refused, and nothing ran
     import os
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"model": _Evil(marker), "model_args": {}}, evil)
     with pytest.raises(CheckpointError, match="refusing to load"):
-        load_model(evil)
+        GPT.from_pretrained(evil)
     assert not os.path.exists(marker)
     raw = tmp_path / "raw.pt"
     with open(raw, "wb") as f:
         pickle.dump(_Evil(marker), f)
     with pytest.raises(CheckpointError):
-        load_model(raw)
+        GPT.from_pretrained(raw)
     assert not os.path.exists(marker)
     # wrong shape: names file and key
     state = tiny_model.state_dict()
@@ -209,30 +209,30 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_model, monkeypatch):
     bad = tmp_path / "bad.pt"
     torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)}, bad)
     with pytest.raises(CheckpointError, match=r"bad\.pt.*transformer\.h\.0\.mlp\.c_fc\.weight: checkpoint \(3, 3\)"):
-        load_model(bad)
+        GPT.from_pretrained(bad)
     # missing keys
     del state["transformer.h.1.attn.c_attn.weight"]
     state["transformer.h.0.mlp.c_fc.weight"] = tiny_model.state_dict()["transformer.h.0.mlp.c_fc.weight"]
     torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)}, bad)
     with pytest.raises(CheckpointError, match="missing keys.*h.1.attn.c_attn.weight"):
-        load_model(bad)
+        GPT.from_pretrained(bad)
     # truncated safetensors in a folder
     save_model(tiny_model, tmp_path / "trunc")
     f = tmp_path / "trunc" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        load_model(tmp_path / "trunc")
+        GPT.from_pretrained(tmp_path / "trunc")
     # a dict that is not a nanoGPT checkpoint
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(CheckpointError, match="not a nanoGPT checkpoint"):
-        load_model(other)
+        GPT.from_pretrained(other)
 
 
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="random:gpt2|nanogpt-deploy\\[hub\\]"):
-        load_model("gpt2")
+        GPT.from_pretrained("gpt2")
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -258,7 +258,7 @@ def test_untied_hf_checkpoint_is_refused(tmp_path):
     # this model ties wte and lm_head (as GPT-2): an untied head must not silently replace the embedding
     _hf_gpt2(tmp_path, n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16, tie_word_embeddings=False)
     with pytest.raises(CheckpointError, match="untied lm_head.*tied"):
-        load_model(tmp_path)
+        GPT.from_pretrained(tmp_path)
 
 
 def test_untied_config_with_equal_weights_loads(tmp_path):
@@ -271,7 +271,7 @@ def test_untied_config_with_equal_weights_loads(tmp_path):
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        _assert_close("logits vs GPT2LMHeadModel", load_model(tmp_path)(ids)[0], hf(ids).logits, 1e-4)
+        _assert_close("logits vs GPT2LMHeadModel", GPT.from_pretrained(tmp_path)(ids)[0], hf(ids).logits, 1e-4)
 
 
 @pytest.mark.parametrize("option,value", [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
@@ -279,7 +279,7 @@ def test_untied_config_with_equal_weights_loads(tmp_path):
 def test_hf_config_options_that_change_the_math_are_refused(tmp_path, option, value):
     _hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16, **{option: value})
     with pytest.raises(CheckpointError, match=rf"config\.json: {option}={value}"):
-        load_model(tmp_path)
+        GPT.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("option,value", [("reorder_and_upcast_attn", True), ("layer_norm_epsilon", 1e-2)])
@@ -288,7 +288,7 @@ def test_hf_config_options_honoured(tmp_path, option, value):
     # same (bit-equal in transformers 5.23, eager attention); layer_norm_epsilon is the model's layer_norm_eps
     hf = _hf_gpt2(tmp_path, n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=128,
                   attn_implementation="eager", **{option: value})
-    m = load_model(tmp_path)
+    m = GPT.from_pretrained(tmp_path)
     ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _assert_close(f"{option}={value} logits vs GPT2LMHeadModel", m(ids)[0], hf(ids).logits, 1e-4)
@@ -301,14 +301,14 @@ def test_hf_config_aliases_honoured_and_bad_values_refused(tmp_path):
     raw = json.loads(cfg_path.read_text())
     raw["num_attention_heads"] = raw.pop("n_head")
     cfg_path.write_text(json.dumps(raw))
-    m = load_model(tmp_path)
+    m = GPT.from_pretrained(tmp_path)
     assert m.config.n_head == 4
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _assert_close("logits vs GPT2LMHeadModel", m(ids)[0], hf(ids).logits, 1e-4)
     cfg_path.write_text(json.dumps({**raw, "num_attention_heads": 5}))
     with pytest.raises(CheckpointError, match=r"config\.json: does not describe a GPT-2: n_embd \(64\) must be divisible"):
-        load_model(tmp_path)
+        GPT.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("ckpt", [
@@ -324,7 +324,7 @@ def test_malformed_nanogpt_ckpt_is_a_checkpoint_error(tmp_path, ckpt):
     path = tmp_path / "ckpt.pt"
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match=r"ckpt\.pt.*(model_args|'model'|not a nanoGPT checkpoint)"):
-        load_model(path)
+        GPT.from_pretrained(path)
 
 
 def test_non_checkpoint_file_is_not_called_unsafe(tmp_path):
@@ -340,10 +340,10 @@ def test_non_checkpoint_file_is_not_called_unsafe(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:40])
     for name in ("model.onnx", "empty.pt", "trunc.pt"):
         with pytest.raises(CheckpointError, match="is not a torch checkpoint") as err:
-            load_model(tmp_path / name)
+            GPT.from_pretrained(tmp_path / name)
         assert "run code" not in str(err.value), str(err.value)
     with pytest.raises(CheckpointError, match="model.onnx is an export"):
-        load_model(tmp_path / "model.onnx")
+        GPT.from_pretrained(tmp_path / "model.onnx")
     # a protocol-2 pickle (torch's legacy format) naming os.system: still refused as unsafe, nothing ran
     import os
     marker = tmp_path / "pwned"
@@ -351,14 +351,14 @@ def test_non_checkpoint_file_is_not_called_unsafe(tmp_path):
     with open(evil, "wb") as f:
         pickle.dump(_Evil(marker), f, protocol=2)
     with pytest.raises(CheckpointError, match="refusing to load.*could run code"):
-        load_model(evil)
+        GPT.from_pretrained(evil)
     assert not os.path.exists(marker)
 
 
 def test_state_shapes_match_the_module_without_building_it():
     for cfg in (GPTConfig.preset("tiny"), GPTConfig.preset("tiny", bias=False)):
         built = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items() if k != "transformer.wte.weight"}
-        assert GPT.state_shapes(cfg) == built, set(GPT.state_shapes(cfg).items()) ^ set(built.items())
+        assert state_shapes(cfg) == built, set(state_shapes(cfg).items()) ^ set(built.items())
 
 
 def _huge_config_checkpoints(tmp_path, tiny_model):
@@ -381,21 +381,18 @@ def _huge_config_checkpoints(tmp_path, tiny_model):
     return [ckpt, hf]
 
 
-def test_config_claiming_a_huge_model_fails_before_building_it(tmp_path, tiny_model, monkeypatch):
+def test_config_claiming_a_huge_model_fails_before_building_it(tmp_path, tiny_model):
     """A 574 KB ckpt.pt whose model_args claimed n_layer=2000, n_embd=16384 took 4.1 GB before failing (issue
     #17): the config is checked against the stored tensors before GPT(config) allocates anything."""
-    import model.checkpoints as ckpts
-
     class NotBuilt(GPT):
         def __init__(self, config):
             raise AssertionError(f"GPT({config.n_layer} layers, n_embd {config.n_embd}) constructed before the "
                                  f"checkpoint's shapes were checked")
 
-    monkeypatch.setattr(ckpts, "GPT", NotBuilt)
     for source in _huge_config_checkpoints(tmp_path, tiny_model):
         assert source.stat().st_size < 2_000_000 or source.is_dir()
         with pytest.raises(CheckpointError) as err:
-            load_model(source)
+            NotBuilt.from_pretrained(source)
         msg = str(err.value)
         assert source.name in msg and "2000 layers, n_embd 16384" in msg, msg
         assert "missing keys ['transformer.h.10." in msg and "23970 more" in msg, msg
@@ -425,4 +422,4 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, tiny
     for source in sources:
         with pytest.raises(CheckpointError, match=rf"transformer\.h\.1\.mlp\.c_fc\.weight \(256, 64\) holds 1 "
                                                   rf"non-finite values of 16384 \({kind}; first at index \(3, 5\)\)"):
-            load_model(source)
+            GPT.from_pretrained(source)

@@ -55,7 +55,7 @@ def trained():
     from model import GPT, GPTConfig
 
     if (PYCODE / "config.json").is_file():
-        from export.onnx import sample_eval_ids
+        from export.check import sample_eval_ids
 
         model = GPT.from_pretrained(PYCODE)
         ids = _heldout_ids(batch=8, seq=64)

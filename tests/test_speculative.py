@@ -16,7 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
-from export.onnx import LOGITS_AXIS, ExportError, check_symbolic_axes, export_onnx
+from export.check import check_symbolic_axes
+from export.onnx import ExportError, export_onnx
+from export.trace import LOGITS_AXIS
 from runtime.artifact import Artifact, ArtifactError, logits_keep, read_onnx_artifact
 from runtime.backends import BackendError, load_backend
 from runtime.generation import GenerationError, SamplingParams, generate

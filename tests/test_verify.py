@@ -50,8 +50,8 @@ def perturbed_export(tiny_export, tmp_path_factory):
     (out / "model.onnx.data").unlink()
     onnx.save(m, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
     # re-record the weights' digest, as an export of these weights would: the numbers, not the load, must fail
-    from export.onnx import data_digests, write_metadata
-    from runtime.artifact import read_onnx_artifact
+    from export.graph import write_metadata
+    from runtime.artifact import data_digests, read_onnx_artifact
 
     art = read_onnx_artifact(out)
     write_metadata(out / "model.onnx", dataclasses.replace(art, data_sha256=data_digests(out / "model.onnx")))

@@ -19,6 +19,7 @@ import torch
 from model.checkpoints import is_hub_name
 
 from ..artifact import Artifact, read_onnx_artifact
+from ..files import sha256_file
 from . import Backend, BackendError, Capabilities
 
 DTYPES = {"float32": (torch.float32, "fp32"), "fp32": (torch.float32, "fp32"),
@@ -50,8 +51,6 @@ def _recorded_source(model: str | os.PathLike) -> tuple[str, Path | None, Artifa
 def check_source_unchanged(files, art: Artifact, onnx_path: Path) -> None:
     """Raise when a checkpoint file the export hashed (source_sha256 = files[0]; extra["source_files"] by name) has
     changed since: a torch reference on other weights would blame the export for the difference."""
-    from export.onnx import sha256_file
-
     recorded = dict(art.extra.get("source_files") or {})
     if files and art.source_sha256:
         recorded[Path(files[0]).name] = art.source_sha256
