@@ -5,7 +5,7 @@ speculative with adaptive depth (the default), and speculative guessing --specul
 Reported per way: end-to-end tok/s (medians over prompts), guesses accepted, decode tokens per target
 step, and whether the tokens equal the target's own (they must: the target's sampler picks every token).
 
-    # the trained model: realistic acceptance (text prompts from runtime/verify.py)
+    # the trained model: realistic acceptance (text prompts from runtime/tools/verify.py)
     python scripts/speculative_check.py out/pycode-shared/fp32 out/pycode-shared/int8 --text
     # the 124M shape (random weights; prompts are seeded random ids), greedy and sampled
     python scripts/speculative_check.py out/peers/onnx23-fp32-last5-shared out/peers/onnx23-int8-last-shared \\
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from runtime.generation import SamplingParams, make_generation
     from runtime.generation import SpeculativeGeneration
     from runtime.tokenizer import load_tokenizer
-    from runtime.verify import PROMPTS
+    from runtime.tools.verify import PROMPTS
 
     target = OnnxRuntimeBackend(args.target, threads=args.threads, spinning=args.spin)
     draft = OnnxRuntimeBackend(args.draft, threads=args.threads, spinning=args.spin)

@@ -26,7 +26,6 @@ KNOWN_CYCLE_EDGES = {
 # being removed in issue #18: runtime modules importing export (runtime sits below export)
 KNOWN_RUNTIME_TO_EXPORT = {
     ("runtime.backends.torch", "export.onnx"),  # sha256_file
-    ("runtime.cli_demo", "export.onnx"),  # export_onnx of the demo model
 }
 
 
@@ -123,8 +122,8 @@ def test_runtime_does_not_import_export():
 def test_the_onnxruntime_path_never_imports_torch():
     code = ("import sys\n"
             "import runtime.backends.onnxruntime, runtime.generation, runtime.loading, runtime.sampling, "
-            "runtime.tokenizer, runtime.scheduler, runtime.artifact\n"
-            "try:\n    import runtime.server\nexcept ImportError:\n    pass  # the [serve] extra is not installed\n"
+            "runtime.tokenizer, runtime.serve.scheduler, runtime.artifact\n"
+            "try:\n    import runtime.serve.server\nexcept ImportError:\n    pass  # the [serve] extra is not installed\n"
             "mods = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "assert not mods, f'torch imported: {mods[:5]}'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -23,10 +23,10 @@ openai = pytest.importorskip("openai")
 
 from runtime.backends import load_backend  # noqa: E402
 from runtime.cli import main  # noqa: E402
-from runtime.cli_serve import check_bind, check_engine_batch, is_loopback  # noqa: E402
-from runtime.connections import uvicorn_config  # noqa: E402
+from runtime.cli.serve import check_bind, check_engine_batch, is_loopback  # noqa: E402
+from runtime.serve.connections import uvicorn_config  # noqa: E402
 from runtime.generation import SamplingParams, generate  # noqa: E402
-from runtime.server import ServerSettings, create_app  # noqa: E402
+from runtime.serve.server import ServerSettings, create_app  # noqa: E402
 
 MODEL = "tiny"
 

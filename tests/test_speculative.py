@@ -538,7 +538,7 @@ def test_cli(exports, capsys):
 
 
 def test_bench_times_speculative_targets(exports):
-    from runtime.bench import Case, Target, find_targets, run_worker
+    from runtime.tools.bench import Case, Target, find_targets, run_worker
 
     targets, notes = find_targets([str(exports["target_shared"]), str(exports["last"])], backends=("onnxruntime",),
                                   providers=("cpu",), draft=str(exports["int8"]), speculate=4)

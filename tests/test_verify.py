@@ -11,7 +11,7 @@ import pytest
 
 from runtime import cli
 from runtime.tokenizer import TokenizerError, load_tokenizer
-from runtime.verify import THRESHOLDS, VerifyError, parse_thresholds
+from runtime.tools.verify import THRESHOLDS, VerifyError, parse_thresholds
 
 FAST = ["--text-tokens", "256", "--window", "64", "--greedy-tokens", "16", "--threads", "1"]
 

@@ -170,7 +170,7 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def greedy_batch(backend, prompts: list[np.ndarray], new: int) -> list[list[int]]:
     """Greedy token ids of `new` tokens per prompt, the prompts run as one (left-padded) batch."""
-    from .generation import SamplingParams, generate
+    from ..generation import SamplingParams, generate
 
     cs = generate(backend, None, [p.tolist() for p in prompts],
                   SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()))
@@ -250,8 +250,8 @@ def _no_reference(models: list[str], targets, backends) -> str:
     """Why there is no reference (a checkpoint torch runs, or an fp32 export), and the command that gives one."""
     import importlib.util
 
-    from .artifact import read_onnx_artifact
-    from .backends import MISSING_HINTS
+    from ..artifact import read_onnx_artifact
+    from ..backends import MISSING_HINTS
 
     sources = []
     for t in targets:
@@ -285,7 +285,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     """Compare every target under `models` with the torch fp32 reference; the report as a dict.
 
     Args:
-        models: exported folders / folders of them / engines (runtime.bench.find_targets), plus optionally
+        models: exported folders / folders of them / engines (runtime.tools.bench.find_targets), plus optionally
             the checkpoint (else the fp32 export's recorded source is the reference).
         thresholds: THRESHOLDS-shaped dict (parse_thresholds); precisions missing from a check are not gated.
         text_files: text for perplexity and top-1 (default: see eval_text).
@@ -300,8 +300,8 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     Returns:
         {"reference", "text", "targets": [{label, precision, metrics, failures}], "failures", "passed", "notes"}
     """
-    from .artifact import read_onnx_artifact
-    from .backends import load_backend
+    from ..artifact import read_onnx_artifact
+    from ..backends import load_backend
     from .bench import BenchError, find_targets
 
     thresholds = thresholds or THRESHOLDS
@@ -324,7 +324,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         raise VerifyError("nothing to compare with the reference; give an exported folder "
                           "(nanogpt-deploy export SOURCE --out DIR)")
     if tokenizer is None:
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
 

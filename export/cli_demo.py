@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import finite_float, int_in, positive_int
+from runtime.cli.args import add_sampling_flags, int_in
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "weights" / "pycode"
 DEFAULT_PROMPTS = {"pycode": "def fibonacci(n):\n", "random": "Hello, my dog is cute"}
@@ -26,13 +26,10 @@ FALLBACK_CONFIG = dict(n_layer=2, n_head=4, n_embd=128, vocab_size=50257, block_
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint",
                    default=None, help=f"checkpoint source (default: the embedded {DEFAULT_CHECKPOINT.name})")
-    p.add_argument("--out", default="out/demo", help="where the export goes (default: out/demo)")
+    p.add_argument("--out", default="out/demo", help="where the export goes")
     p.add_argument("--prompt", default=None, help="prompt text (default: one suited to the checkpoint)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="default: 64")
-    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int_in(0, None, "0 (off) or a count"), default=200, help="0 = off (default: 200)")
-    p.add_argument("--seed", type=int_in(0, None, "a seed"),
-                   default=0, help="default: 0 (the demo's text is reproducible)")
+    add_sampling_flags(p)
+    p.add_argument("--seed", type=int_in(0, None, "a seed"), default=0, help="the demo's text is reproducible")
     p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
                    default=None, help="onnxruntime intra-op threads")
 
@@ -54,12 +51,12 @@ def load_demo_model(checkpoint: str | None):
 def run(args) -> int:
     import dataclasses
 
-    from export.onnx import export_onnx
+    from runtime.artifact import read_onnx_artifact
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.generation import Generation, SamplingParams, summary_line
+    from runtime.tokenizer import load_tokenizer
 
-    from .artifact import read_onnx_artifact
-    from .backends.onnxruntime import OnnxRuntimeBackend
-    from .generation import Generation, SamplingParams, summary_line
-    from .tokenizer import load_tokenizer
+    from .onnx import export_onnx
 
     tokenizer = load_tokenizer()  # before any work: fails fast, with the fix, when the ranks are missing
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn, the `serve` extra): /v1/completions, /v1/models, /health.
 
-One process holds one model instance, driven by runtime.scheduler's single worker thread: requests that
+One process holds one model instance, driven by runtime.serve.scheduler's single worker thread: requests that
 arrive together are batched into shared forward passes, later ones wait in a bounded queue, a full queue
 answers 429 at once. A client that disconnects cancels its rows; every request has a deadline
 (`request_timeout_s`, queueing included). Errors have OpenAI's shape,
@@ -13,7 +13,7 @@ lists), `max_tokens` (default 16), `temperature` (0..2, 0 = greedy), `top_p`, `s
 values (`echo` false, `logprobs` null, `best_of` 1, `presence_penalty` / `frequency_penalty` 0,
 `logit_bias` empty, `suffix` null). Any other field is a 400 naming it.
 
-    nanogpt-deploy serve out/tiny --port 8000        # see runtime/cli_serve.py
+    nanogpt-deploy serve out/tiny --port 8000        # see runtime/cli/serve.py
     app = create_app(backend, tokenizer, ServerSettings(model_name="tiny"))
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .generation import GenerationError, SamplingParams, check_context
-from .sampling import SamplingError
+from ..generation import GenerationError, SamplingParams, check_context
+from ..sampling import SamplingError
 from .scheduler import Overloaded, Scheduler, WorkerDead
 
 

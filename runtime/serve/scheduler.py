@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import Sequence
 
-from .generation import Generation, GenerationError, SamplingParams, fits_context, make_generation
+from ..generation import Generation, GenerationError, SamplingParams, fits_context, make_generation
 
 log = logging.getLogger("nanogpt_deploy.scheduler")
 
