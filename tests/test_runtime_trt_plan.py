@@ -1,7 +1,7 @@
 """TensorRT plan tests, CPU only, no TensorRT: the pure-Python half of the engine builder and backend.
 
 Profiles, flag validation, the sidecar, compatibility checks, profile selection, the buffer plan and the
-errors a user without TensorRT sees. Nothing here builds or runs an engine: that is test_tensorrt_gpu.py,
+errors a user without TensorRT sees. Nothing here builds or runs an engine: that is test_runtime_tensorrt_gpu.py,
 which needs TensorRT and a GPU. The engine descriptions below are plain dicts in the form
 `describe_engine` returns, standing in for an engine's shape queries.
 """
