@@ -228,8 +228,8 @@ def main() -> int:
 
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.backends.torch import TorchBackend
-    from runtime.tools.bench import Case, time_case
     from runtime.generation import SamplingParams, generate
+    from runtime.tools.bench import Case, time_case
 
     graph = "graph" if dev == "cuda" else "static"  # the CPU dry run: the same fixed-shape steps, no capture
 

@@ -68,9 +68,9 @@ def main() -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             feed = {"x": rng.standard_normal((rows, 768), dtype=np.float32),
                     "h": rng.standard_normal((rows, 3072), dtype=np.float32)}
-            t_ort = timed(lambda: s.run(None, feed), 20)
+            t_ort = timed(lambda feed=feed: s.run(None, feed), 20)
             tx, th = torch.from_numpy(feed["x"]), torch.from_numpy(feed["h"])
-            t_torch = timed(lambda: [(tx if w.shape[0] == 768 else th) @ w for w in tw], 20)
+            t_torch = timed(lambda tx=tx, th=th: [(tx if w.shape[0] == 768 else th) @ w for w in tw], 20)
             for name, t in (("onnxruntime", t_ort), ("torch", t_torch)):
                 print(f"124M decode step of {rows} row(s), weight MatMuls only ({gb * 1e3:.0f} MB), {name}: "
                       f"{t * 1e3:.2f} ms = {rows / t:.1f} tok/s at most ({gb / t:.1f} GB/s, "

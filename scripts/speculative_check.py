@@ -46,8 +46,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.generation import SamplingParams, make_generation
-    from runtime.generation import SpeculativeGeneration
+    from runtime.generation import SamplingParams, SpeculativeGeneration, make_generation
     from runtime.tokenizer import load_tokenizer
     from runtime.tools.verify import PROMPTS
 

@@ -6,13 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import max_abs_diff
 from export.kv_shared import GraphPatternError, share_kv_cache
 from export.onnx import PARITY_ATOL, export_onnx, new_session, parity_feeds, save_model
 from runtime.artifact import read_onnx_artifact
 from runtime.backends import BackendError, load_backend
 from runtime.generation import SamplingParams, generate
-
-from conftest import max_abs_diff
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [100, 200, 300, 400]]
 GREEDY_VARIED = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0, stop_token_ids=())

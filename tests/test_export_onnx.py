@@ -205,7 +205,7 @@ def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_export(tmp_path,
             if not exchange:
                 mp.setattr(files, "exchange_paths", lambda a, b: False, raising=False)
 
-            def wrap(mod, name, real=None):
+            def wrap(mod, name, real=None, k=k, out=out, calls=calls, seen=seen):  # this round's k, out, ...
                 real = getattr(mod, name, None)
 
                 def op(*a, **kw):

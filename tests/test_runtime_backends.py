@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import ROOT, max_abs_diff
 from runtime.artifact import ArtifactError
 from runtime.backends import Backend, BackendError, Capabilities, capabilities_of, load_backend
 from runtime.generation import SamplingParams, generate
-
-from conftest import ROOT, max_abs_diff
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [100, 200, 300, 400]]
 # Random tied weights make plain greedy repeat the last token; a strong repetition penalty (still greedy,
@@ -224,7 +223,7 @@ def test_generation_drops_finished_rows_with_the_same_output(ort_tiny, ort_tiny_
     for be in (ort_tiny, ort_tiny_shared, torch_tiny):
         kept, original = [], type(be).keep_rows
 
-        def spy(self, rows, original=original):
+        def spy(self, rows, original=original, kept=kept):
             kept.append(list(rows))
             original(self, rows)
 
@@ -327,7 +326,8 @@ def test_a_batch_that_rows_keep_joining_stays_narrow(ort_tiny, ort_tiny_shared, 
     prompts = [list(range(1, 41)), [9, 8, 7], [5, 6]]
     for be in (ort_tiny, ort_tiny_shared, torch_tiny):
         dropped, original = [], type(be).drop_front
-        monkeypatch.setattr(type(be), "drop_front", lambda self, n, original=original: (dropped.append(n), original(self, n)))
+        monkeypatch.setattr(type(be), "drop_front",
+                            lambda self, n, original=original, dropped=dropped: (dropped.append(n), original(self, n)))
         alone = [generate(be, None, [p], s)[0].token_ids for p, s in zip(prompts, sp)]
         g = Generation(be, None, prompts[:2], sp[:2])
         for d in g:

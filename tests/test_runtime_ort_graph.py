@@ -112,6 +112,15 @@ def test_batches_past_the_largest_bucket_fall_back_and_say_so(shared_dirs, monke
     assert any("batch 3" in why for why in stats["fallbacks"]), stats
 
 
+def test_a_static_step_with_a_mask_that_disagrees_with_the_cache_is_refused(shared_dirs):
+    be = OnnxRuntimeBackend(shared_dirs["fp32"], threads=1, decode="static")
+    be.reset(2)
+    be.forward(np.array([[1, 2, 3], [4, 5, 6]]), np.ones((2, 3), np.int64), np.tile(np.arange(3), (2, 1)))
+    mask = np.array([[1, 0, 1, 1], [1, 1, 1, 1]])  # row 0: 3 ones, but it caches 3 tokens + this one
+    with pytest.raises(BackendError, match="attention_mask disagrees with the cache"):
+        be.forward(np.array([[7], [8]]), mask, np.array([[3], [3]]))
+
+
 def test_graph_mode_is_refused_where_it_cannot_run(shared_dirs, tiny_onnx_dir):
     with pytest.raises(BackendError, match="need --provider cuda"):
         OnnxRuntimeBackend(shared_dirs["fp32"], decode="graph")

@@ -16,15 +16,12 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import max_abs_diff
 from export.onnx import LOGITS_AXIS, ExportError, check_symbolic_axes, export_onnx
+from model.config import PRESETS
 from runtime.artifact import Artifact, ArtifactError, logits_keep, read_onnx_artifact
 from runtime.backends import BackendError, load_backend
-from runtime.generation import GenerationError, SamplingParams, generate
-from runtime.generation import SpeculativeGeneration, draft_for
-
-from model.config import PRESETS
-
-from conftest import max_abs_diff
+from runtime.generation import GenerationError, SamplingParams, SpeculativeGeneration, draft_for, generate
 
 TINY_CONFIG = PRESETS["tiny"]
 

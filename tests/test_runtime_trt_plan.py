@@ -16,13 +16,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.tensorrt import (EngineBuildError, check_precision, compute_profiles, default_timing_cache, onnx_sha256,
-                             resolve_limits)
+from export.tensorrt import (
+    EngineBuildError,
+    check_precision,
+    compute_profiles,
+    default_timing_cache,
+    onnx_sha256,
+    resolve_limits,
+)
 from model.config import GPTConfig
 from runtime.artifact import Artifact, ArtifactError
 from runtime.backends.tensorrt import TensorRTBackend
-from runtime.trt_plan import (EngineMeta, TensorRTError, check_engine, check_gpu, check_tensorrt_version, io_shapes,
-                              plan_buffers, profile_covers, resolve_engine, sidecar_path, suggest_max_seq)
+from runtime.trt_plan import (
+    EngineMeta,
+    TensorRTError,
+    check_engine,
+    check_gpu,
+    check_tensorrt_version,
+    io_shapes,
+    plan_buffers,
+    profile_covers,
+    resolve_engine,
+    sidecar_path,
+    suggest_max_seq,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig.preset("tiny")  # n_layer 2, n_head 4, n_embd 64, vocab 512, block 128

@@ -22,8 +22,8 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from runtime.backends import load_backend  # noqa: E402
-from runtime.serve.connections import uvicorn_config  # noqa: E402
 from runtime.generation import SamplingParams, generate  # noqa: E402
+from runtime.serve.connections import uvicorn_config  # noqa: E402
 from runtime.serve.server import ServerSettings, create_app  # noqa: E402
 
 MODEL = "tiny"
@@ -379,7 +379,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
         while True:  # a response may come first (keep-alive): read past it to the close
             if not sock.recv(65536):
                 return True
-    except socket.timeout:
+    except TimeoutError:
         return False
     except OSError:  # reset
         return True

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 
+from conftest import ROOT
 from runtime import cli
 from runtime.tools.bench import BenchError, Case, find_targets
-
-from conftest import ROOT
 
 
 def bench_json(capsys, *argv) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import BackendError
 from .ort_cache import SharedCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -51,7 +52,7 @@ def static_mask(lengths: np.ndarray, nb: int, capacity: int) -> np.ndarray:
 class _Bucket:
     """One batch size's fixed buffers and IO binding (and, when captured, its CUDA graph)."""
 
-    def __init__(self, owner: "StaticDecode", nb: int, graph_id: int):
+    def __init__(self, owner: StaticDecode, nb: int, graph_id: int):
         o, ort = owner, owner.ort
         c, cap = o.config, o.capacity
         self.nb, self.graph_id, self.steps = nb, graph_id, 0

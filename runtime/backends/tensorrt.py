@@ -26,9 +26,20 @@ import numpy as np
 
 from ..artifact import ArtifactError
 from ..trt_cuda import cuda_call, current_gpu, import_cudart, import_tensorrt
-from ..trt_plan import (EngineMeta, TensorRTError, check_engine, check_gpu, check_tensorrt_version, io_shapes,
-                        plan_buffers, resolve_engine, rewind_copy, sidecar_path)
+from ..trt_plan import (
+    EngineMeta,
+    TensorRTError,
+    check_engine,
+    check_gpu,
+    check_tensorrt_version,
+    io_shapes,
+    plan_buffers,
+    resolve_engine,
+    rewind_copy,
+    sidecar_path,
+)
 from . import Backend, Capabilities, merge_rows, pack_rows
+
 
 def describe_engine(trt, engine) -> dict:
     """The engine's I/O names, dtypes and profile shapes, in the form `check_engine` reads."""

@@ -21,7 +21,7 @@ speculative.py (the two decoding strategies), depth.py (how many tokens a specul
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..sampling import SamplingParams
 from .engine import Generation

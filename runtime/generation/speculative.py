@@ -35,7 +35,7 @@ and takes no multi-token step after a past at batch > 1 on the CPU: it speculate
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

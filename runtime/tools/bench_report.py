@@ -32,7 +32,7 @@ def format_table(report: dict) -> str:
         if "skipped" in r:
             lines.append((r["target"], r["batch"], r["prompt"], r["new"], "skipped: " + r["skipped"]))
             continue
-        f = lambda k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
+        f = lambda k, spec, r=r: format(r[k], spec) if k in r else "-"  # noqa: E731
         lines.append((r["target"], r["batch"], r["prompt"], r["new"], f("ttft_ms", ".1f"), f("decode_tok_s", ".1f"),
                       f("latency_p50_ms", ".2f"), f("latency_p95_ms", ".2f"), f("e2e_tok_s", ".1f"),
                       f"{r['peak_rss_mb']:.0f}",
