@@ -45,7 +45,8 @@ def load_demo_model(checkpoint: str | None):
     print(f"NOTE: the embedded checkpoint {DEFAULT_CHECKPOINT} is missing (train it with scripts/train_tiny.py).\n"
           f"NOTE: using a RANDOM untrained model instead ({FALLBACK_CONFIG}): the pipeline runs, the text is noise.",
           file=sys.stderr)
-    return GPT(GPTConfig(**FALLBACK_CONFIG)).init_weights(0), "random init (demo stand-in, seed 0; not reloadable)", "random"
+    source = "random init (demo stand-in, seed 0; not reloadable)"
+    return GPT(GPTConfig(**FALLBACK_CONFIG)).init_weights(0), source, "random"
 
 
 def run(args) -> int:

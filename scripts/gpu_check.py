@@ -318,7 +318,8 @@ def main() -> int:
                     t0 = time.perf_counter()
                     be.forward(np.ones((B, 1), np.int64), np.ones((B, t + 1), np.int64), np.full((B, 1), t))
                     times.append(time.perf_counter() - t0)
-                res[f"b{B} {decode}{f' capacity {cap}' if cap else ''} forward ms p50"] = float(np.median(times[8:]) * 1e3)
+                key = f"b{B} {decode}{f' capacity {cap}' if cap else ''} forward ms p50"
+                res[key] = float(np.median(times[8:]) * 1e3)
         return res
 
     @section(out, "speed")

@@ -49,7 +49,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12 + [(768, 50257)]
     weights = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in shapes]
-    nodes = [helper.make_node("MatMul", ["x" if k == 768 else "h", f"w{i}"], [f"y{i}"]) for i, (k, _) in enumerate(shapes)]
+    nodes = [helper.make_node("MatMul", ["x" if k == 768 else "h", f"w{i}"],
+                              [f"y{i}"]) for i, (k, _) in enumerate(shapes)]
     graph = helper.make_graph(
         nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 768]),
                            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["rows", 3072])],

@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, action="append", default=None,
                    help="repeatable; 0 = greedy (default: 0 and 0.8, top-k 200)")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--text", action="store_true", help="the fixed text prompts of nanogpt-deploy verify (a trained model)")
+    p.add_argument("--text", action="store_true",
+                   help="the fixed text prompts of nanogpt-deploy verify (a trained model)")
     p.add_argument("--prompts", type=int, default=3, help="random 32-token prompts without --text (default 3); with "
                                                           "--batch, batches of them")
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call (default 1)")

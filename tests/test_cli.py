@@ -44,7 +44,8 @@ def test_generate_json_end_to_end(tiny_onnx_dir, capsys):
 def test_generate_as_a_command_streams_text_then_the_summary(tiny_onnx_dir):
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "generate", str(tiny_onnx_dir), "--prompt-ids", "1,2,3",
                         "--max-new-tokens", "5", "--seed", "0", "--stream", "--ignore-eos", "--threads", "1"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n") and r.stdout.strip()
     assert SUMMARY.match(r.stderr.strip().splitlines()[-1]).group(1) == "5"

@@ -123,7 +123,8 @@ def test_the_onnxruntime_path_never_imports_torch():
     code = ("import sys\n"
             "import runtime.backends.onnxruntime, runtime.generation, runtime.loading, runtime.sampling, "
             "runtime.tokenizer, runtime.serve.scheduler, runtime.artifact\n"
-            "try:\n    import runtime.serve.server\nexcept ImportError:\n    pass  # the [serve] extra is not installed\n"
+            "try:\n    import runtime.serve.server\nexcept ImportError:\n    pass  # the [serve] extra is "
+            "not installed\n"
             "mods = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "assert not mods, f'torch imported: {mods[:5]}'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -87,7 +87,8 @@ def test_buffers_keep_their_address_across_reset_and_row_changes(shared_dirs):
     _drive(be, ids, pads=[0, 0, 0], steps=24, keep_at=8, keep=[1], join_at=10)
     ptrs = [b.ctypes.data for b in be.cache.base]
     _drive(be, ids[:2], pads=[1, 0], steps=24, keep_at=8, keep=[0, 1], join_at=12)
-    assert [b.ctypes.data for b in be.cache.base] == ptrs, "the fixed buffers moved: captured graphs would read stale memory"
+    assert [b.ctypes.data for b in be.cache.base] == ptrs, \
+        "the fixed buffers moved: captured graphs would read stale memory"
 
 
 def test_bucket_rules():

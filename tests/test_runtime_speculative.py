@@ -180,7 +180,8 @@ def test_stops_and_the_block_size_edge(exports, tokenizer):
     [varied] = generate(t, None, [PROMPT], PARAMS["penalty"])  # no token twice: each stop id ends the row there
     assert len(set(varied.token_ids[:12])) == 12
     for j in range(1, 12):  # a stop token at every place in a round, the first one included (a round of no tokens)
-        sp = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0, stop_token_ids=(varied.token_ids[j],))
+        sp = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0,
+                            stop_token_ids=(varied.token_ids[j],))
         [a], [b] = generate(t, None, [PROMPT], sp), spec(t, None, [PROMPT], sp, dr)
         assert (b.token_ids, b.finish_reason, len(b.timing.decode_latencies_s)) == \
             (a.token_ids, "stop", max(0, len(a.token_ids) - 1))
@@ -216,7 +217,8 @@ def test_torch_target_and_draft(exports, tiny_model):
 
 
 BATCH = [PROMPT, [9, 8, 7], list(range(30, 52)), [401]]  # unequal lengths: left padding in both caches
-BATCH_PARAMS = [PARAMS["greedy"], PARAMS["penalty"], PARAMS["sampled"], dataclasses.replace(PARAMS["top_p"], max_new_tokens=9)]
+BATCH_PARAMS = [PARAMS["greedy"], PARAMS["penalty"], PARAMS["sampled"],
+                dataclasses.replace(PARAMS["top_p"], max_new_tokens=9)]
 
 
 @pytest.mark.parametrize("draft", ["int8_concat", "other"])

@@ -35,7 +35,8 @@ class SlowBackend:
 
     def __init__(self, inner, delay_s: float = 0.0, fail_once: bool = False):
         self.inner, self.delay_s, self.fail_once = inner, delay_s, fail_once
-        self.config, self.name, self.provider, self.precision = inner.config, inner.name, inner.provider, inner.precision
+        self.config, self.name = inner.config, inner.name
+        self.provider, self.precision = inner.provider, inner.precision
 
     def reset(self, batch_size):
         self.inner.reset(batch_size)
@@ -174,7 +175,8 @@ def test_batched_greedy_equals_alone(tiny_onnx_dir, tokenizer):
 def test_a_request_joins_the_running_batch(tiny_onnx_dir, tokenizer, batching):
     """Continuous batching: a request arriving while another generates joins its batch at the next step and
     finishes first, with the text it gets alone; so does the long one. Static: it waits for the next batch."""
-    long, short = dict(prompt=[3, 1, 4, 1, 5], max_tokens=80, temperature=0), dict(prompt="a b c", max_tokens=5, temperature=0)
+    long, short = dict(prompt=[3, 1, 4, 1, 5], max_tokens=80, temperature=0), dict(prompt="a b c", max_tokens=5,
+                                                                                   temperature=0)
     with serve(tiny_onnx_dir, tokenizer, delay_s=0.02, batch_window_ms=0, batching=batching) as (url, _):
         c = client(url)
         alone = [c.completions.create(model=MODEL, **r).choices[0].text for r in (long, short)]
@@ -191,11 +193,13 @@ def test_a_request_joins_the_running_batch(tiny_onnx_dir, tokenizer, batching):
 
 
 def test_requests_decode_speculatively_with_a_draft(tiny_onnx_dir, tokenizer):
-    """serve --draft: lone requests and batches decode speculatively (runtime/generation/speculative.py), the same text."""
+    """serve --draft: lone requests and batches decode speculatively (runtime/generation/speculative.py), the same
+    text."""
     requests = [dict(prompt=[3, 1, 4, 1, 5], max_tokens=12, temperature=0),
                 dict(prompt="a b c", max_tokens=9, temperature=0.9, seed=7)]
     refs = [generate(load_backend("onnxruntime", tiny_onnx_dir), tokenizer, [r["prompt"]],
-                     SamplingParams(temperature=r["temperature"], seed=r.get("seed"), max_new_tokens=r["max_tokens"]))[0].text
+                     SamplingParams(temperature=r["temperature"], seed=r.get("seed"),
+                                    max_new_tokens=r["max_tokens"]))[0].text
             for r in requests]
     draft = load_backend("onnxruntime", tiny_onnx_dir, threads=1)  # the same weights: greedy guesses all accepted
     with serve(tiny_onnx_dir, tokenizer, draft=draft, batch_window_ms=1000) as (url, _):
@@ -220,7 +224,8 @@ def test_api_key_required(tiny_onnx_dir, tokenizer):
         assert e.value.body["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").models.list()
-        assert client(url, api_key="s3cret").completions.create(model=MODEL, prompt=[1], max_tokens=2).usage.completion_tokens == 2
+        assert client(url, api_key="s3cret").completions.create(model=MODEL, prompt=[1],
+                                                                max_tokens=2).usage.completion_tokens == 2
         assert httpx.get(f"{url}/health").status_code == 200  # liveness stays open for probes
 
 
@@ -311,7 +316,8 @@ def test_overload_answers_429_at_once(tiny_onnx_dir, tokenizer):
     with serve(tiny_onnx_dir, tokenizer, delay_s=0.05, max_batch=1, max_queue=1, batch_window_ms=0) as (url, _):
         def post(_):
             t0 = time.perf_counter()
-            r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 15}, timeout=30)
+            r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 15},
+                           timeout=30)
             return r, time.perf_counter() - t0
 
         with cf.ThreadPoolExecutor(5) as pool:
@@ -406,9 +412,11 @@ def test_idle_and_slow_header_connections_are_closed_and_do_not_block_requests(t
         threading.Thread(target=dribble, daemon=True).start()
         try:
             t0 = time.perf_counter()
-            r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 3}, timeout=10)
+            r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 3},
+                           timeout=10)
             took = time.perf_counter() - t0
-            assert r.status_code == 200 and took < 3, f"{r.status_code} after {took:.2f} s beside 220 idle sockets: {r.text}"
+            assert r.status_code == 200 and took < 3, \
+                f"{r.status_code} after {took:.2f} s beside 220 idle sockets: {r.text}"
             kept = socket.create_connection(("127.0.0.1", port))  # a keep-alive connection gets the deadline again
             kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             time.sleep(2.5)  # the deadline is 1 s

@@ -57,7 +57,8 @@ def test_case_past_block_size_is_skipped_not_run(tiny_onnx_dir, capsys):
     assert "exceeds block_size 128" in case["skipped"]
 
 
-@pytest.mark.parametrize("providers", [None, ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]],
+@pytest.mark.parametrize("providers",
+                         [None, ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]],
                          ids=["installed", "cpu-only", "cuda"])
 def test_absent_backends_are_skipped_with_a_note(tiny_onnx_dir, monkeypatch, providers):
     """What runs follows the providers onnxruntime has: this machine's (installed), then both kinds simulated."""
@@ -167,7 +168,9 @@ def test_results_say_whether_tf32_ran(tiny_onnx_dir, capsys):
     report = bench_json(capsys, tiny_onnx_dir, "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "4",
                         "--new-tokens", "2", "--repeats", "1", "--warmup", "0")
     assert report["settings"]["tf32"] is False and report["results"][0]["tf32"] is False, report["results"][0]
-    gpu = lambda label, tf32: {"label": label, "target": {"provider": "cuda"}, "provider": "cuda", "tf32": tf32}  # noqa: E731
+    def gpu(label, tf32):
+        return {"label": label, "target": {"provider": "cuda"}, "provider": "cuda", "tf32": tf32}
+
     assert tf32_note(report["results"]) == ""  # CPU only: nothing to say
     assert tf32_note([gpu("onnxruntime cuda fp32", False)]) == "; TF32 off"
     assert tf32_note([gpu("onnxruntime cuda fp32", True)]) == "; TF32 on: onnxruntime cuda fp32"
@@ -189,7 +192,8 @@ def test_engine_targets_read_the_precision_from_the_sidecar_the_builder_writes(t
     engine = tmp_path / (ENGINE_NAME if name == "folder" else name)
     engine.write_bytes(b"plan")
     EngineMeta(artifact=Artifact(config=GPTConfig.preset("tiny"), precision="fp16"), tensorrt_version="10.9.0.34",
-               gpu_name="GPU", compute_capability="9.0", profiles=[], max_batch=1, max_seq=8).write_json(sidecar_path(engine))
+               gpu_name="GPU", compute_capability="9.0", profiles=[], max_batch=1,
+               max_seq=8).write_json(sidecar_path(engine))
     assert sidecar_path(engine).name == engine.name + ".json"
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "tensorrt" else find_spec(n, *a))

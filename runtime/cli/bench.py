@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_flags(p, tf32=True)
     p.add_argument("--draft", metavar="DIR", default=None,
                    help="also time speculative decoding with this draft export (e.g. the int8 folder) on every "
-                        "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batches too on a "
+                        "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); "
+                        "batches too on a "
                         "--kv-cache concat pair")
     p.add_argument("--speculate", type=int_in(1, 64, "a guess count"),
                    default=4, metavar="K", help="guesses per round with --draft")
@@ -80,7 +81,8 @@ def run(args) -> int:
     from ..tools.bench_report import check_plot_path, format_table, plot_report
 
     if args.repeats < 1 or args.warmup < 0:
-        raise BenchError(f"--repeats {args.repeats} / --warmup {args.warmup}: need at least 1 repeat and 0+ warm-up runs")
+        raise BenchError(f"--repeats {args.repeats} / --warmup {args.warmup}: need at least 1 repeat and "
+                         "0+ warm-up runs")
     plot = check_plot_path(args.plot) if args.plot else None  # a bad path fails now, not after the timing
     targets, notes = find_targets(args.models, args.backends, args.providers, args.draft, args.speculate)
     for n in notes:
@@ -118,7 +120,8 @@ def summary(report: dict) -> str:
     if not timed:
         return f"{len(report['results'])} targets timed in {report['seconds']:.0f} s [{where}]"
     rate, label, case = max(timed, key=lambda t: t[0])
-    return (f"{len(report['results'])} targets x {len(report['settings']['cases'])} cases in {report['seconds']:.0f} s; "
+    return (f"{len(report['results'])} targets x {len(report['settings']['cases'])} cases in "
+            f"{report['seconds']:.0f} s; "
             f"fastest decode {rate:.1f} tok/s [{label}, batch {case['batch']}, prompt {case['prompt']}] [{where}]"
             f"{tf32_note(report['results'])}")
 

@@ -4,7 +4,7 @@
     nanogpt-deploy generate out/demo --prompt "def fib(n):" --max-new-tokens 128 --stop "\\n\\n"
     nanogpt-deploy generate random:tiny@0 --backend torch --prompt-ids 1,2,3
     nanogpt-deploy generate out/gpt2-last5 --draft out/gpt2-int8 --prompt "..."   # speculative: the target's
-                                                                # output, decoded faster (runtime/generation/speculative.py)
+                                                        # output, decoded faster (runtime/generation/speculative.py)
 
 Text goes to stdout (streamed by default on a terminal); the summary line goes to stderr, so
 `> out.txt` keeps only the text and `--json` keeps stdout one JSON document.
@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, metavar="DIR",
                    help="speculative decoding: a cheaper export of the same checkpoint (e.g. its --quantize int8 / "
                         "int4 folder) guesses tokens and MODEL checks them in one step; the output is MODEL's own. "
-                        "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); several prompts need "
+                        "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); "
+                        "several prompts need "
                         "a --kv-cache concat pair")
     p.add_argument("--speculate", type=int_in(1, 64, "a guess count"), default=None, metavar="K",
                    help="most tokens the draft guesses per round (default: 4); each round guesses 0..K, whichever the "

@@ -85,7 +85,8 @@ def check_engine_batch(backends, max_batch: int) -> None:
         limit = getattr(getattr(b, "meta", None), "max_batch", None)
         if b is not None and limit is not None and max_batch > limit:
             raise ValueError(f"--max-batch {max_batch} exceeds the {limit} rows {getattr(b, 'path', 'the engine')} was "
-                             f"built for; serve with --max-batch {limit}, or rebuild the engine with --max-batch {max_batch}")
+                             f"built for; serve with --max-batch {limit}, or rebuild the engine with "
+                             f"--max-batch {max_batch}")
 
 
 def run(args) -> int:
@@ -98,7 +99,8 @@ def run(args) -> int:
         from ..serve.connections import uvicorn_config
         from ..serve.server import ServerSettings, create_app
     except ImportError as e:
-        raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
+        raise RuntimeError(f"serve needs {e.name}, which is not installed; "
+                           "pip install 'nanogpt-deploy[serve]'") from None
     from ..generation import draft_for
     from ..loading import load_pair
     from ..tokenizer import load_tokenizer
@@ -106,11 +108,13 @@ def run(args) -> int:
     tokenizer = load_tokenizer(path=args.tokenizer_file)
     # a pair that cannot speculate is refused here, at startup, not per request
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
-                               provider=args.provider or "cpu", threads=args.threads, verify_weights=not args.no_verify_weights,
+                               provider=args.provider or "cpu", threads=args.threads,
+                               verify_weights=not args.no_verify_weights,
                                decode=args.decode)
     check_engine_batch((backend, draft), args.max_batch)
     path = Path(args.model)
-    name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model
+    folder = path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name
+    name = args.model_name or folder or args.model
     settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                               batch_window_ms=args.batch_window_ms, batching=args.batching,
                               request_timeout_s=args.request_timeout,
@@ -126,7 +130,8 @@ def run(args) -> int:
     # again for requests the scheduler is refusing with its own 429. Idle connections are not counted (uvicorn's
     # limit_concurrency counted them, and answered a plain 503); --idle-timeout closes them
     limit = 2 * (args.max_batch + args.max_queue) + 16
-    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout, max_requests=limit,
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout,
+                                           max_requests=limit,
                                            log_level=args.log_level, timeout_graceful_shutdown=5))
     server.run()
     return 0 if server.started else 1

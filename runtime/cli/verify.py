@@ -83,7 +83,8 @@ def run(args) -> int:
         for f in report["failures"]:
             print(f"FAIL {f}", file=sys.stderr)
         print(f"verify failed: {len(report['failures'])} checks missed their thresholds on "
-              f"{sum(1 for t in report['targets'] if t['failures'])} of {n} targets{tf32_note(report)}", file=sys.stderr)
+              f"{sum(1 for t in report['targets'] if t['failures'])} of {n} targets{tf32_note(report)}",
+              file=sys.stderr)
         return 1
     print(f"verify passed: {n} targets match {report['reference']['label']} within thresholds "
           f"in {report['seconds']:.1f} s{tf32_note(report)}", file=sys.stderr)

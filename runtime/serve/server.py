@@ -86,7 +86,8 @@ def _field(body: dict, name: str, types: tuple, default=None):
         return default
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
         want = " or ".join(JSON_TYPES[t] for t in types)
-        raise APIError(400, f"{name} must be {'an' if want[0] in 'aeiou' else 'a'} {want}, got {json.dumps(value)[:80]}",
+        raise APIError(400, f"{name} must be {'an' if want[0] in 'aeiou' else 'a'} {want}, got "
+                            f"{json.dumps(value)[:80]}",
                        param=name, code="invalid_type")
     return value
 
@@ -272,7 +273,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         return {"status": "ok", "model": settings.model_name, "backend": backend.name, "provider": backend.provider,
                 "precision": backend.precision, "block_size": backend.config.block_size,
                 "running_rows": scheduler.running_rows, "queued": scheduler.queued,
-                "limits": {"max_batch": settings.max_batch, "max_queue": settings.max_queue, "batching": settings.batching,
+                "limits": {"max_batch": settings.max_batch, "max_queue": settings.max_queue,
+                           "batching": settings.batching,
                            "request_timeout_s": settings.request_timeout_s},
                 "counts": dict(counts), "scheduler": dict(scheduler.stats)}
 
@@ -370,7 +372,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
             watcher.cancel()
             job.cancel("abandoned")  # no-op when finished
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        choices = [{"text": t, "index": j, "logprobs": None, "finish_reason": f} for j, (t, f) in enumerate(zip(texts, finish))]
+        choices = [{"text": t, "index": j, "logprobs": None,
+                    "finish_reason": f} for j, (t, f) in enumerate(zip(texts, finish))]
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
     async def _stream(job, head: dict, usage: dict, include_usage: bool, deadline: float):

@@ -149,7 +149,8 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
         if not engines:
             notes.append("tensorrt: skipped, no engine given (nanogpt-deploy build-engine MODEL_DIR --out ENGINE)")
         elif importlib.util.find_spec("tensorrt") is None:
-            notes.append("tensorrt: skipped, the tensorrt package is not installed (pip install 'nanogpt-deploy[tensorrt]')")
+            notes.append("tensorrt: skipped, the tensorrt package is not installed (pip install "
+                         "'nanogpt-deploy[tensorrt]')")
         else:
             targets += [Target("tensorrt", e, "cuda", _engine_precision(e)) for e in engines]
     if not targets:
@@ -307,7 +308,8 @@ def run_worker(spec: dict, emit=print) -> None:
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()
-    tf32 = {"tf32": True} if spec.get("tf32") and target.backend == "onnxruntime" else {}  # a TensorRT engine's is built in
+    # a TensorRT engine's TF32 is built in
+    tf32 = {"tf32": True} if spec.get("tf32") and target.backend == "onnxruntime" else {}
     backend, draft = load_pair(target.backend, target.model, target.draft or None, target.speculate or None,
                                provider=target.provider, threads=spec.get("threads"),
                                verify_weights=spec.get("verify_weights", True), **tf32)
@@ -327,7 +329,8 @@ def run_worker(spec: dict, emit=print) -> None:
         results.append({"case": dataclasses.asdict(case), **m})
     emit(json.dumps({"event": "result", "target": dataclasses.asdict(target), "label": target.label,
                      "provider_name": backend.provider, "tf32": bool(getattr(backend, "tf32", False)),
-                     "decode": backend.graph_stats() if hasattr(backend, "graph_stats") else None, "load_s": load_s, "rss_after_load_mb": rss_loaded,
+                     "decode": backend.graph_stats() if hasattr(backend, "graph_stats") else None, "load_s": load_s,
+                     "rss_after_load_mb": rss_loaded,
                      "peak_rss_mb": peak_rss_mb(), "versions": _versions(target.backend), "cases": results}))
 
 
@@ -367,7 +370,8 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
                 "tf32": tf32}
         # stderr goes to a file, not a pipe: a worker filling a stderr pipe while this loop reads stdout would hang both
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errf:
-            proc = subprocess.Popen([sys.executable, "-m", "runtime.tools.bench", json.dumps(spec)], stdout=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-m", "runtime.tools.bench", json.dumps(spec)],
+                                    stdout=subprocess.PIPE,
                                     stderr=errf, text=True, env=env)
             result = None
             for line in proc.stdout:
@@ -392,7 +396,8 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         del result["event"]
         results.append(result)
     return {"machine": machine_info(load0, _loadavg()), "results": results, "failed": failed,
-            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "tf32": tf32, "sampling": "greedy, no early stop",
+            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "tf32": tf32,
+                         "sampling": "greedy, no early stop",
                          "cases": [dataclasses.asdict(c) for c in todo]},
             "seconds": time.perf_counter() - t0}
 
