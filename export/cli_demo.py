@@ -53,7 +53,7 @@ def run(args) -> int:
     import dataclasses
 
     from runtime.artifact import read_onnx_artifact
-    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.backends import load_backend
     from runtime.generation import Generation, SamplingParams, summary_line
     from runtime.tokenizer import load_tokenizer
 
@@ -85,7 +85,7 @@ def run(args) -> int:
     parity = read_onnx_artifact(path).extra["parity"]
     print(f"[3/4] parity onnxruntime vs torch: max|Δ| {parity['max_abs_diff']:.2e} over "
           f"{len(parity['shapes'])} (batch, sequence, past) shapes (tolerance {parity['atol']:.0e})")
-    backend = OnnxRuntimeBackend(path, provider="cpu", threads=args.threads)
+    backend = load_backend("onnxruntime", str(path), provider="cpu", threads=args.threads)
 
     print(f"[4/4] generating on onnxruntime ({backend.provider}, {backend.precision}), seed {args.seed}:\n")
     print(prompt, end="", flush=True)

@@ -119,6 +119,29 @@ def test_runtime_does_not_import_export():
     assert not stale, f"edges in KNOWN_RUNTIME_TO_EXPORT no longer exist; remove them from the list: {stale}"
 
 
+def test_export_loads_backends_by_name_only():
+    """export/ validates with onnxruntime sessions of its own; where it runs a model (the demo) it asks
+    runtime.backends.load_backend by name, never imports a backend module."""
+    edges = {(m, t) for m, ts in import_graph().items() if m.startswith("export") for t in ts
+             if t.startswith("runtime.backends.")}
+    assert not edges, f"export imports a backend module: {sorted(edges)}"
+
+
+def test_torch_is_imported_only_in_model_export_and_the_torch_backend():
+    allowed = ("model", "export", "runtime.backends.torch")
+    found = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            mod = module_name(path)
+            if mod == allowed[2] or mod.split(".")[0] in allowed[:2]:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                found += [f"{mod}: {n}" for n in names if n == "torch" or n.startswith("torch.")]
+    assert not found, f"torch imported outside model/, export/ and runtime/backends/torch.py: {found}"
+
+
 def test_the_onnxruntime_path_never_imports_torch():
     code = ("import sys\n"
             "import runtime.backends.onnxruntime, runtime.generation, runtime.loading, runtime.sampling, "
