@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from runtime.cli import float_in, int_in, positive_int
+from runtime.cli.args import float_in, int_in, positive_int
 
 
 def add_arguments(p) -> None:

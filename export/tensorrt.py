@@ -29,9 +29,9 @@ from pathlib import Path
 
 from model.config import GPTConfig
 from runtime.artifact import check_io, read_onnx_artifact, resolve_onnx, sidecar_path
+from runtime.files import atomic_path, atomic_write_bytes
 from runtime.trt_cuda import cuda_call, current_gpu, import_cudart, import_tensorrt
 from runtime.trt_plan import EngineMeta, TensorRTError, io_shapes
-from runtime.files import atomic_path, atomic_write_bytes
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_OPT_BATCH = 1

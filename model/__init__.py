@@ -2,7 +2,7 @@
 
 `from model import GPT, GPTConfig` imports torch; `from model.config import GPTConfig` does not.
 """
-from .config import GPTConfig, PRESETS
+from .config import PRESETS, GPTConfig
 
 
 def __getattr__(name):  # GPT is imported lazily so `import model.config` stays torch-free

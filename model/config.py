@@ -54,7 +54,7 @@ class GPTConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -62,11 +62,11 @@ class GPTConfig:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, s: str) -> "GPTConfig":
+    def from_json(cls, s: str) -> GPTConfig:
         return cls.from_dict(json.loads(s))
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
+    def preset(cls, name: str, **overrides) -> GPTConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)

@@ -86,7 +86,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, stored once
 
-    def init_weights(self, seed: int = 0) -> "GPT":
+    def init_weights(self, seed: int = 0) -> GPT:
         """GPT-2's initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 n_layer))."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
@@ -159,7 +159,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                        gelu: str | None = None) -> "GPT":
+                        gelu: str | None = None) -> GPT:
         """Build a GPT from a checkpoint (model/checkpoints.py); returns it in eval mode.
 
         Args:

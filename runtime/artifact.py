@@ -185,7 +185,7 @@ class Artifact(Record):
                 for k, v in self.to_dict().items()}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "artifact") -> "Artifact":
+    def from_dict(cls, d: dict, where: str = "artifact") -> Artifact:
         cls._check_format(d, f"{where} was not exported by nanogpt-deploy",
                           "export it with `nanogpt-deploy export SOURCE --out DIR`")
         try:
@@ -197,7 +197,7 @@ class Artifact(Record):
         return art
 
     @classmethod
-    def from_metadata(cls, props: dict[str, str], where: str = "model.onnx") -> "Artifact":
+    def from_metadata(cls, props: dict[str, str], where: str = "model.onnx") -> Artifact:
         d = {}
         for k, v in props.items():
             if not k.startswith(PREFIX):

@@ -23,8 +23,7 @@ import numpy as np
 from model.config import GPTConfig
 
 # ENGINE_NAME, resolve_engine, sidecar_path: the file names live with the rest in artifact.py (imported from here too)
-from .artifact import ENGINE_NAME, resolve_engine, sidecar_path  # noqa: F401
-from .artifact import Artifact, ArtifactError, Record, check_io, input_names
+from .artifact import ENGINE_NAME, Artifact, ArtifactError, Record, check_io, input_names, resolve_engine, sidecar_path  # noqa: F401
 
 ENGINE_FORMAT = "nanogpt-deploy-engine/1"
 
@@ -104,7 +103,7 @@ class EngineMeta(Record):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "engine sidecar") -> "EngineMeta":
+    def from_dict(cls, d: dict, where: str = "engine sidecar") -> EngineMeta:
         cls._check_format(d, f"{where} is not a nanogpt-deploy engine sidecar",
                           "build the engine with `nanogpt-deploy build-engine`")
         try:
@@ -184,7 +183,7 @@ def check_gpu(meta: EngineMeta, name: str, compute_capability: str, engine: str 
                       f"speed rebuild it here: {meta.rebuild_command(engine)}", stacklevel=3)
 
 
-def check_engine(desc: dict, meta: EngineMeta, plan: "BufferPlan", where: str) -> None:
+def check_engine(desc: dict, meta: EngineMeta, plan: BufferPlan, where: str) -> None:
     """Check what the deserialized engine says (`describe_engine`) against the sidecar and the buffer plan.
 
     desc: {"inputs": [...], "outputs": [...], "dtypes": {name: numpy dtype name},

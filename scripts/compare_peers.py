@@ -49,10 +49,14 @@ VOCAB = 50257
 GOALS = (("ours-fp32", "decode_tok_s", "transformers", 1.8), ("ours-fp32", "decode_tok_s", "optimum", 1.5),
          ("ours-int8", "decode_tok_s", "transformers", 4.0), ("ours-int4", "decode_tok_s", "transformers", 6.0),
          ("ours-fp32", "batch8_tok_s", "transformers", 2.0),
-         # the fp32 model's own output, decoded speculatively (runtime/generation/speculative.py): reported beside, not instead
-         ("ours-fp32-spec-int8", "decode_tok_s", "transformers", 1.8), ("ours-fp32-spec-int8", "decode_tok_s", "optimum", 1.5),
-         ("ours-fp32-spec-int4", "decode_tok_s", "transformers", 1.8), ("ours-fp32-spec-int4", "decode_tok_s", "optimum", 1.5),
-         ("ours-fp32-spec-int8", "batch8_tok_s", "transformers", 2.0), ("ours-fp32-spec-int4", "batch8_tok_s", "transformers", 2.0))
+         # the fp32 model's own output, decoded speculatively (runtime/generation/speculative.py): reported beside,
+         # not instead
+         ("ours-fp32-spec-int8", "decode_tok_s", "transformers", 1.8),
+         ("ours-fp32-spec-int8", "decode_tok_s", "optimum", 1.5),
+         ("ours-fp32-spec-int4", "decode_tok_s", "transformers", 1.8),
+         ("ours-fp32-spec-int4", "decode_tok_s", "optimum", 1.5),
+         ("ours-fp32-spec-int8", "batch8_tok_s", "transformers", 2.0),
+         ("ours-fp32-spec-int4", "batch8_tok_s", "transformers", 2.0))
 
 
 def prompt_ids(batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -96,7 +100,8 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
         # random weights give flat logits: a variant's agreement with fp32 is recorded, not gated (fidelity is
         # judged on the trained model by `nanogpt-deploy verify`)
         extra = [] if q == "fp32" else ["--quantize", q, "--no-gate"]
-        subprocess.run([project_python, "-m", "runtime.cli", "export", str(hf), "--out", str(out), "--opset", str(opset),
+        subprocess.run([project_python, "-m", "runtime.cli", "export", str(hf), "--out", str(out), "--opset",
+                        str(opset),
                         "--logits", lg, "--kv-cache", kv, *extra],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     opt = work / "optimum"
@@ -146,7 +151,8 @@ class Engine:
             from runtime.generation import SamplingParams, make_generation
 
             t0 = time.perf_counter()
-            g = make_generation(self.backend, None, ids, SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()),
+            g = make_generation(self.backend, None, ids,
+                                SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()),
                                 draft=self.draft, speculate=SPECULATE)
             for _ in g:
                 pass
@@ -271,20 +277,24 @@ def format_table(report: dict) -> str:
                       f"{tf['ttft512_ms'] / r['ttft512_ms']:.2f}x" if tf else "-", f"{r['batch8_tok_s']:.1f}",
                       ratio(r, tf, "batch8_tok_s"), f"{r['peak_rss_mb']:.0f}", same))
     widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    def fmt(cells):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [fmt(head)] + [fmt(ln) for ln in lines]
     for name in ENGINES:
         r = res.get(name)
         if r and "acceptance" in r:
             out.append(f"{name}: {r['acceptance']:.1%} of guesses accepted, {r['tokens_per_target_step']:.2f} tokens "
-                       f"per target step at batch 1; {r['acceptance_b8']:.1%}, {r['tokens_per_target_step_b8']:.2f} per "
+                       f"per target step at batch 1; {r['acceptance_b8']:.1%}, "
+                       f"{r['tokens_per_target_step_b8']:.2f} per "
                        f"row at batch 8")
     for g in report["goals"]:
-        out.append(f"goal {g['goal']}: {g['ratio']:.2f}x -> {'met' if g['met'] else 'NOT met'}" if g["ratio"] is not None
-                   else f"goal {g['goal']}: not measured")
+        out.append(f"goal {g['goal']}: {g['ratio']:.2f}x -> {'met' if g['met'] else 'NOT met'}"
+                   if g["ratio"] is not None else f"goal {g['goal']}: not measured")
     m = report["machine"]
     out.append(f"[{m['cpu']}, {m['cores']} cores, {report['threads']} threads, ours: opset {report['opset']}, logits "
-               f"{report.get('logits', 'all')}, kv_cache {report.get('kv_cache', 'concat')}; load {m['load_before']} -> {m['load_after']}]")
+               f"{report.get('logits', 'all')}, kv_cache {report.get('kv_cache', 'concat')}; load {m['load_before']} "
+               f"-> {m['load_after']}]")
     return "\n".join(out)
 
 
@@ -323,7 +333,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; medians (default 5)")
     p.add_argument("--opset", type=int, default=23,
-                   help="our exports' opset (default 23: SDPA becomes one ONNX Attention node; 18 is the export default)")
+                   help="our exports' opset (default 23: SDPA becomes one ONNX Attention node; 18 is the "
+                        "export default)")
     p.add_argument("--logits", choices=("all", "last"), default="last",  # a speculative target keeps SPECULATE + 1
                    help="our exports' logits (default last: the last position only, faster time to first token, as "
                         "transformers' generate computes in prefill; all: every position, the export default)")
@@ -381,7 +392,8 @@ def main(argv=None) -> int:
     results = [summarize(name, runs[name], loads[name]) for name in engines]
     report = {"machine": machine(load_before), "threads": args.threads, "repeats": args.repeats, "opset": args.opset,
               "logits": args.logits, "kv_cache": args.kv_cache,
-              "workload": {"batch1": "prompt 32, 128 new", "ttft": "prompt 512, 1 new", "batch8": "8 x (prompt 32, 128 new)",
+              "workload": {"batch1": "prompt 32, 128 new", "ttft": "prompt 512, 1 new",
+                           "batch8": "8 x (prompt 32, 128 new)",
                            "sampling": "greedy, no early stop"},
               "results": results, "goals": check_goals(results)}
     if args.json:

@@ -18,7 +18,7 @@ Sections (GPT-2 124M shape, random weights, seed 0; reference: the CPU fp32 torc
 - cache_ops: rewind / keep_rows / drop_front / add_rows with CUDA graphs against a cache that never had
   the dropped positions or rows.
 - speculative: batch 1, CUDA-graph target with an fp16 draft, tokens against plain greedy.
-- speed: TTFT, decode tok/s, p50/p95 per token (runtime.bench.time_case: warm-up, medians), batch 1 and 8:
+- speed: TTFT, decode tok/s, p50/p95 per token (runtime.tools.bench.time_case: warm-up, medians), batch 1 and 8:
   CUDA graphs (fused, unfused), uncaptured (fused, unfused), fp32 concat, torch CUDA fp16, and Hugging Face
   transformers fp16 eager `generate` as the peer.
 - step: one decode step alone (backend.forward), CUDA graphs vs uncaptured: what the runtime adds around it.
@@ -229,8 +229,8 @@ def main() -> int:
 
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.backends.torch import TorchBackend
-    from runtime.bench import Case, time_case
     from runtime.generation import SamplingParams, generate
+    from runtime.tools.bench import Case, time_case
 
     graph = "graph" if dev == "cuda" else "static"  # the CPU dry run: the same fixed-shape steps, no capture
 
@@ -319,7 +319,8 @@ def main() -> int:
                     t0 = time.perf_counter()
                     be.forward(np.ones((B, 1), np.int64), np.ones((B, t + 1), np.int64), np.full((B, 1), t))
                     times.append(time.perf_counter() - t0)
-                res[f"b{B} {decode}{f' capacity {cap}' if cap else ''} forward ms p50"] = float(np.median(times[8:]) * 1e3)
+                key = f"b{B} {decode}{f' capacity {cap}' if cap else ''} forward ms p50"
+                res[key] = float(np.median(times[8:]) * 1e3)
         return res
 
     @section(out, "speed")

@@ -2,9 +2,10 @@
 
 Starts its own server on 127.0.0.1 (or uses --url, which must be a loopback address), runs every request
 once alone (the reference), then several rounds of N concurrent streaming clients with the same greedy
-requests (all at once, or arriving as a Poisson process: --request-rate). Every response must end with `data: [DONE]` and equal its reference; throughput (tokens/s,
-requests/s) and p50/p95 latency (time to first token, total) are reported as a table or --json. It stops
-by itself: a fixed number of rounds, a per-request timeout and an overall --deadline.
+requests (all at once, or arriving as a Poisson process: --request-rate). Every response must end with
+`data: [DONE]` and equal its reference; throughput (tokens/s, requests/s) and p50/p95 latency (time to first
+token, total) are reported as a table or --json. It stops by itself: a fixed number of rounds, a
+per-request timeout and an overall --deadline.
 
     python scripts/load_test.py                       # model/weights/pycode if present, else a random small model
     python scripts/load_test.py out/demo --clients 64 --rounds 3 --max-tokens 32 --json
@@ -184,13 +185,17 @@ async def load_test(url: str, args) -> dict:
     tokens = sum(r["tokens"] for rd in rounds for r in rd["results"])
     wall = sum(rd["wall_s"] for rd in rounds)
     return {
-        "clients": args.clients, "rounds": args.rounds, "request_rate": args.request_rate, "requests": args.clients * args.rounds,
+        "clients": args.clients, "rounds": args.rounds, "request_rate": args.request_rate,
+        "requests": args.clients * args.rounds,
         "complete_and_equal": args.clients * args.rounds - len(failures), "failures": failures[:10],
-        "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "requests_per_s": args.clients * args.rounds / wall,
+        "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+        "requests_per_s": args.clients * args.rounds / wall,
         "ttft_p50_s": pct([r["ttft_s"] for r in results], 50), "ttft_p95_s": pct([r["ttft_s"] for r in results], 95),
-        "total_p50_s": pct([r["total_s"] for r in results], 50), "total_p95_s": pct([r["total_s"] for r in results], 95),
+        "total_p50_s": pct([r["total_s"] for r in results], 50),
+        "total_p95_s": pct([r["total_s"] for r in results], 95),
         "alone": {"seconds": alone_s, "tokens_per_s": sum(a["tokens"] for a in alone) / alone_s,
-                  "ttft_p50_s": pct([a["ttft_s"] for a in alone], 50), "total_p50_s": pct([a["total_s"] for a in alone], 50)},
+                  "ttft_p50_s": pct([a["ttft_s"] for a in alone], 50),
+                  "total_p50_s": pct([a["total_s"] for a in alone], 50)},
         "server": {k: health.get(k) for k in ("model", "backend", "provider", "precision", "limits", "scheduler")},
         "machine": f"{os.cpu_count()} CPU cores ({sys.platform})",
     }
@@ -202,14 +207,16 @@ def print_table(r: dict) -> None:
     print(f"\n{r['clients']} {arrive} streaming clients x {r['rounds']} rounds against {s['model']} "
           f"[{s['backend']}, {s['provider']}, {s['precision']}], max batch {s['limits']['max_batch']}; {r['machine']}")
     print(f"{'':22}{'tokens/s':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}{'total p50':>11}{'total p95':>11}")
-    print(f"{'Poisson' if r.get('request_rate') else 'concurrent'} (batched)".ljust(22) + f"{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_s']:>9.3f}s"
+    print(f"{'Poisson' if r.get('request_rate') else 'concurrent'} (batched)".ljust(22)
+          + f"{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{r['ttft_p50_s']:>9.3f}s"
           f"{r['ttft_p95_s']:>9.3f}s{r['total_p50_s']:>10.3f}s{r['total_p95_s']:>10.3f}s")
     a = r["alone"]
     print(f"{'one at a time':22}{a['tokens_per_s']:>10.1f}{r['clients'] / a['seconds']:>8.2f}"
           f"{a['ttft_p50_s']:>9.3f}s{'':>10}{a['total_p50_s']:>10.3f}s")
     sch = s["scheduler"]
     print(f"{r['complete_and_equal']}/{r['requests']} responses complete ([DONE]) and equal to the request alone; "
-          f"{sch['batches']} batches ({s['limits'].get('batching', 'static')}; {sch.get('rows_admitted_running', 0)} rows "
+          f"{sch['batches']} batches ({s['limits'].get('batching', 'static')}; "
+          f"{sch.get('rows_admitted_running', 0)} rows "
           f"joined a running one), largest {sch['largest_batch']} rows, {sch['rows_cancelled']} rows cancelled"
           + (f"; {sch['speculative_batches']} speculative, {sch['guesses_accepted']}/{sch['guesses_drafted']} guesses "
              f"accepted" if sch.get("speculative_batches") else ""))

@@ -49,7 +49,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12 + [(768, 50257)]
     weights = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in shapes]
-    nodes = [helper.make_node("MatMul", ["x" if k == 768 else "h", f"w{i}"], [f"y{i}"]) for i, (k, _) in enumerate(shapes)]
+    nodes = [helper.make_node("MatMul", ["x" if k == 768 else "h", f"w{i}"],
+                              [f"y{i}"]) for i, (k, _) in enumerate(shapes)]
     graph = helper.make_graph(
         nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 768]),
                            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["rows", 3072])],
@@ -68,9 +69,9 @@ def main() -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             feed = {"x": rng.standard_normal((rows, 768), dtype=np.float32),
                     "h": rng.standard_normal((rows, 3072), dtype=np.float32)}
-            t_ort = timed(lambda: s.run(None, feed), 20)
+            t_ort = timed(lambda feed=feed: s.run(None, feed), 20)
             tx, th = torch.from_numpy(feed["x"]), torch.from_numpy(feed["h"])
-            t_torch = timed(lambda: [(tx if w.shape[0] == 768 else th) @ w for w in tw], 20)
+            t_torch = timed(lambda tx=tx, th=th: [(tx if w.shape[0] == 768 else th) @ w for w in tw], 20)
             for name, t in (("onnxruntime", t_ort), ("torch", t_torch)):
                 print(f"124M decode step of {rows} row(s), weight MatMuls only ({gb * 1e3:.0f} MB), {name}: "
                       f"{t * 1e3:.2f} ms = {rows / t:.1f} tok/s at most ({gb / t:.1f} GB/s, "

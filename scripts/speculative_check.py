@@ -5,7 +5,7 @@ speculative with adaptive depth (the default), and speculative guessing --specul
 Reported per way: end-to-end tok/s (medians over prompts), guesses accepted, decode tokens per target
 step, and whether the tokens equal the target's own (they must: the target's sampler picks every token).
 
-    # the trained model: realistic acceptance (text prompts from runtime/verify.py)
+    # the trained model: realistic acceptance (text prompts from runtime/tools/verify.py)
     python scripts/speculative_check.py out/pycode-shared/fp32 out/pycode-shared/int8 --text
     # the 124M shape (random weights; prompts are seeded random ids), greedy and sampled
     python scripts/speculative_check.py out/peers/onnx23-fp32-last5-shared out/peers/onnx23-int8-last-shared \\
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, action="append", default=None,
                    help="repeatable; 0 = greedy (default: 0 and 0.8, top-k 200)")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--text", action="store_true", help="the fixed text prompts of nanogpt-deploy verify (a trained model)")
+    p.add_argument("--text", action="store_true",
+                   help="the fixed text prompts of nanogpt-deploy verify (a trained model)")
     p.add_argument("--prompts", type=int, default=3, help="random 32-token prompts without --text (default 3); with "
                                                           "--batch, batches of them")
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call (default 1)")
@@ -46,10 +47,9 @@ def main(argv=None) -> int:
     import numpy as np
 
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.generation import SamplingParams, make_generation
-    from runtime.generation import SpeculativeGeneration
+    from runtime.generation import SamplingParams, SpeculativeGeneration, make_generation
     from runtime.tokenizer import load_tokenizer
-    from runtime.verify import PROMPTS
+    from runtime.tools.verify import PROMPTS
 
     target = OnnxRuntimeBackend(args.target, threads=args.threads, spinning=args.spin)
     draft = OnnxRuntimeBackend(args.draft, threads=args.threads, spinning=args.spin)

@@ -211,7 +211,8 @@ def train(args) -> None:
 
     tokens_per_iter = args.batch_size * args.block_size
     print(f"model: {model.num_params() / 1e6:.2f}M params ({config.n_layer} layers, n_embd {config.n_embd}, "
-          f"block {config.block_size}); corpus: train {corpus['train']['files']} files / {train_data.numel():,} tokens, "
+          f"block {config.block_size}); corpus: train {corpus['train']['files']} files / "
+          f"{train_data.numel():,} tokens, "
           f"val {corpus['val']['files']} files / {val_data.numel():,} tokens; {tokens_per_iter} tokens/iter"
           + (f"; resuming at iter {start_iter}" if start_iter else ""))
     val_windows = eval_windows(val_data, args.eval_windows, args.block_size)
@@ -340,9 +341,11 @@ def run_sample(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--out-dir", default=str(ROOT / "model/weights/pycode"), help="final fp16 model folder (config.json, model.safetensors, corpus.json)")
+    a("--out-dir", default=str(ROOT / "model/weights/pycode"),
+      help="final fp16 model folder (config.json, model.safetensors, corpus.json)")
     a("--ckpt-dir", default=str(ROOT / "runs/pycode"), help="resumable training checkpoint folder (ckpt.pt)")
     a("--resume", help="continue from the ckpt.pt in this folder (its settings are reused)")
     a("--max-minutes", type=float, default=0, help="stop (and save) after this many minutes; 0: no limit")
@@ -362,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--beta1", type=float, default=0.9)
     a("--beta2", type=float, default=0.99)
     a("--grad-clip", type=float, default=1.0)
-    a("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast for matmuls (fast on CPUs with AMX / AVX512-BF16)")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=True,
+      help="bfloat16 autocast for matmuls (fast on CPUs with AMX / AVX512-BF16)")
     a("--seed", type=int, default=1337)
     a("--threads", type=int, default=2, help="torch.set_num_threads")
     # data and evaluation

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from runtime.cli import main
+from runtime.cli import COMMANDS, main
 from runtime.generation import SamplingParams, generate
 from runtime.tokenizer import load_tokenizer
 
@@ -44,7 +44,8 @@ def test_generate_json_end_to_end(tiny_onnx_dir, capsys):
 def test_generate_as_a_command_streams_text_then_the_summary(tiny_onnx_dir):
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "generate", str(tiny_onnx_dir), "--prompt-ids", "1,2,3",
                         "--max-new-tokens", "5", "--seed", "0", "--stream", "--ignore-eos", "--threads", "1"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n") and r.stdout.strip()
     assert SUMMARY.match(r.stderr.strip().splitlines()[-1]).group(1) == "5"
@@ -169,7 +170,7 @@ def test_bad_counts_and_ports_are_refused_naming_the_flag(argv, message, capsys)
 
 
 def test_verify_text_tokens_below_one_window_says_so(tiny_model, tokenizer):
-    from runtime.verify import VerifyError, token_windows
+    from runtime.tools.verify import VerifyError, token_windows
 
     with pytest.raises(VerifyError, match="--text-tokens 10 is less than one --window of 64 tokens"):
         token_windows(tokenizer, ["def f(x):\n    return x\n" * 50], tiny_model.config, 64, 10)
@@ -220,6 +221,38 @@ def test_numeric_flags_accept_their_range(capsys):
     args = build_parser().parse_args(["serve", "m", "--batch-window-ms", "0", "--request-timeout", "0.5",
                                       "--threads", "4", "--max-body-bytes", "1024"])
     assert (args.batch_window_ms, args.request_timeout, args.threads) == (0.0, 0.5, 4)
+
+
+
+LAZY = """import sys
+from runtime.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+heavy = sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'fastapi', 'uvicorn', 'onnx', 'onnxruntime'}})
+others = sorted(m for m in sys.modules if m.startswith(('runtime.cli.', 'export.cli_')))
+print(heavy, others)
+"""
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "bench", "verify", "export", "demo", "build-engine"])
+def test_help_imports_only_the_chosen_subcommand(command):
+    r = subprocess.run([sys.executable, "-c", LAZY.format(argv=[command, "--help"])], cwd=ROOT, text=True,
+                       capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    module = COMMANDS[command][0]
+    assert r.stdout.strip().splitlines()[-1] == f"[] {sorted({'runtime.cli.args', module})}", r.stdout[-2000:]
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    flags = re.split(r"\n  (?=-)", out.split("options:", 1)[1])  # one block per flag
+    assert len(flags) > 20 and all(f.count("default") <= 1 for f in flags), [f for f in flags if f.count("default") > 1]
+    text = " ".join(out.split())
+    assert "TCP port, 1..65535 (default: 8000)" in text and "what runs MODEL (default: onnxruntime)" in text, text
 
 
 BLOCK = """import sys

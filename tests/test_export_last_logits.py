@@ -2,7 +2,7 @@
 their evaluation sees every position (step-by-step decoding), and `verify` judges them the same way.
 
 The trained pycode model (model/weights/pycode) gives logits with structure; the variants are gated as in
-test_quantize.py, and a "last" graph's metrics must equal an "all" graph's on the same tokens.
+test_export_quantize.py, and a "last" graph's metrics must equal an "all" graph's on the same tokens.
 """
 from __future__ import annotations
 

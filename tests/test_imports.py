@@ -2,9 +2,7 @@
 onnxruntime path never imports torch.
 
 The graph comes from the source (ast), function-level imports included: an import deferred into a function
-still ties the two modules together. Edges known to break these rules are listed in KNOWN_* below, each
-being removed in issue #18; the tests fail on any new one, and on a listed one that no longer exists (so
-the lists only shrink).
+still ties the two modules together. No exceptions are allowed.
 """
 from __future__ import annotations
 
@@ -16,13 +14,6 @@ from conftest import ROOT
 
 PACKAGES = ("model", "export", "runtime")
 
-# import cycles, each broken by dropping one of these edges: none left since issue #18 (export/onnx.py's stages
-# import their shared helpers from below, model/checkpoints.py reads checkpoints without the GPT class)
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
-# being removed in issue #18: runtime modules importing export (runtime sits below export)
-KNOWN_RUNTIME_TO_EXPORT = {
-    ("runtime.cli_demo", "export.onnx"),  # export_onnx of the demo model
-}
 
 
 def module_name(path) -> str:
@@ -93,15 +84,12 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycles():
     graph = import_graph()
-    stale = [e for e in KNOWN_CYCLE_EDGES if e[1] not in graph.get(e[0], ())]
-    assert not stale, f"edges in KNOWN_CYCLE_EDGES no longer exist; remove them from the list: {stale}"
-    pruned = {m: {t for t in ts if (m, t) not in KNOWN_CYCLE_EDGES} for m, ts in graph.items()}
-    cycles = find_cycles(pruned)
+    cycles = find_cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
 def test_generation_modules_form_no_cycle():
-    """The generation engine's modules in particular (no allow-list applies to them)."""
+    """The generation engine's modules in particular."""
     graph = {m: {t for t in ts if t.startswith("runtime.")} for m, ts in import_graph().items()
              if m.startswith("runtime.")}
     assert not find_cycles(graph), find_cycles(graph)
@@ -110,16 +98,38 @@ def test_generation_modules_form_no_cycle():
 def test_runtime_does_not_import_export():
     graph = import_graph()
     edges = {(m, t) for m, ts in graph.items() if m.startswith("runtime") for t in ts if t.startswith("export")}
-    assert edges <= KNOWN_RUNTIME_TO_EXPORT, f"runtime imports export: {sorted(edges - KNOWN_RUNTIME_TO_EXPORT)}"
-    stale = KNOWN_RUNTIME_TO_EXPORT - edges
-    assert not stale, f"edges in KNOWN_RUNTIME_TO_EXPORT no longer exist; remove them from the list: {stale}"
+    assert not edges, f"runtime imports export (runtime sits below export): {sorted(edges)}"
+
+
+def test_export_loads_backends_by_name_only():
+    """export/ validates with onnxruntime sessions of its own; where it runs a model (the demo) it asks
+    runtime.backends.load_backend by name, never imports a backend module."""
+    edges = {(m, t) for m, ts in import_graph().items() if m.startswith("export") for t in ts
+             if t.startswith("runtime.backends.")}
+    assert not edges, f"export imports a backend module: {sorted(edges)}"
+
+
+def test_torch_is_imported_only_in_model_export_and_the_torch_backend():
+    allowed = ("model", "export", "runtime.backends.torch")
+    found = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            mod = module_name(path)
+            if mod == allowed[2] or mod.split(".")[0] in allowed[:2]:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                found += [f"{mod}: {n}" for n in names if n == "torch" or n.startswith("torch.")]
+    assert not found, f"torch imported outside model/, export/ and runtime/backends/torch.py: {found}"
 
 
 def test_the_onnxruntime_path_never_imports_torch():
     code = ("import sys\n"
             "import runtime.backends.onnxruntime, runtime.generation, runtime.loading, runtime.sampling, "
-            "runtime.tokenizer, runtime.scheduler, runtime.artifact\n"
-            "try:\n    import runtime.server\nexcept ImportError:\n    pass  # the [serve] extra is not installed\n"
+            "runtime.tokenizer, runtime.serve.scheduler, runtime.artifact\n"
+            "try:\n    import runtime.serve.server\nexcept ImportError:\n    pass  # the [serve] extra is "
+            "not installed\n"
             "mods = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "assert not mods, f'torch imported: {mods[:5]}'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

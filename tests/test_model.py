@@ -33,7 +33,8 @@ def test_config_json_round_trip_and_no_torch_import():
     import sys
     code = ("import sys; sys.modules['torch'] = None\n"
             "from model.config import GPTConfig; import model; print(model.GPTConfig.preset('tiny').n_layer)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
     with pytest.raises(ValueError, match="unknown preset"):
         GPTConfig.preset("gpt5")
@@ -119,7 +120,8 @@ def _nanogpt_ckpt(path, model: GPT, vocab_pad: int | None = None, compiled: bool
                       bias=c.bias, vocab_size=c.vocab_size, dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.save({"model": state, "optimizer": opt.state_dict(), "model_args": model_args, "iter_num": 100,
-                "best_val_loss": torch.tensor(2.5), "config": {"dataset": "shakespeare_char", "compile": compiled}}, path)
+                "best_val_loss": torch.tensor(2.5), "config": {"dataset": "shakespeare_char", "compile": compiled}},
+               path)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -207,13 +209,15 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_model, monkeypatch):
     state = tiny_model.state_dict()
     state["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
     bad = tmp_path / "bad.pt"
-    torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)}, bad)
+    torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)},
+               bad)
     with pytest.raises(CheckpointError, match=r"bad\.pt.*transformer\.h\.0\.mlp\.c_fc\.weight: checkpoint \(3, 3\)"):
         GPT.from_pretrained(bad)
     # missing keys
     del state["transformer.h.1.attn.c_attn.weight"]
     state["transformer.h.0.mlp.c_fc.weight"] = tiny_model.state_dict()["transformer.h.0.mlp.c_fc.weight"]
-    torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)}, bad)
+    torch.save({"model": state, "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512)},
+               bad)
     with pytest.raises(CheckpointError, match="missing keys.*h.1.attn.c_attn.weight"):
         GPT.from_pretrained(bad)
     # truncated safetensors in a folder
@@ -264,7 +268,8 @@ def test_untied_hf_checkpoint_is_refused(tmp_path):
 def test_untied_config_with_equal_weights_loads(tmp_path):
     # tie_word_embeddings=False but wte == lm_head (e.g. a tied model saved untied): loads, parity with transformers
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16, tie_word_embeddings=False)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16,
+                                  tie_word_embeddings=False)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         hf.lm_head.weight.copy_(hf.transformer.wte.weight)
@@ -307,7 +312,8 @@ def test_hf_config_aliases_honoured_and_bad_values_refused(tmp_path):
     with torch.no_grad():
         _assert_close("logits vs GPT2LMHeadModel", m(ids)[0], hf(ids).logits, 1e-4)
     cfg_path.write_text(json.dumps({**raw, "num_attention_heads": 5}))
-    with pytest.raises(CheckpointError, match=r"config\.json: does not describe a GPT-2: n_embd \(64\) must be divisible"):
+    with pytest.raises(CheckpointError,
+                       match=r"config\.json: does not describe a GPT-2: n_embd \(64\) must be divisible"):
         GPT.from_pretrained(tmp_path)
 
 
@@ -367,7 +373,8 @@ def _huge_config_checkpoints(tmp_path, tiny_model):
     c = tiny_model.config
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": tiny_model.state_dict(), "model_args": dict(
-        n_layer=2000, n_head=c.n_head, n_embd=16384, block_size=c.block_size, vocab_size=c.vocab_size, bias=True)}, ckpt)
+        n_layer=2000, n_head=c.n_head, n_embd=16384, block_size=c.block_size, vocab_size=c.vocab_size, bias=True)},
+               ckpt)
     from safetensors.torch import save_file
 
     hf = tmp_path / "hf"

@@ -191,8 +191,10 @@ MISSING_HINTS = {
     "cuda": "pip install 'nanogpt-deploy[tensorrt]' (cuda-python)",
 }
 # the other extras' modules, for the CLI (a subcommand that imports one of them names its extra)
-MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[export]'" for name in ("onnx", "onnxscript", "safetensors", "tqdm")})
-MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[serve]'" for name in ("fastapi", "uvicorn", "starlette", "h11")})
+MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[export]'"
+                      for name in ("onnx", "onnxscript", "safetensors", "tqdm")})
+MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[serve]'"
+                      for name in ("fastapi", "uvicorn", "starlette", "h11")})
 MISSING_HINTS.update({name: "pip install 'nanogpt-deploy[bench]'" for name in ("matplotlib", "psutil")})
 MISSING_HINTS["huggingface_hub"] = "pip install 'nanogpt-deploy[hub]'"
 
@@ -205,12 +207,14 @@ def check_step(config, input_ids: np.ndarray, attention_mask: np.ndarray, positi
                past_length: int) -> None:
     """The shape / range checks every backend makes before a forward (cheap: O(B*T))."""
     if input_ids.ndim != 2 or position_ids.shape != input_ids.shape:
-        raise BackendError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} must both be (batch, seq)")
+        raise BackendError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} must both "
+                           "be (batch, seq)")
     B, T = input_ids.shape
     if T == 0:
         raise BackendError("input_ids has no positions (seq 0); give at least one token")
     if attention_mask.shape != (B, past_length + T):
-        raise BackendError(f"attention_mask is {attention_mask.shape}, expected (batch {B}, past {past_length} + seq {T})")
+        raise BackendError(f"attention_mask is {attention_mask.shape}, expected (batch {B}, past "
+                           f"{past_length} + seq {T})")
     if past_length + T > config.block_size:
         raise BackendError(f"past ({past_length}) + seq ({T}) = {past_length + T} positions exceeds block_size "
                            f"{config.block_size}; shorten the prompt or max_new_tokens, or reset()")
@@ -240,7 +244,8 @@ def check_keep_rows(rows, batch: int) -> list[int]:
     """The check every backend's keep_rows makes; returns the rows as a list of ints."""
     rows = [int(r) for r in rows]
     if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch:
-        raise BackendError(f"keep_rows needs distinct ascending row indices in 0..{batch - 1}, at least one; got {rows}")
+        raise BackendError(f"keep_rows needs distinct ascending row indices in 0..{batch - 1}, at least "
+                           f"one; got {rows}")
     return rows
 
 
@@ -297,7 +302,7 @@ def load_backend(name: str, model: str, **options) -> Backend:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    if name != "onnxruntime":  # only an exported model.onnx records its weights' digest (a TensorRT engine: its sidecar)
+    if name != "onnxruntime":  # only an exported model.onnx records its weights' digest (an engine: its sidecar)
         options.pop("verify_weights", None)
         if options.pop("decode", "auto") not in ("auto", "dynamic"):
             raise BackendError(f"--decode static/graph (fixed-shape steps, CUDA graphs) is the onnxruntime backend's, "
@@ -307,5 +312,6 @@ def load_backend(name: str, model: str, **options) -> Backend:
     except ModuleNotFoundError as e:
         dep = (e.name or "").split(".")[0]
         if dep in MISSING_HINTS:  # a dependency, not the backend module itself
-            raise BackendError(f"the {name} backend needs {dep}, which is not installed; {MISSING_HINTS[dep]}") from None
+            raise BackendError(f"the {name} backend needs {dep}, which is not installed; "
+                               f"{MISSING_HINTS[dep]}") from None
         raise

@@ -90,11 +90,13 @@ class OnnxRuntimeBackend(Backend):
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if decode not in DECODE_MODES:
             raise BackendError(f"unknown decode mode {decode!r}; choose one of {DECODE_MODES}")
-        providers = [(ep, cuda_provider_options(device_id, tf32)), "CPUExecutionProvider"] if provider == "cuda" else [ep]
+        providers = [(ep, cuda_provider_options(device_id, tf32)),
+                     "CPUExecutionProvider"] if provider == "cuda" else [ep]
         self.session = _open_session(ort, path, so, providers)
         if self.session.get_providers()[0] != ep:  # onnxruntime falls back to CPU when CUDA libraries are missing
             raise BackendError(f"{path}: onnxruntime could not start {ep} (session runs on "
-                               f"{self.session.get_providers()}); check the CUDA / cuDNN libraries onnxruntime-gpu needs")
+                               f"{self.session.get_providers()}); check the CUDA / cuDNN libraries "
+                               "onnxruntime-gpu needs")
 
         self.artifact = Artifact.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
         if verify_weights and (note := check_weights(path, self.artifact)):
@@ -121,7 +123,8 @@ class OnnxRuntimeBackend(Backend):
             self.cache = layout(self.session, self.artifact, device)  # owns the buffers and the IO binding
         else:
             self.cache = StaticCache(self.session, self.artifact, device, capture=self.decode == "graph",
-                                     capacity=min(int(graph_capacity or self.config.block_size), self.config.block_size))
+                                     capacity=min(int(graph_capacity or self.config.block_size),
+                                                  self.config.block_size))
         self.capabilities = Capabilities(device=device.kind, max_context=self.config.block_size,
                                          ragged_cache=self.kv_cache == "shared")
 
@@ -172,5 +175,6 @@ def _open_session(ort, path: Path, so, providers):
         if m or "external data" in msg.lower():
             missing = m.group(1) if m else f"{path}.data"
             raise ArtifactError(f"{path} keeps its weights in {Path(missing).name}, which is missing ({missing}); "
-                                f"copy the whole exported folder (model.onnx and model.onnx.data travel together)") from None
+                                "copy the whole exported folder (model.onnx and model.onnx.data travel "
+                                "together)") from None
         raise ArtifactError(f"{path} could not be opened by onnxruntime: {msg.strip().splitlines()[0]}") from None

@@ -178,7 +178,7 @@ class ConcatCache(OrtCache):
 
 
 class SharedCache(OrtCache):
-    """kv_cache="shared": fixed buffers that onnxruntime writes into in place; rows left-aligned, each its own length."""
+    """kv_cache="shared": fixed buffers onnxruntime writes into in place; rows left-aligned, each its own length."""
 
     def __init__(self, session, artifact, device: OrtDevice):
         super().__init__(session, artifact, device)

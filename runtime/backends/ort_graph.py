@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import BackendError
 from .ort_cache import SharedCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -51,7 +52,7 @@ def static_mask(lengths: np.ndarray, nb: int, capacity: int) -> np.ndarray:
 class _Bucket:
     """One batch size's fixed device buffers and IO binding over the cache (and, when captured, its CUDA graph)."""
 
-    def __init__(self, cache: "StaticCache", nb: int, graph_id: int):
+    def __init__(self, cache: StaticCache, nb: int, graph_id: int):
         c, dev, cap, ort = cache.config, cache.device, cache.capacity, cache.device.ort
 
         def device(shape, dtype):

@@ -26,9 +26,20 @@ import numpy as np
 
 from ..artifact import ArtifactError
 from ..trt_cuda import cuda_call, current_gpu, import_cudart, import_tensorrt
-from ..trt_plan import (EngineMeta, TensorRTError, check_engine, check_gpu, check_tensorrt_version, io_shapes,
-                        plan_buffers, resolve_engine, rewind_copy, sidecar_path)
+from ..trt_plan import (
+    EngineMeta,
+    TensorRTError,
+    check_engine,
+    check_gpu,
+    check_tensorrt_version,
+    io_shapes,
+    plan_buffers,
+    resolve_engine,
+    rewind_copy,
+    sidecar_path,
+)
 from . import Backend, Capabilities, merge_rows, pack_rows
+
 
 def describe_engine(trt, engine) -> dict:
     """The engine's I/O names, dtypes and profile shapes, in the form `check_engine` reads."""
@@ -62,7 +73,8 @@ class TensorRTBackend(Backend):
                                 f"with `nanogpt-deploy build-engine MODEL_DIR --out {path}`")
         meta = EngineMeta.read_json(side)
         if meta.engine_bytes and path.stat().st_size != meta.engine_bytes:
-            raise ArtifactError(f"{path} is {path.stat().st_size} bytes, its sidecar describes a {meta.engine_bytes}-byte "
+            raise ArtifactError(f"{path} is {path.stat().st_size} bytes, its sidecar describes a "
+                                f"{meta.engine_bytes}-byte "
                                 f"engine; one of them is from another build: {meta.rebuild_command(path)}")
         trt, cudart = import_tensorrt(), import_cudart()
         check_tensorrt_version(meta, trt.__version__, path)
@@ -105,7 +117,8 @@ class TensorRTBackend(Backend):
         cuda_call(self._cudart, self._cudart.cudaSetDevice(self._device), "cudaSetDevice")
 
     def _malloc(self, nbytes: int, what: str) -> int:
-        ptr = int(cuda_call(self._cudart, self._cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({what}, {nbytes} bytes)"))
+        ptr = int(cuda_call(self._cudart, self._cudart.cudaMalloc(max(nbytes, 1)),
+                            f"cudaMalloc({what}, {nbytes} bytes)"))
         self._ptrs.append(ptr)
         return ptr
 
@@ -168,7 +181,8 @@ class TensorRTBackend(Backend):
         if width:
             for s_ptr, d_ptr in zip(src, dst):
                 cuda_call(cudart, cudart.cudaMemcpy2DAsync(d_ptr, dpitch, s_ptr + offset, spitch,
-                                                           width, height, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                                           width, height,
+                                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                                                            self._stream),
                           "repack the KV cache (cudaMemcpy2DAsync)")
             cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
@@ -185,7 +199,8 @@ class TensorRTBackend(Backend):
             for s_ptr, d_ptr in zip(src, dst):
                 for d, r, n in pack_rows(rows, in_place=False):
                     cuda_call(cudart, cudart.cudaMemcpyAsync(d_ptr + d * block, s_ptr + r * block, n * block,
-                                                             cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream),
+                                                             cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                                             self._stream),
                               "keep rows of the KV cache (cudaMemcpyAsync)")
             cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self._current = 1 - self._current
@@ -213,7 +228,8 @@ class TensorRTBackend(Backend):
     def _download(self, kv_set: int, batch: int, length: int) -> list[np.ndarray]:
         """The packed (batch, n_head, length, head_dim) cache tensors of one ping-pong set, on the host."""
         c, cudart = self.config, self._cudart
-        out = [np.empty((batch, c.n_head, length, c.head_dim), np.dtype(self.artifact.kv_dtype)) for _ in self._kv[kv_set]]
+        out = [np.empty((batch, c.n_head, length, c.head_dim),
+                        np.dtype(self.artifact.kv_dtype)) for _ in self._kv[kv_set]]
         for a, ptr in zip(out, self._kv[kv_set]):
             if a.nbytes:
                 cuda_call(cudart, cudart.cudaMemcpyAsync(a.ctypes.data, ptr, a.nbytes,

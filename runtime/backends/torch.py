@@ -58,7 +58,8 @@ def check_source_unchanged(files, art: Artifact, onnx_path: Path) -> None:
         want = recorded.get(f.name)
         if want and (got := sha256_file(f)) != want:
             raise BackendError(f"{f.resolve()} has changed since {onnx_path} was exported from {art.source!r} (sha256 "
-                               f"{got[:12]}..., recorded {want[:12]}...): it is no longer the exported model's reference. "
+                               f"{got[:12]}..., recorded {want[:12]}...): it is no longer the exported "
+                               "model's reference. "
                                f"Give the torch backend the original checkpoint itself (e.g. `nanogpt-deploy verify "
                                f"{onnx_path.parent} CHECKPOINT`), or re-export from this one")
 

@@ -21,7 +21,7 @@ speculative.py (the two decoding strategies), depth.py (how many tokens a specul
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..sampling import SamplingParams
 from .engine import Generation
@@ -79,4 +79,5 @@ def summary_line(completions: Sequence[Completion], backend, seconds: float | No
     n = sum(len(c.token_ids) for c in completions)
     s = seconds if seconds is not None else max((c.timing.total_s for c in completions), default=0.0)
     rate = n / s if s > 0 else 0.0
-    return f"{n} tokens in {s:.{1 if s >= 10 else 2}f} s, {rate:.1f} tok/s [{backend.name}, {backend.provider}, {backend.precision}]"
+    return (f"{n} tokens in {s:.{1 if s >= 10 else 2}f} s, {rate:.1f} tok/s "
+            f"[{backend.name}, {backend.provider}, {backend.precision}]")

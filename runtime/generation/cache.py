@@ -11,7 +11,7 @@ Optional backend abilities (keep_rows, drop_front, add_rows, rewind) are probed 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -4,7 +4,7 @@ Used by runtime/generation/speculative.py; it sees only acceptance counts and ro
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

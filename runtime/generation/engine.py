@@ -18,7 +18,7 @@ max_new_tokens beyond the model's block_size is an error before any work is done
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..sampling import SamplingParams
 from .plain import PlainDecoding

@@ -9,7 +9,7 @@ trimmed (`Backend.drop_front`), so a batch that rows keep joining stays as wide 
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

@@ -35,7 +35,7 @@ and takes no multi-token step after a past at batch > 1 on the CPU: it speculate
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -52,7 +52,8 @@ DEFAULT_SPECULATE = 4  # guesses per round at most: with ~97% per-token agreemen
 def check_pair(target, draft, speculate: int) -> None:
     """Raise GenerationError, saying how to fix it, unless `draft` can guess `speculate` tokens for `target`."""
     if not isinstance(speculate, int) or speculate < 1:
-        raise GenerationError(f"speculate must be an integer >= 1 (tokens the draft guesses per round), got {speculate!r}")
+        raise GenerationError("speculate must be an integer >= 1 (tokens the draft guesses per round), "
+                              f"got {speculate!r}")
     for role, b in (("target", target), ("draft", draft)):
         if not can(b, "rewind"):
             raise GenerationError(f"the {role} backend {getattr(b, 'name', type(b).__name__)!r} cannot rewind its KV "

@@ -4,7 +4,7 @@
     nanogpt-deploy generate out/demo --prompt "def fib(n):" --max-new-tokens 128 --stop "\\n\\n"
     nanogpt-deploy generate random:tiny@0 --backend torch --prompt-ids 1,2,3
     nanogpt-deploy generate out/gpt2-last5 --draft out/gpt2-int8 --prompt "..."   # speculative: the target's
-                                                                # output, decoded faster (runtime/generation/speculative.py)
+                                                        # output, decoded faster (runtime/generation/speculative.py)
 
 Text goes to stdout (streamed by default on a terminal); the summary line goes to stderr, so
 `> out.txt` keeps only the text and `--json` keeps stdout one JSON document.
@@ -15,31 +15,17 @@ import argparse
 import json
 import sys
 
-from .cli import finite_float, int_in, positive_int
+from .args import add_model_flags, add_run_flags, add_sampling_flags, add_tokenizer_flag, finite_float, int_in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
-                                                   "source for --backend torch)")
+    add_model_flags(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 1,2,3 (repeat for a batch)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"],
-                   help="default: onnxruntime")
-    p.add_argument("--provider", default=None, choices=["cpu", "cuda"],
-                   help="execution provider / torch device (default: cpu; tensorrt is always cuda)")
-    p.add_argument("--decode", default="auto", choices=["auto", "graph", "static", "dynamic"],
-                   help="onnxruntime, --kv-cache shared export: graph = replay decode steps as CUDA graphs (needs "
-                        "--provider cuda), static = the same fixed-shape steps uncaptured, dynamic = per-step shapes; "
-                        "auto = graph on CUDA, else dynamic (default: auto)")
-    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
-                   default=None, help="intra-op CPU threads (default: the backend's choice)")
-    p.add_argument("--no-verify-weights", action="store_true",
-                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="default: 64")
-    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int_in(0, None, "0 (off) or a count"), default=200, help="0 = off (default: 200)")
+    add_run_flags(p)
+    add_sampling_flags(p)
     p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
     p.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int_in(0, None, "a seed"),
@@ -51,14 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, metavar="DIR",
                    help="speculative decoding: a cheaper export of the same checkpoint (e.g. its --quantize int8 / "
                         "int4 folder) guesses tokens and MODEL checks them in one step; the output is MODEL's own. "
-                        "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); several prompts need "
+                        "MODEL must keep --speculate + 1 logits positions (export --logits last:5 or all); "
+                        "several prompts need "
                         "a --kv-cache concat pair")
     p.add_argument("--speculate", type=int_in(1, 64, "a guess count"), default=None, metavar="K",
                    help="most tokens the draft guesses per round (default: 4); each round guesses 0..K, whichever the "
                         "measured acceptance and step costs make fastest (0: a plain decode step)")
     p.add_argument("--json", action="store_true", help="print one JSON document: tokens, text, timing")
-    p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
-                                                          "then the cache)")
+    add_tokenizer_flag(p)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -71,9 +57,9 @@ def parse_ids(text: str) -> list[int]:
 def run(args) -> int:
     import time
 
-    from .generation import SamplingParams, make_generation, summary_line
-    from .loading import load_pair
-    from .tokenizer import load_tokenizer
+    from ..generation import SamplingParams, make_generation, summary_line
+    from ..loading import load_pair
+    from ..tokenizer import load_tokenizer
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

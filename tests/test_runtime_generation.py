@@ -90,7 +90,8 @@ def test_stop_string_spanning_tokens_is_trimmed_and_never_streamed(tok):
 def test_first_of_several_stop_strings_wins_and_false_starts_are_released(tok):
     script = tok.encode("x = 1\n\ny = 2\n\n")
     be = ScriptedBackend([script])
-    [c] = generate(be, tok, [[1]], SamplingParams(temperature=0, max_new_tokens=20, stop=("y = 3", "\n\n"), stop_token_ids=()))
+    [c] = generate(be, tok, [[1]],
+                   SamplingParams(temperature=0, max_new_tokens=20, stop=("y = 3", "\n\n"), stop_token_ids=()))
     assert c.text == "x = 1" and c.stop == "\n\n"
     # "y = " starts the stop string "y = 3" but never completes it: the held-back text comes out
     g = Generation(be, tok, [[1]], SamplingParams(temperature=0, max_new_tokens=len(script), stop=("y = 3",),
@@ -172,7 +173,8 @@ def test_finished_rows_leave_the_batch():
     assert mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert len(be.calls) == len(long)
     # a backend without keep_rows keeps them riding along (ScriptedBackend), with the same output
-    assert [c.token_ids for c in generate(ScriptedBackend(be.scripts), None, [[1], [2, 3], [4], [5, 6, 9]], params)] == \
+    assert [c.token_ids for c in generate(ScriptedBackend(be.scripts), None, [[1], [2, 3], [4], [5, 6, 9]],
+                                          params)] == \
         [c.token_ids for c in cs]
 
 
@@ -207,7 +209,8 @@ def test_bad_requests_are_clear_errors(tok):
     cases = [
         (([""],), "prompt 0 is empty"),
         (([[]],), "prompt 0 is empty"),
-        (([[1] * 60], SamplingParams(max_new_tokens=10)), "prompt 0 (60 tokens) + max_new_tokens (10) exceeds block_size 64"),
+        (([[1] * 60], SamplingParams(max_new_tokens=10)),
+         "prompt 0 (60 tokens) + max_new_tokens (10) exceeds block_size 64"),
         (([[1] * 40, [1]], [SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=30)]),
          "longest prompt (40 tokens) + the largest max_new_tokens (30) exceeds block_size 64"),
         ((["Hello world"],), "token id 15496 but this model's vocabulary is 0..511"),

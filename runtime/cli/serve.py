@@ -1,4 +1,4 @@
-"""`nanogpt-deploy serve MODEL`: an OpenAI-compatible HTTP server (runtime/server.py) on loopback by default.
+"""`nanogpt-deploy serve MODEL`: an OpenAI-compatible HTTP server (runtime/serve/server.py) on loopback by default.
 
     nanogpt-deploy serve out/tiny                                     # http://127.0.0.1:8000/v1
     NANOGPT_DEPLOY_API_KEY=secret nanogpt-deploy serve out/demo --host 0.0.0.0 --max-batch 32
@@ -14,27 +14,16 @@ import ipaddress
 import os
 from pathlib import Path
 
-from .cli import float_in, int_in
+from .args import add_model_flags, add_run_flags, add_tokenizer_flag, float_in, int_in
 
 API_KEY_ENV = "NANOGPT_DEPLOY_API_KEY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="exported folder or model.onnx (engine for tensorrt; any checkpoint "
-                                                   "source for --backend torch)")
+    add_model_flags(p)
+    add_run_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback addresses need an API key")
-    p.add_argument("--port", type=int_in(1, 65535, "a TCP port"),
-                   default=8000, help="TCP port, 1..65535 (default 8000)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider / torch device")
-    p.add_argument("--decode", default="auto", choices=["auto", "graph", "static", "dynamic"],
-                   help="onnxruntime, --kv-cache shared export: graph = replay decode steps as CUDA graphs (needs "
-                        "--provider cuda), static = the same fixed-shape steps uncaptured, dynamic = per-step shapes; "
-                        "auto = graph on CUDA, else dynamic (default: auto)")
-    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
-                   default=None, help="intra-op CPU threads (default: the backend's choice)")
-    p.add_argument("--no-verify-weights", action="store_true",
-                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
+    p.add_argument("--port", type=int_in(1, 65535, "a TCP port"), default=8000, help="TCP port, 1..65535")
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV}; prefer the "
                                                    f"variable, a flag shows up in `ps`)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
@@ -43,27 +32,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "MODEL checks; same output, faster. MODEL must keep --speculate + 1 logits positions (export "
                         "--logits last:5 or all); batches speculate on a --kv-cache concat pair, lone requests on any")
     p.add_argument("--speculate", type=int_in(1, 64, "a guess count"),
-                   default=None, metavar="K", help="most guesses per round with --draft (default 4)")
+                   default=None, metavar="K", help="most guesses per round with --draft (default: 4)")
     p.add_argument("--max-batch", type=int_in(1, 4096, "a batch size"),
                    default=16, help="rows per batch (shared forward passes)")
     p.add_argument("--max-queue", type=int_in(1, 1 << 16, "a queue length"),
                    default=64, help="requests waiting while a batch runs; more get 429")
     p.add_argument("--batch-window-ms", type=float_in(0, 1000, "a batching window in ms"), default=10.0,
-                   help="how long a batch's first request waits for others to join, 0..1000 ms (default 10)")
+                   help="how long a batch's first request waits for others to join, 0..1000 ms")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
-                   help="continuous (default): a request arriving while a batch runs joins it at its next step when "
-                        "it has rows free (not in a speculative batch); static: it waits for the next batch")
+                   help="continuous: a request arriving while a batch runs joins it at its next step when it has "
+                        "rows free (not in a speculative batch); static: it waits for the next batch")
     p.add_argument("--request-timeout", type=float_in(0, 86400, "a timeout in seconds", above=True), default=60.0,
                    help="seconds from arrival to the last token, queueing included, up to 86400; then 504 / an error "
-                        "event (default 60)")
+                        "event")
     p.add_argument("--idle-timeout", type=float_in(0, 300, "a timeout in seconds", above=True), default=5.0,
                    help="seconds a connection may take to send a whole request head, from opening and between "
-                        "keep-alive requests; then it is closed (default 5)")
+                        "keep-alive requests; then it is closed")
     p.add_argument("--max-body-bytes", type=int_in(1024, 1 << 30, "a body size in bytes"),
                    default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: $NANOGPT_DEPLOY_TOKENIZER, "
-                                                          "then the cache)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_tokenizer_flag(p)
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="uvicorn's")
 
 
 def is_loopback(host: str) -> bool:
@@ -97,7 +85,8 @@ def check_engine_batch(backends, max_batch: int) -> None:
         limit = getattr(getattr(b, "meta", None), "max_batch", None)
         if b is not None and limit is not None and max_batch > limit:
             raise ValueError(f"--max-batch {max_batch} exceeds the {limit} rows {getattr(b, 'path', 'the engine')} was "
-                             f"built for; serve with --max-batch {limit}, or rebuild the engine with --max-batch {max_batch}")
+                             f"built for; serve with --max-batch {limit}, or rebuild the engine with "
+                             f"--max-batch {max_batch}")
 
 
 def run(args) -> int:
@@ -107,22 +96,25 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from .connections import uvicorn_config
-        from .server import ServerSettings, create_app
+        from ..serve.connections import uvicorn_config
+        from ..serve.server import ServerSettings, create_app
     except ImportError as e:
-        raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") from None
-    from .generation import draft_for
-    from .loading import load_pair
-    from .tokenizer import load_tokenizer
+        raise RuntimeError(f"serve needs {e.name}, which is not installed; "
+                           "pip install 'nanogpt-deploy[serve]'") from None
+    from ..generation import draft_for
+    from ..loading import load_pair
+    from ..tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path=args.tokenizer_file)
     # a pair that cannot speculate is refused here, at startup, not per request
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
-                               provider=args.provider, threads=args.threads, verify_weights=not args.no_verify_weights,
+                               provider=args.provider or "cpu", threads=args.threads,
+                               verify_weights=not args.no_verify_weights,
                                decode=args.decode)
     check_engine_batch((backend, draft), args.max_batch)
     path = Path(args.model)
-    name = args.model_name or (path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name) or args.model
+    folder = path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name
+    name = args.model_name or folder or args.model
     settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                               batch_window_ms=args.batch_window_ms, batching=args.batching,
                               request_timeout_s=args.request_timeout,
@@ -138,7 +130,8 @@ def run(args) -> int:
     # again for requests the scheduler is refusing with its own 429. Idle connections are not counted (uvicorn's
     # limit_concurrency counted them, and answered a plain 503); --idle-timeout closes them
     limit = 2 * (args.max_batch + args.max_queue) + 16
-    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout, max_requests=limit,
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout,
+                                           max_requests=limit,
                                            log_level=args.log_level, timeout_graceful_shutdown=5))
     server.run()
     return 0 if server.started else 1

@@ -5,7 +5,7 @@
 
 MODEL is an exported folder, a folder of exported folders (one per variant), an engine, or a checkpoint
 (torch). Every backend in --backends and provider in --providers that can run here is timed; the
-others are skipped with a note. Each target runs in its own process (runtime/bench.py). The table goes
+others are skipped with a note. Each target runs in its own process (runtime/tools/bench.py). The table goes
 to stdout (or one JSON document with --json), the progress bar and summary line to stderr.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from .cli import int_in, positive_int
+from .args import add_run_flags, int_in, positive_int
 
 
 def int_list(text: str) -> list[int]:
@@ -42,21 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int_list, default=[32], metavar="N[,N...]", help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int_list, default=[128], metavar="N[,N...]", help="generated tokens per row")
     p.add_argument("--batch", type=int_list, default=[1], metavar="N[,N...]", help="rows per batch")
-    p.add_argument("--warmup", type=int_in(0, None, "a run count"), default=1, help="untimed runs per case (default 1)")
-    p.add_argument("--repeats", type=positive_int,
-                   default=3, help="timed runs per case; medians are reported (default 3)")
-    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
-                   default=None, help="intra-op CPU threads (default: each backend's choice)")
-    p.add_argument("--no-verify-weights", action="store_true",
-                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
+    p.add_argument("--warmup", type=int_in(0, None, "a run count"), default=1, help="untimed runs per case")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per case; medians are reported")
+    add_run_flags(p, tf32=True)
     p.add_argument("--draft", metavar="DIR", default=None,
                    help="also time speculative decoding with this draft export (e.g. the int8 folder) on every "
-                        "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); batches too on a "
+                        "onnxruntime target keeping --speculate + 1 logits positions (--logits last:5); "
+                        "batches too on a "
                         "--kv-cache concat pair")
     p.add_argument("--speculate", type=int_in(1, 64, "a guess count"),
-                   default=4, metavar="K", help="guesses per round with --draft (default 4)")
-    p.add_argument("--tf32", action="store_true",
-                   help="onnxruntime on CUDA: run fp32 MatMuls in TF32, faster and ~1e-3 off fp32 (default: off)")
+                   default=4, metavar="K", help="guesses per round with --draft")
     p.add_argument("--plot", metavar="PNG", default=None, help="write tokens/s vs context and latency percentiles here")
     p.add_argument("--json", action="store_true", help="print the whole report as one JSON document")
 
@@ -82,11 +77,12 @@ class ProgressBar:
 
 
 def run(args) -> int:
-    from .bench import BenchError, cases, find_targets, run_bench
-    from .bench_report import check_plot_path, format_table, plot_report
+    from ..tools.bench import BenchError, cases, find_targets, run_bench
+    from ..tools.bench_report import check_plot_path, format_table, plot_report
 
     if args.repeats < 1 or args.warmup < 0:
-        raise BenchError(f"--repeats {args.repeats} / --warmup {args.warmup}: need at least 1 repeat and 0+ warm-up runs")
+        raise BenchError(f"--repeats {args.repeats} / --warmup {args.warmup}: need at least 1 repeat and "
+                         "0+ warm-up runs")
     plot = check_plot_path(args.plot) if args.plot else None  # a bad path fails now, not after the timing
     targets, notes = find_targets(args.models, args.backends, args.providers, args.draft, args.speculate)
     for n in notes:
@@ -124,7 +120,8 @@ def summary(report: dict) -> str:
     if not timed:
         return f"{len(report['results'])} targets timed in {report['seconds']:.0f} s [{where}]"
     rate, label, case = max(timed, key=lambda t: t[0])
-    return (f"{len(report['results'])} targets x {len(report['settings']['cases'])} cases in {report['seconds']:.0f} s; "
+    return (f"{len(report['results'])} targets x {len(report['settings']['cases'])} cases in "
+            f"{report['seconds']:.0f} s; "
             f"fastest decode {rate:.1f} tok/s [{label}, batch {case['batch']}, prompt {case['prompt']}] [{where}]"
             f"{tf32_note(report['results'])}")
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import ROOT, max_abs_diff
 from runtime.artifact import ArtifactError
 from runtime.backends import Backend, BackendError, Capabilities, capabilities_of, load_backend
 from runtime.generation import SamplingParams, generate
-
-from conftest import ROOT, max_abs_diff
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [100, 200, 300, 400]]
 # Random tied weights make plain greedy repeat the last token; a strong repetition penalty (still greedy,
@@ -224,7 +223,7 @@ def test_generation_drops_finished_rows_with_the_same_output(ort_tiny, ort_tiny_
     for be in (ort_tiny, ort_tiny_shared, torch_tiny):
         kept, original = [], type(be).keep_rows
 
-        def spy(self, rows, original=original):
+        def spy(self, rows, original=original, kept=kept):
             kept.append(list(rows))
             original(self, rows)
 
@@ -277,7 +276,8 @@ def test_released_rows_leave_a_long_running_batch(ort_tiny_shared):
 
     be, rng = ort_tiny_shared, np.random.default_rng(5)
     reqs = [(rng.integers(1, 500, int(rng.integers(1, 9))).tolist(),
-             SamplingParams(temperature=0, max_new_tokens=int(rng.integers(1, 7)), stop_token_ids=())) for _ in range(40)]
+             SamplingParams(temperature=0, max_new_tokens=int(rng.integers(1, 7)),
+                            stop_token_ids=())) for _ in range(40)]
     got: dict[int, list[int]] = {}
     g = Generation(be, None, [reqs[0][0]], [reqs[0][1]])
     with pytest.raises(GenerationError, match="still running"):
@@ -323,11 +323,13 @@ def test_a_batch_that_rows_keep_joining_stays_narrow(ort_tiny, ort_tiny_shared, 
     (drop_front) before a new row joins: tokens stay each prompt's alone."""
     from runtime.generation import Generation
 
-    sp = [SamplingParams(temperature=0, max_new_tokens=n, repetition_penalty=3.0, stop_token_ids=()) for n in (4, 30, 12)]
+    sp = [SamplingParams(temperature=0, max_new_tokens=n, repetition_penalty=3.0,
+                         stop_token_ids=()) for n in (4, 30, 12)]
     prompts = [list(range(1, 41)), [9, 8, 7], [5, 6]]
     for be in (ort_tiny, ort_tiny_shared, torch_tiny):
         dropped, original = [], type(be).drop_front
-        monkeypatch.setattr(type(be), "drop_front", lambda self, n, original=original: (dropped.append(n), original(self, n)))
+        monkeypatch.setattr(type(be), "drop_front",
+                            lambda self, n, original=original, dropped=dropped: (dropped.append(n), original(self, n)))
         alone = [generate(be, None, [p], s)[0].token_ids for p, s in zip(prompts, sp)]
         g = Generation(be, None, prompts[:2], sp[:2])
         for d in g:
@@ -365,7 +367,8 @@ def test_step_errors(ort_tiny):
     with pytest.raises(BackendError, match=r"token id 600 is outside this model's vocabulary 0\.\.511"):
         ort_tiny.forward(np.array([[600]]), np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64))
     n = c.block_size + 1
-    with pytest.raises(BackendError, match=rf"past \(0\) \+ seq \({n}\) = {n} positions exceeds block_size {c.block_size}"):
+    with pytest.raises(BackendError,
+                       match=rf"past \(0\) \+ seq \({n}\) = {n} positions exceeds block_size {c.block_size}"):
         ort_tiny.forward(np.ones((1, n), np.int64), np.ones((1, n), np.int64), np.zeros((1, n), np.int64))
     with pytest.raises(BackendError, match=r"attention_mask is \(1, 2\), expected"):
         ort_tiny.forward(np.ones((1, 1), np.int64), np.ones((1, 2), np.int64), np.zeros((1, 1), np.int64))
@@ -407,7 +410,8 @@ def test_the_base_class_checks_what_a_backend_that_checks_nothing_gets():
     be = BareBackend()
     ones = lambda *shape: np.ones(shape, np.int64)  # noqa: E731
     bad = [
-        (lambda: be.forward(np.array([[16]]), ones(1, 1), ones(1, 1)), "token id 16 is outside this model's vocabulary"),
+        (lambda: be.forward(np.array([[16]]), ones(1, 1), ones(1, 1)),
+         "token id 16 is outside this model's vocabulary"),
         (lambda: be.forward(ones(1, 3), ones(1, 2), ones(1, 3)), r"attention_mask is \(1, 2\), expected"),
         (lambda: be.forward(ones(1, 9), ones(1, 9), ones(1, 9)), "exceeds block_size 8"),
         (lambda: be.forward(ones(3), ones(3), ones(3)), "must both be \\(batch, seq\\)"),
@@ -419,7 +423,8 @@ def test_the_base_class_checks_what_a_backend_that_checks_nothing_gets():
     with pytest.raises(BackendError, match="add_rows joins rows to a running batch"):
         BareBackend().add_rows(ones(1, 2), ones(1, 2), ones(1, 2))
     be.calls.clear()
-    be.forward(np.ones((2, 3), np.int32), ones(2, 3), np.asfortranarray(np.tile(np.arange(3), (2, 1))))  # int32; F order
+    be.forward(np.ones((2, 3), np.int32), ones(2, 3),
+               np.asfortranarray(np.tile(np.arange(3), (2, 1))))  # int32; F order
     assert be.calls == [("reset", 2), ("forward", (2, 3), np.dtype(np.int64), True)]  # int64, C-contiguous
     assert (be.past_length, be._batch) == (3, 2)
     with pytest.raises(BackendError, match="batch size changed from 2 to 1 mid-sequence"):
@@ -428,7 +433,8 @@ def test_the_base_class_checks_what_a_backend_that_checks_nothing_gets():
                         (lambda: be.drop_front(4), "cannot drop the first 4 positions"),
                         (lambda: be.keep_rows([1, 0]), "distinct ascending row indices in 0..1"),
                         (lambda: be.keep_rows([2]), "distinct ascending row indices in 0..1"),
-                        (lambda: be.add_rows(ones(1, 2), np.zeros((1, 2), np.int64), ones(1, 2)), "at least one real token")]:
+                        (lambda: be.add_rows(ones(1, 2), np.zeros((1, 2), np.int64), ones(1, 2)),
+                         "at least one real token")]:
         with pytest.raises(BackendError, match=match):
             call()
     be.calls.clear()
@@ -487,7 +493,8 @@ def _copy_with_metadata(src: Path, dst: Path, edit) -> Path:
 def test_load_errors_are_clear(tiny_onnx_dir, tmp_path):
     with pytest.raises(ArtifactError, match="does not exist; give the file or the folder holding model.onnx"):
         load_backend("onnxruntime", str(tmp_path / "nowhere"))
-    with pytest.raises(BackendError, match=r"unknown backend 'onnx'; choose one of \['onnxruntime', 'tensorrt', 'torch'\]"):
+    with pytest.raises(BackendError,
+                       match=r"unknown backend 'onnx'; choose one of \['onnxruntime', 'tensorrt', 'torch'\]"):
         load_backend("onnx", str(tiny_onnx_dir))
     with pytest.raises(BackendError, match="unknown provider 'gpu'"):
         load_backend("onnxruntime", str(tiny_onnx_dir), provider="gpu")
@@ -505,7 +512,8 @@ def test_load_errors_are_clear(tiny_onnx_dir, tmp_path):
 
 
 def _zero_filled_copy(src: Path, dst: Path) -> Path:
-    """What a failed copy or a sparse pre-allocation leaves: model.onnx intact, model.onnx.data the right size, all zeros."""
+    """What a failed copy or a sparse pre-allocation leaves: model.onnx intact, model.onnx.data the right size, all
+    zeros."""
     shutil.copytree(src, dst)
     size = (dst / "model.onnx.data").stat().st_size
     (dst / "model.onnx.data").write_bytes(bytes(size))
@@ -522,7 +530,8 @@ def test_zero_filled_weights_are_refused_naming_the_file_and_the_fix(tiny_onnx_d
     with pytest.raises(ArtifactError) as e:
         load_backend("onnxruntime", str(bad))
     msg = str(e.value)
-    assert f"{bad / 'model.onnx.data'} ({(bad / 'model.onnx.data').stat().st_size} bytes) is not the weights file" in msg, msg
+    data = bad / "model.onnx.data"
+    assert f"{data} ({data.stat().st_size} bytes) is not the weights file" in msg, msg
     assert "re-copy the whole exported folder or re-export it" in msg and "--no-verify-weights" in msg, msg
     # the CLI: exit 1 with that message (it ran and exited 0 before), and the explicit opt-out still loads it
     gen = ["generate", str(bad), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"]
@@ -607,7 +616,8 @@ TORCH_FREE = textwrap.dedent("""
     assert main(["generate", sys.argv[1], "--prompt-ids", "1,2,3", "--temperature", "0", "--max-new-tokens", "8",
                  "--ignore-eos", "--json", "--threads", "1"]) == 0
     draft = load_backend("onnxruntime", sys.argv[1], threads=1, spinning=False)  # speculative: still no torch
-    [s] = generate(be, None, [[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=()), draft=draft)
+    [s] = generate(be, None, [[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=()),
+                   draft=draft)
     assert s.token_ids == c.token_ids
     loaded = {"model.gpt", "model.checkpoints", "export.onnx", "runtime.backends.torch"} & set(sys.modules)
     assert not loaded, f"the deploy path imported {sorted(loaded)}"

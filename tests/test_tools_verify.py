@@ -11,7 +11,7 @@ import pytest
 
 from runtime import cli
 from runtime.tokenizer import TokenizerError, load_tokenizer
-from runtime.verify import THRESHOLDS, VerifyError, parse_thresholds
+from runtime.tools.verify import THRESHOLDS, VerifyError, parse_thresholds
 
 FAST = ["--text-tokens", "256", "--window", "64", "--greedy-tokens", "16", "--threads", "1"]
 
@@ -75,7 +75,8 @@ def test_passes_on_a_good_export(tiny_export, capsys):
     assert rc == 0, out.err
     report = json.loads(out.out)
     assert report["passed"] and report["reference"]["label"] == "torch cpu fp32"
-    assert report["reference"]["tf32"] is False and all(t["tf32"] is False for t in report["targets"]), report["targets"]
+    assert report["reference"]["tf32"] is False, report["reference"]
+    assert all(t["tf32"] is False for t in report["targets"]), report["targets"]
     [t] = report["targets"]
     m = t["metrics"]
     assert set(m["max_abs_diff_per_shape"]) == {"B1xT1xP0", "B2xT7xP0", "B2xT1xP5", "B2xT3xP5"}
@@ -97,7 +98,8 @@ def test_perturbed_model_fails_on_logits_and_perplexity(perturbed_export, capsys
     assert rc == 1
     report = json.loads(out.out)
     assert not report["passed"]
-    assert any("max|Δlogits|=" in f and "> 1e-04 (--max-abs-diff fp32=0.0001)" in f for f in report["failures"]), report["failures"]
+    assert any("max|Δlogits|=" in f and "> 1e-04 (--max-abs-diff fp32=0.0001)" in f for f in report["failures"]), \
+        report["failures"]
     assert "max|Δlogits|" in out.err
     [m] = [t["metrics"] for t in report["targets"]]
     assert m["ppl_change"] > THRESHOLDS["max_ppl_change"]["fp32"], m["ppl_change"]

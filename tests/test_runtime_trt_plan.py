@@ -1,7 +1,7 @@
 """TensorRT plan tests, CPU only, no TensorRT: the pure-Python half of the engine builder and backend.
 
 Profiles, flag validation, the sidecar, compatibility checks, profile selection, the buffer plan and the
-errors a user without TensorRT sees. Nothing here builds or runs an engine: that is test_tensorrt_gpu.py,
+errors a user without TensorRT sees. Nothing here builds or runs an engine: that is test_runtime_tensorrt_gpu.py,
 which needs TensorRT and a GPU. The engine descriptions below are plain dicts in the form
 `describe_engine` returns, standing in for an engine's shape queries.
 """
@@ -16,13 +16,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.tensorrt import (EngineBuildError, check_precision, compute_profiles, default_timing_cache, onnx_sha256,
-                             resolve_limits)
+from export.tensorrt import (
+    EngineBuildError,
+    check_precision,
+    compute_profiles,
+    default_timing_cache,
+    onnx_sha256,
+    resolve_limits,
+)
 from model.config import GPTConfig
 from runtime.artifact import Artifact, ArtifactError
 from runtime.backends.tensorrt import TensorRTBackend
-from runtime.trt_plan import (EngineMeta, TensorRTError, check_engine, check_gpu, check_tensorrt_version, io_shapes,
-                              plan_buffers, profile_covers, resolve_engine, sidecar_path, suggest_max_seq)
+from runtime.trt_plan import (
+    EngineMeta,
+    TensorRTError,
+    check_engine,
+    check_gpu,
+    check_tensorrt_version,
+    io_shapes,
+    plan_buffers,
+    profile_covers,
+    resolve_engine,
+    sidecar_path,
+    suggest_max_seq,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig.preset("tiny")  # n_layer 2, n_head 4, n_embd 64, vocab 512, block 128
@@ -49,7 +66,8 @@ def describe_from_meta(meta: EngineMeta) -> dict:
 
 # ---- profiles ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("max_batch,max_seq,opt_batch,opt_seq", [(4, 32, 1, 8), (1, 1, 1, 1), (8, 128, 8, 128), (2, 17, 2, 3)])
+@pytest.mark.parametrize("max_batch,max_seq,opt_batch,opt_seq",
+                         [(4, 32, 1, 8), (1, 1, 1, 1), (8, 128, 8, 128), (2, 17, 2, 3)])
 def test_profiles_are_consistent_in_every_corner(max_batch, max_seq, opt_batch, opt_seq):
     profiles = compute_profiles(TINY, max_batch, max_seq, opt_batch, opt_seq)
     assert [p["name"] for p in profiles] == ["prefill", "decode"]
@@ -91,7 +109,8 @@ def test_out_of_profile_requests_say_the_limit_and_the_fix():
     assert str(e.value) == "engine profile allows past_sequence 0..511, request needs 700; rebuild with --max-seq 1024"
     with pytest.raises(TensorRTError, match=r"allows batch 1\.\.8, request needs 9; rebuild with --max-batch 9"):
         meta.select_profile(9, 1, 0)
-    with pytest.raises(TensorRTError, match=r"allows sequence 1\.\.512, request needs 600; rebuild with --max-seq 1024"):
+    with pytest.raises(TensorRTError,
+                       match=r"allows sequence 1\.\.512, request needs 600; rebuild with --max-seq 1024"):
         meta.select_profile(1, 600, 0)
     # inside both boxes, beyond the buffers: past + seq > max_seq
     with pytest.raises(TensorRTError, match=r"up to 512, request needs 500 \+ 20 = 520; rebuild with --max-seq 1024"):
@@ -105,7 +124,8 @@ def test_build_flags_are_validated_against_block_size():
     lim = resolve_limits(TINY)
     assert lim == dict(max_batch=8, max_seq=128, opt_batch=1, opt_seq=128, workspace_gb=4.0)
     assert resolve_limits(TINY, max_seq=16)["opt_seq"] == 16
-    with pytest.raises(EngineBuildError, match=r"--max-seq 256 is outside 1\.\.128 \(the model's block_size.*--max-seq 128"):
+    with pytest.raises(EngineBuildError,
+                       match=r"--max-seq 256 is outside 1\.\.128 \(the model's block_size.*--max-seq 128"):
         resolve_limits(TINY, max_seq=256)
     with pytest.raises(EngineBuildError, match=r"--opt-batch 9 is outside 1\.\.8 \(--max-batch\)"):
         resolve_limits(TINY, opt_batch=9)
@@ -284,7 +304,8 @@ def test_source_hash_covers_external_data_and_cache_path_is_per_gpu(tmp_path, mo
     (tmp_path / "model.onnx.data").write_bytes(b"other weights")
     assert onnx_sha256(onnx) != h1
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_timing_cache("10.9.0.34", "9.0") == tmp_path / "nanogpt-deploy/tensorrt/timing-trt10.9.0.34-sm90.cache"
+    assert default_timing_cache("10.9.0.34",
+                                "9.0") == tmp_path / "nanogpt-deploy/tensorrt/timing-trt10.9.0.34-sm90.cache"
 
 
 def test_meta_fields_survive_json(tmp_path):

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import finite_float, int_in, positive_int
+from runtime.cli.args import add_sampling_flags, int_in
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "weights" / "pycode"
 DEFAULT_PROMPTS = {"pycode": "def fibonacci(n):\n", "random": "Hello, my dog is cute"}
@@ -26,13 +26,10 @@ FALLBACK_CONFIG = dict(n_layer=2, n_head=4, n_embd=128, vocab_size=50257, block_
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint",
                    default=None, help=f"checkpoint source (default: the embedded {DEFAULT_CHECKPOINT.name})")
-    p.add_argument("--out", default="out/demo", help="where the export goes (default: out/demo)")
+    p.add_argument("--out", default="out/demo", help="where the export goes")
     p.add_argument("--prompt", default=None, help="prompt text (default: one suited to the checkpoint)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="default: 64")
-    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int_in(0, None, "0 (off) or a count"), default=200, help="0 = off (default: 200)")
-    p.add_argument("--seed", type=int_in(0, None, "a seed"),
-                   default=0, help="default: 0 (the demo's text is reproducible)")
+    add_sampling_flags(p)
+    p.add_argument("--seed", type=int_in(0, None, "a seed"), default=0, help="the demo's text is reproducible")
     p.add_argument("--threads", type=int_in(1, 1024, "a thread count"),
                    default=None, help="onnxruntime intra-op threads")
 
@@ -48,18 +45,19 @@ def load_demo_model(checkpoint: str | None):
     print(f"NOTE: the embedded checkpoint {DEFAULT_CHECKPOINT} is missing (train it with scripts/train_tiny.py).\n"
           f"NOTE: using a RANDOM untrained model instead ({FALLBACK_CONFIG}): the pipeline runs, the text is noise.",
           file=sys.stderr)
-    return GPT(GPTConfig(**FALLBACK_CONFIG)).init_weights(0), "random init (demo stand-in, seed 0; not reloadable)", "random"
+    source = "random init (demo stand-in, seed 0; not reloadable)"
+    return GPT(GPTConfig(**FALLBACK_CONFIG)).init_weights(0), source, "random"
 
 
 def run(args) -> int:
     import dataclasses
 
-    from export.onnx import export_onnx
+    from runtime.artifact import read_onnx_artifact
+    from runtime.backends import load_backend
+    from runtime.generation import Generation, SamplingParams, summary_line
+    from runtime.tokenizer import load_tokenizer
 
-    from .artifact import read_onnx_artifact
-    from .backends.onnxruntime import OnnxRuntimeBackend
-    from .generation import Generation, SamplingParams, summary_line
-    from .tokenizer import load_tokenizer
+    from .onnx import export_onnx
 
     tokenizer = load_tokenizer()  # before any work: fails fast, with the fix, when the ranks are missing
     t0 = time.perf_counter()
@@ -87,7 +85,7 @@ def run(args) -> int:
     parity = read_onnx_artifact(path).extra["parity"]
     print(f"[3/4] parity onnxruntime vs torch: max|Δ| {parity['max_abs_diff']:.2e} over "
           f"{len(parity['shapes'])} (batch, sequence, past) shapes (tolerance {parity['atol']:.0e})")
-    backend = OnnxRuntimeBackend(path, provider="cpu", threads=args.threads)
+    backend = load_backend("onnxruntime", str(path), provider="cpu", threads=args.threads)
 
     print(f"[4/4] generating on onnxruntime ({backend.provider}, {backend.precision}), seed {args.seed}:\n")
     print(prompt, end="", flush=True)

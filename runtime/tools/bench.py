@@ -10,9 +10,9 @@ one with its results.
 
     targets, notes = find_targets(["out/gpt2", "out/gpt2-int8"], backends=("onnxruntime", "torch"))
     report = run_bench(targets, cases([32], [128], [1, 8]), warmup=1, repeats=5, threads=2)
-    plot_report(report, "bench.png")              # runtime/bench_report.py: the table and the plot
+    plot_report(report, "bench.png")              # runtime/tools/bench_report.py: the table and the plot
 
-    python -m runtime.bench '{"target": {...}, "cases": [...], ...}'     # one worker (internal)
+    python -m runtime.tools.bench '{"target": {...}, "cases": [...], ...}'     # one worker (internal)
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .trt_plan import ENGINE_NAME, sidecar_path
+from ..trt_plan import ENGINE_NAME, sidecar_path
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 PROVIDERS = ("cpu", "cuda")
@@ -83,7 +83,7 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
     every onnxruntime target that keeps speculate + 1 logits positions is also timed with that draft
     (runtime/generation/speculative.py).
     """
-    from .artifact import ArtifactError, read_onnx_artifact
+    from ..artifact import ArtifactError, read_onnx_artifact
 
     for b in backends:
         if b not in BACKENDS:
@@ -149,7 +149,8 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
         if not engines:
             notes.append("tensorrt: skipped, no engine given (nanogpt-deploy build-engine MODEL_DIR --out ENGINE)")
         elif importlib.util.find_spec("tensorrt") is None:
-            notes.append("tensorrt: skipped, the tensorrt package is not installed (pip install 'nanogpt-deploy[tensorrt]')")
+            notes.append("tensorrt: skipped, the tensorrt package is not installed (pip install "
+                         "'nanogpt-deploy[tensorrt]')")
         else:
             targets += [Target("tensorrt", e, "cuda", _engine_precision(e)) for e in engines]
     if not targets:
@@ -170,7 +171,7 @@ def is_hub_name(source: str) -> bool:
 
 
 def _speculative_targets(targets: list[Target], draft: str, speculate: int, notes: list[str]) -> list[Target]:
-    from .artifact import ArtifactError, read_onnx_artifact
+    from ..artifact import ArtifactError, read_onnx_artifact
 
     try:
         d = read_onnx_artifact(draft)
@@ -259,7 +260,7 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
     With a `draft`, cases decode speculatively (acceptance reported), but batches on a kv_cache="shared" pair,
     which run on the target alone (runtime.generation.draft_for).
     """
-    from .generation import SamplingParams, draft_for, make_generation
+    from ..generation import SamplingParams, draft_for, make_generation
 
     params = SamplingParams(max_new_tokens=case.new, temperature=0.0, stop_token_ids=())
     ids = prompt_ids(case, backend.config.real_vocab_size)
@@ -302,12 +303,13 @@ def time_case(backend, case: Case, warmup: int, repeats: int, on_run=lambda: Non
 
 def run_worker(spec: dict, emit=print) -> None:
     """Load one target, time its cases, report JSON lines: {"event": "run"} per run, then the results."""
-    from .generation import GenerationError, check_context
-    from .loading import load_pair
+    from ..generation import GenerationError, check_context
+    from ..loading import load_pair
 
     target, todo = Target(**spec["target"]), [Case(**c) for c in spec["cases"]]
     t0 = time.perf_counter()
-    tf32 = {"tf32": True} if spec.get("tf32") and target.backend == "onnxruntime" else {}  # a TensorRT engine's is built in
+    # a TensorRT engine's TF32 is built in
+    tf32 = {"tf32": True} if spec.get("tf32") and target.backend == "onnxruntime" else {}
     backend, draft = load_pair(target.backend, target.model, target.draft or None, target.speculate or None,
                                provider=target.provider, threads=spec.get("threads"),
                                verify_weights=spec.get("verify_weights", True), **tf32)
@@ -327,7 +329,8 @@ def run_worker(spec: dict, emit=print) -> None:
         results.append({"case": dataclasses.asdict(case), **m})
     emit(json.dumps({"event": "result", "target": dataclasses.asdict(target), "label": target.label,
                      "provider_name": backend.provider, "tf32": bool(getattr(backend, "tf32", False)),
-                     "decode": backend.graph_stats() if hasattr(backend, "graph_stats") else None, "load_s": load_s, "rss_after_load_mb": rss_loaded,
+                     "decode": backend.graph_stats() if hasattr(backend, "graph_stats") else None, "load_s": load_s,
+                     "rss_after_load_mb": rss_loaded,
                      "peak_rss_mb": peak_rss_mb(), "versions": _versions(target.backend), "cases": results}))
 
 
@@ -367,7 +370,8 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
                 "tf32": tf32}
         # stderr goes to a file, not a pipe: a worker filling a stderr pipe while this loop reads stdout would hang both
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errf:
-            proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", json.dumps(spec)], stdout=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-m", "runtime.tools.bench", json.dumps(spec)],
+                                    stdout=subprocess.PIPE,
                                     stderr=errf, text=True, env=env)
             result = None
             for line in proc.stdout:
@@ -392,7 +396,8 @@ def run_bench(targets: list[Target], todo: list[Case], warmup: int = 1, repeats:
         del result["event"]
         results.append(result)
     return {"machine": machine_info(load0, _loadavg()), "results": results, "failed": failed,
-            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "tf32": tf32, "sampling": "greedy, no early stop",
+            "settings": {"warmup": warmup, "repeats": repeats, "threads": threads, "tf32": tf32,
+                         "sampling": "greedy, no early stop",
                          "cases": [dataclasses.asdict(c) for c in todo]},
             "seconds": time.perf_counter() - t0}
 
@@ -424,5 +429,5 @@ def machine_info(load_before=None, load_after=None) -> dict:
     return info
 
 
-if __name__ == "__main__":  # the worker: python -m runtime.bench SPEC_JSON
+if __name__ == "__main__":  # the worker: python -m runtime.tools.bench SPEC_JSON
     run_worker(json.loads(sys.argv[1]))

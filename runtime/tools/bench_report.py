@@ -25,22 +25,26 @@ def rows(report: dict) -> list[dict]:
 
 
 def format_table(report: dict) -> str:
-    head = ("target", "batch", "prompt", "new", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "e2e tok/s", "peak RSS MB",
+    head = ("target", "batch", "prompt", "new", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "e2e tok/s",
+            "peak RSS MB",
             "guesses accepted")
     lines = []
     for r in rows(report):
         if "skipped" in r:
             lines.append((r["target"], r["batch"], r["prompt"], r["new"], "skipped: " + r["skipped"]))
             continue
-        f = lambda k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
+        f = lambda k, spec, r=r: format(r[k], spec) if k in r else "-"  # noqa: E731
         lines.append((r["target"], r["batch"], r["prompt"], r["new"], f("ttft_ms", ".1f"), f("decode_tok_s", ".1f"),
                       f("latency_p50_ms", ".2f"), f("latency_p95_ms", ".2f"), f("e2e_tok_s", ".1f"),
                       f"{r['peak_rss_mb']:.0f}",
                       f"{r['speculative']['acceptance']:.0%}, {r['speculative']['tokens_per_target_step']:.2f}/step, "
                       + ("tokens = target" if r["speculative"]["same_tokens_as_target"] else "TOKENS DIFFER")
                       if "speculative" in r else "-"))
-    widths = [max(len(str(x[i])) for x in [head] + [ln for ln in lines if len(ln) == len(head)]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    full = [head] + [ln for ln in lines if len(ln) == len(head)]
+    widths = [max(len(str(x[i])) for x in full) for i in range(len(head))]
+
+    def fmt(cells):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head)] + [fmt(ln) if len(ln) == len(head) else "  ".join(map(str, ln)) for ln in lines])
 
 
@@ -67,7 +71,8 @@ def check_plot_path(path: str | os.PathLike) -> Path:
         raise BenchError(f"--plot {path} is a folder; give a file name such as {path / 'bench.png'}")
     if path.suffix.lower().lstrip(".") not in formats:
         raise BenchError(f"--plot {path}: {repr(path.suffix) if path.suffix else 'a name without a suffix'} is not an "
-                         f"image format matplotlib writes; end the name in .png (or .{', .'.join(sorted(set(formats) - {'png'}))})")
+                         "image format matplotlib writes; end the name in .png (or "
+                         f".{', .'.join(sorted(set(formats) - {'png'}))})")
     folder = next(d for d in (path.absolute().parent, *path.absolute().parent.parents) if d.exists())
     try:
         if not folder.is_dir():

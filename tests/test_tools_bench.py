@@ -9,10 +9,9 @@ import sys
 
 import pytest
 
-from runtime import cli
-from runtime.bench import BenchError, Case, find_targets
-
 from conftest import ROOT
+from runtime import cli
+from runtime.tools.bench import BenchError, Case, find_targets
 
 
 def bench_json(capsys, *argv) -> dict:
@@ -58,11 +57,12 @@ def test_case_past_block_size_is_skipped_not_run(tiny_onnx_dir, capsys):
     assert "exceeds block_size 128" in case["skipped"]
 
 
-@pytest.mark.parametrize("providers", [None, ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]],
+@pytest.mark.parametrize("providers",
+                         [None, ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]],
                          ids=["installed", "cpu-only", "cuda"])
 def test_absent_backends_are_skipped_with_a_note(tiny_onnx_dir, monkeypatch, providers):
     """What runs follows the providers onnxruntime has: this machine's (installed), then both kinds simulated."""
-    import runtime.bench as bench
+    import runtime.tools.bench as bench
 
     if providers is not None:
         monkeypatch.setattr(bench, "_ort_providers", lambda: list(providers))
@@ -99,9 +99,9 @@ def test_parent_stays_torch_free_without_the_torch_backend(tiny_onnx_dir):
 
 
 def test_bad_plot_path_is_refused_before_any_timing(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
-    import runtime.bench
+    import runtime.tools.bench
 
-    monkeypatch.setattr(runtime.bench, "run_bench", lambda *a, **k: pytest.fail("timed before checking --plot"))
+    monkeypatch.setattr(runtime.tools.bench, "run_bench", lambda *a, **k: pytest.fail("timed before checking --plot"))
     (tmp_path / "file").write_text("")
     bad = [(tmp_path / "x.foo", "'.foo' is not an image format matplotlib writes; end the name in .png"),
            (tmp_path / "file" / "x.png", "is not a folder"), (tmp_path, "is a folder; give a file name"),
@@ -115,12 +115,12 @@ def test_bad_plot_path_is_refused_before_any_timing(tiny_onnx_dir, tmp_path, cap
 
 
 def test_a_plot_failing_late_still_prints_the_results(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
-    import runtime.bench_report
+    import runtime.tools.bench_report
 
     def broken(report, path):
         raise ValueError("the backend cannot draw")
 
-    monkeypatch.setattr(runtime.bench_report, "plot_report", broken)
+    monkeypatch.setattr(runtime.tools.bench_report, "plot_report", broken)
     rc = cli.main(["bench", str(tiny_onnx_dir), "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "4",
                    "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--json", "--plot", str(tmp_path / "b.png")])
     out, err = capsys.readouterr()
@@ -134,7 +134,7 @@ def test_a_worker_flooding_stderr_cannot_hang_the_parent(monkeypatch):
     stdout while the worker waits on a full stderr pipe."""
     import threading
 
-    import runtime.bench as bench
+    import runtime.tools.bench as bench
 
     flood = ("import sys; sys.stderr.write('x' * 1_000_000 + '\\nworker broke\\n'); sys.stderr.flush(); "
              "print('{\"event\": \"run\"}'); sys.exit(1)")
@@ -162,13 +162,15 @@ def test_hub_names_are_checkpoints_for_torch_but_a_missing_local_path_is_not(tin
 
 
 def test_results_say_whether_tf32_ran(tiny_onnx_dir, capsys):
-    from runtime.cli_bench import tf32_note
-    from runtime.cli_verify import tf32_note as verify_note
+    from runtime.cli.bench import tf32_note
+    from runtime.cli.verify import tf32_note as verify_note
 
     report = bench_json(capsys, tiny_onnx_dir, "--backends", "onnxruntime", "--providers", "cpu", "--prompt-len", "4",
                         "--new-tokens", "2", "--repeats", "1", "--warmup", "0")
     assert report["settings"]["tf32"] is False and report["results"][0]["tf32"] is False, report["results"][0]
-    gpu = lambda label, tf32: {"label": label, "target": {"provider": "cuda"}, "provider": "cuda", "tf32": tf32}  # noqa: E731
+    def gpu(label, tf32):
+        return {"label": label, "target": {"provider": "cuda"}, "provider": "cuda", "tf32": tf32}
+
     assert tf32_note(report["results"]) == ""  # CPU only: nothing to say
     assert tf32_note([gpu("onnxruntime cuda fp32", False)]) == "; TF32 off"
     assert tf32_note([gpu("onnxruntime cuda fp32", True)]) == "; TF32 on: onnxruntime cuda fp32"
@@ -190,7 +192,8 @@ def test_engine_targets_read_the_precision_from_the_sidecar_the_builder_writes(t
     engine = tmp_path / (ENGINE_NAME if name == "folder" else name)
     engine.write_bytes(b"plan")
     EngineMeta(artifact=Artifact(config=GPTConfig.preset("tiny"), precision="fp16"), tensorrt_version="10.9.0.34",
-               gpu_name="GPU", compute_capability="9.0", profiles=[], max_batch=1, max_seq=8).write_json(sidecar_path(engine))
+               gpu_name="GPU", compute_capability="9.0", profiles=[], max_batch=1,
+               max_seq=8).write_json(sidecar_path(engine))
     assert sidecar_path(engine).name == engine.name + ".json"
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "tensorrt" else find_spec(n, *a))

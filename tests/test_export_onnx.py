@@ -59,7 +59,8 @@ def test_symbolic_axes_check_catches_a_fixed_axis(tiny_onnx_dir, tmp_path):
 def test_parity_grid(tiny_onnx_dir, tiny_model, batch, seq, past):
     from export.check import check_parity
 
-    r = check_parity(tiny_model, tiny_onnx_dir / "model.onnx", shapes=[(batch, seq, past, 0)], seed=batch * 100 + seq * 10 + past)
+    r = check_parity(tiny_model, tiny_onnx_dir / "model.onnx", shapes=[(batch, seq, past, 0)],
+                     seed=batch * 100 + seq * 10 + past)
     assert r["max_abs_diff"] <= 1e-4, f"B{batch}xT{seq}xP{past}: max|Δ|={r['max_abs_diff']:.2e} > 1e-4"
 
 
@@ -93,7 +94,8 @@ def test_metadata_round_trip(tiny_onnx_dir, tiny_model):
     assert parity["atol"] == 1e-4 and parity["max_abs_diff"] <= 1e-4
     assert {"B1xT1xP0", "B2xT7xP0+pad3", "B2xT1xP5+pad2"} <= set(parity["shapes"])
     assert Artifact.from_metadata(art.to_metadata()) == art
-    sess = __import__("onnxruntime").InferenceSession(str(tiny_onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = __import__("onnxruntime").InferenceSession(str(tiny_onnx_dir / "model.onnx"),
+                                                      providers=["CPUExecutionProvider"])
     assert Artifact.from_metadata(sess.get_modelmeta().custom_metadata_map) == art  # what a torch-free runtime sees
 
 
@@ -206,7 +208,7 @@ def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_export(tmp_path,
             if not exchange:
                 mp.setattr(files, "exchange_paths", lambda a, b: False, raising=False)
 
-            def wrap(mod, name, real=None):
+            def wrap(mod, name, real=None, k=k, out=out, calls=calls, seen=seen):  # this round's k, out, ...
                 real = getattr(mod, name, None)
 
                 def op(*a, **kw):
@@ -275,8 +277,10 @@ def test_export_killed_while_publishing_over_a_previous_export_keeps_it(tmp_path
     (["random:nosuch", "--out", "{tmp}/a"], "unknown preset 'nosuch'"),
     (["{tmp}/missing/ckpt.pt", "--out", "{tmp}/a"], "does not exist"),
     (["random:tiny", "--out", "{tmp}/a", "--opset", "17"], "opset 17 is below 18"),
-    (["random:tiny", "--out", "{tmp}/a", "--opset", "99"], r"opset 99 is above \d+, the highest .* supports; choose --opset 18 \(the default\) to \d+"),
-    (["random:tiny", "--out", "{tmp}/a", "--quantize", "int8", "--dtype", "fp16"], "--quantize int8 starts from fp32 weights; drop --dtype fp16"),
+    (["random:tiny", "--out", "{tmp}/a", "--opset", "99"],
+     r"opset 99 is above \d+, the highest .* supports; choose --opset 18 \(the default\) to \d+"),
+    (["random:tiny", "--out", "{tmp}/a", "--quantize", "int8", "--dtype", "fp16"],
+     "--quantize int8 starts from fp32 weights; drop --dtype fp16"),
     (["random:tiny", "--out", "{tmp}/file/sub"], "cannot write to --out"),
     (["random:tiny", "--out", "{tmp}/foreign"], r"model\.onnx \(not a nanogpt-deploy export\).*--force"),
 ])
@@ -334,7 +338,8 @@ def test_external_data_with_forced_small_threshold(tmp_path, tiny_model, monkeyp
         m = _graph(path)
         inline = [t.name for t in m.graph.initializer if not uses_external_data(t) and len(t.raw_data) > 64]
         assert not inline, f"{path}: tensors over the threshold stored inline: {inline}"
-        locations = {d.value for t in m.graph.initializer if uses_external_data(t) for d in t.external_data if d.key == "location"}
+        locations = {d.value for t in m.graph.initializer if uses_external_data(t)
+                     for d in t.external_data if d.key == "location"}
         assert locations == {"model.onnx.data"}, locations
         n_external = len([t for t in m.graph.initializer if uses_external_data(t)])
         assert n_external >= 4 * tiny_model.config.n_layer + 2, n_external  # every weight matrix, wte and wpe
@@ -386,7 +391,8 @@ def test_last_logits_export_validates_with_one_position(last_onnx_dir, tiny_mode
     check_symbolic_axes(last_onnx_dir / "model.onnx", "last")
     with pytest.raises(ExportError, match=r"logits\[1\]=1"):  # an "all" graph must keep the sequence axis symbolic
         check_symbolic_axes(last_onnx_dir / "model.onnx", "all")
-    with pytest.raises(ExportError, match=r"output shapes differ.*logits: onnxruntime \(1, 1, 512\), torch \(1, 7, 512\)"):
+    with pytest.raises(ExportError,
+                       match=r"output shapes differ.*logits: onnxruntime \(1, 1, 512\), torch \(1, 7, 512\)"):
         check_parity(tiny_model, last_onnx_dir / "model.onnx", shapes=((1, 7, 0, 0),), logits="all")
 
 
@@ -531,7 +537,8 @@ def test_failed_export_removes_only_the_out_dir_it_created(tmp_path, capsys, mon
     from runtime.cli import main
 
     # a conflict is refused before anything is loaded or created
-    assert main(["export", "random:tiny", "--out", str(tmp_path / "new" / "a"), "--quantize", "int8", "--dtype", "fp16"]) == 1
+    assert main(["export", "random:tiny", "--out", str(tmp_path / "new" / "a"), "--quantize", "int8", "--dtype",
+                 "fp16"]) == 1
     assert "loading" not in capsys.readouterr().err and not (tmp_path / "new").exists()
     # a bad SOURCE, then a failure deep in the export: the folders this run made (parents too) are removed
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "new" / "a")]) == 1
@@ -600,7 +607,8 @@ def test_every_variant_records_the_digest_of_its_own_weights(tmp_path, tiny_onnx
             quantize_onnx(tiny_onnx_dir, tmp_path / "int4", "int4", gate=False)]
     for path in outs:
         art = read_onnx_artifact(path)
-        assert art.data_sha256 == {"model.onnx.data": sha256_file(path.parent / "model.onnx.data")}, (path, art.data_sha256)
+        want = {"model.onnx.data": sha256_file(path.parent / "model.onnx.data")}
+        assert art.data_sha256 == want, (path, art.data_sha256)
         assert check_weights(path, art) == ""
     monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
     inline = ex.export_onnx(tiny_model, tmp_path / "inline", validate=False)
@@ -631,7 +639,8 @@ def test_a_graph_onnxruntime_cannot_load_is_an_export_error(tmp_path):
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g", [x], [y])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "model.onnx"))
-    with pytest.raises(ExportError, match=r"onnxruntime .* cannot load the exported graph \(opset 18\): .*NoSuchOp.*--opset 18"):
+    with pytest.raises(ExportError,
+                       match=r"onnxruntime .* cannot load the exported graph \(opset 18\): .*NoSuchOp.*--opset 18"):
         new_session(tmp_path / "model.onnx")
 
 
@@ -650,7 +659,6 @@ def test_block_size_8_model_exports_and_is_checked(tmp_path):
     import dataclasses
 
     from export.check import parity_shapes
-
     from export.onnx import export_onnx
     from model import GPT
     from model.config import PRESETS

@@ -45,14 +45,16 @@ def test_offline_by_environment_variable(ranks, tmp_path):
     copy.parent.mkdir()
     shutil.copy(ranks, copy)
     # no network needed: an unreachable proxy makes any download attempt fail loudly
-    env = _isolated_env(tmp_path, **{ENV_VAR: str(copy), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    env = _isolated_env(tmp_path,
+                        **{ENV_VAR: str(copy), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
     r = subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[15496, 11, 616, 3290, 318, 13779]"
 
 
 def test_missing_ranks_say_how_to_get_them(tmp_path):
-    r = subprocess.run([sys.executable, "-c", LOAD], env=_isolated_env(tmp_path), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", LOAD], env=_isolated_env(tmp_path), capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode != 0
     assert "nanogpt-deploy fetch-tokenizer" in r.stderr and ENV_VAR in r.stderr, r.stderr[-2000:]
     with pytest.raises(TokenizerError, match="does not exist"):

@@ -1,9 +1,9 @@
 """The embedded demo model (model/weights/pycode) and the script that trains it (scripts/train_tiny.py).
 
 The model tests check it learned Python: held-out stdlib perplexity far below chance, Python's
-usual tokens among the top 5 after keywords, and a greedy "def " that names a function. The script test trains a 1-layer model for a
-few iterations on a handful of stdlib files, resumes it, and checks the resumed run is bit-identical
-to an uninterrupted one. All run in seconds on CPU.
+usual tokens among the top 5 after keywords, and a greedy "def " that names a function. The script test
+trains a 1-layer model for a few iterations on a handful of stdlib files, resumes it, and checks the resumed
+run is bit-identical to an uninterrupted one. All run in seconds on CPU.
 """
 from __future__ import annotations
 

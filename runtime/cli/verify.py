@@ -4,7 +4,7 @@
     nanogpt-deploy verify out/ --min-top1 int8=0.97 --max-ppl-change int4=0.05 --json > verify.json
     nanogpt-deploy verify out/pycode --text notes.txt --max-abs-diff fp32=1e-5
 
-Checks (runtime/verify.py): max|Δlogits| per (batch, seq, past) shape, top-1 agreement over a fixed
+Checks (runtime/tools/verify.py): max|Δlogits| per (batch, seq, past) shape, top-1 agreement over a fixed
 prompt set and the text, perplexity on the text (default: the checkpoint's held-out files), greedy token
 identity over 128 tokens. Thresholds are PRECISION=VALUE flags (repeatable, or comma-separated); a
 precision without a threshold is reported, not gated. The table (or --json) goes to stdout, stages
@@ -16,11 +16,11 @@ import argparse
 import json
 import sys
 
-from .cli import int_in, positive_int
+from .args import add_run_flags, add_tokenizer_flag, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .verify import THRESHOLDS
+    from ..tools.verify import THRESHOLDS
 
     def shown(check: str) -> str:
         return ",".join(f"{k}={v:g}" for k, v in THRESHOLDS[check].items())
@@ -28,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="exported folders (or a folder of them), optionally the checkpoint itself")
     p.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x], default=["onnxruntime", "torch"],
-                   help="comma-separated; torch is the reference (default: onnxruntime,torch)")
+                   help="comma-separated; torch is the reference")
     p.add_argument("--providers", type=lambda s: [x for x in s.split(",") if x], default=["cpu"],
-                   help="comma-separated: cpu,cuda (default: cpu)")
+                   help="comma-separated: cpu,cuda")
     p.add_argument("--max-abs-diff", action="append", metavar="PREC=X",
                    help=f"max |Δlogits| vs the reference at every shape (default {shown('max_abs_diff')})")
     p.add_argument("--min-top1", action="append", metavar="PREC=X",
@@ -45,16 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {shown('min_batched_alone')}; int8 / int4 reported only)")
     p.add_argument("--text", action="append", metavar="FILE",
                    help="text for perplexity and top-1 (repeatable; default: the checkpoint's held-out files)")
-    p.add_argument("--text-tokens", type=positive_int, default=2048, help="evaluation tokens at most (default 2048)")
-    p.add_argument("--window", type=positive_int, default=256, help="tokens per evaluation window (default 256, <= block_size)")
-    p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens per prompt (default 128)")
-    p.add_argument("--threads", type=int_in(1, 1024, "a thread count"), default=None, help="intra-op CPU threads")
-    p.add_argument("--tf32", action="store_true",
-                   help="onnxruntime on CUDA: run fp32 MatMuls in TF32, faster and ~1e-3 off fp32 (default: off)")
-    p.add_argument("--no-verify-weights", action="store_true",
-                   help="skip the sha256 check of model.onnx.data against the digest recorded at export (about 1 s per 500 MB)")
+    p.add_argument("--text-tokens", type=positive_int, default=2048, help="evaluation tokens at most")
+    p.add_argument("--window", type=positive_int, default=256, help="tokens per evaluation window, <= block_size")
+    p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens per prompt")
+    add_run_flags(p, tf32=True)
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
-    p.add_argument("--tokenizer-file", default=None, help="gpt2.tiktoken to use (default: the cache)")
+    add_tokenizer_flag(p)
 
 
 def tf32_note(report: dict) -> str:
@@ -66,8 +62,8 @@ def tf32_note(report: dict) -> str:
 
 
 def run(args) -> int:
-    from .tokenizer import load_tokenizer
-    from .verify import format_report, parse_thresholds, verify
+    from ..tokenizer import load_tokenizer
+    from ..tools.verify import format_report, parse_thresholds, verify
 
     thresholds = parse_thresholds({"max_abs_diff": args.max_abs_diff, "min_top1": args.min_top1,
                                    "max_ppl_change": args.max_ppl_change, "min_greedy_match": args.min_greedy_match,
@@ -87,7 +83,8 @@ def run(args) -> int:
         for f in report["failures"]:
             print(f"FAIL {f}", file=sys.stderr)
         print(f"verify failed: {len(report['failures'])} checks missed their thresholds on "
-              f"{sum(1 for t in report['targets'] if t['failures'])} of {n} targets{tf32_note(report)}", file=sys.stderr)
+              f"{sum(1 for t in report['targets'] if t['failures'])} of {n} targets{tf32_note(report)}",
+              file=sys.stderr)
         return 1
     print(f"verify passed: {n} targets match {report['reference']['label']} within thresholds "
           f"in {report['seconds']:.1f} s{tf32_note(report)}", file=sys.stderr)

@@ -27,9 +27,9 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
-from .generation import Generation, GenerationError, SamplingParams, fits_context, make_generation
+from ..generation import Generation, GenerationError, SamplingParams, fits_context, make_generation
 
 log = logging.getLogger("nanogpt_deploy.scheduler")
 
@@ -99,7 +99,7 @@ class Scheduler:
                       "tokens_generated": 0, "batch_errors": 0,
                       "speculative_batches": 0, "guesses_drafted": 0, "guesses_accepted": 0}
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self._work, name="nanogpt-scheduler", daemon=True)
         self._thread.start()
         return self

@@ -16,17 +16,14 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import max_abs_diff
 from export.check import check_symbolic_axes
 from export.onnx import ExportError, export_onnx
 from export.trace import LOGITS_AXIS
+from model.config import PRESETS
 from runtime.artifact import Artifact, ArtifactError, logits_keep, read_onnx_artifact
 from runtime.backends import BackendError, load_backend
-from runtime.generation import GenerationError, SamplingParams, generate
-from runtime.generation import SpeculativeGeneration, draft_for
-
-from model.config import PRESETS
-
-from conftest import max_abs_diff
+from runtime.generation import GenerationError, SamplingParams, SpeculativeGeneration, draft_for, generate
 
 TINY_CONFIG = PRESETS["tiny"]
 
@@ -185,7 +182,8 @@ def test_stops_and_the_block_size_edge(exports, tokenizer):
     [varied] = generate(t, None, [PROMPT], PARAMS["penalty"])  # no token twice: each stop id ends the row there
     assert len(set(varied.token_ids[:12])) == 12
     for j in range(1, 12):  # a stop token at every place in a round, the first one included (a round of no tokens)
-        sp = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0, stop_token_ids=(varied.token_ids[j],))
+        sp = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0,
+                            stop_token_ids=(varied.token_ids[j],))
         [a], [b] = generate(t, None, [PROMPT], sp), spec(t, None, [PROMPT], sp, dr)
         assert (b.token_ids, b.finish_reason, len(b.timing.decode_latencies_s)) == \
             (a.token_ids, "stop", max(0, len(a.token_ids) - 1))
@@ -221,7 +219,8 @@ def test_torch_target_and_draft(exports, tiny_model):
 
 
 BATCH = [PROMPT, [9, 8, 7], list(range(30, 52)), [401]]  # unequal lengths: left padding in both caches
-BATCH_PARAMS = [PARAMS["greedy"], PARAMS["penalty"], PARAMS["sampled"], dataclasses.replace(PARAMS["top_p"], max_new_tokens=9)]
+BATCH_PARAMS = [PARAMS["greedy"], PARAMS["penalty"], PARAMS["sampled"],
+                dataclasses.replace(PARAMS["top_p"], max_new_tokens=9)]
 
 
 @pytest.mark.parametrize("draft", ["int8_concat", "other"])
@@ -540,7 +539,7 @@ def test_cli(exports, capsys):
 
 
 def test_bench_times_speculative_targets(exports):
-    from runtime.bench import Case, Target, find_targets, run_worker
+    from runtime.tools.bench import Case, Target, find_targets, run_worker
 
     targets, notes = find_targets([str(exports["target_shared"]), str(exports["last"])], backends=("onnxruntime",),
                                   providers=("cpu",), draft=str(exports["int8"]), speculate=4)

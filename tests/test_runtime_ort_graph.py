@@ -87,7 +87,8 @@ def test_buffers_keep_their_address_across_reset_and_row_changes(shared_dirs):
     _drive(be, ids, pads=[0, 0, 0], steps=24, keep_at=8, keep=[1], join_at=10)
     ptrs = [b.ctypes.data for b in be.cache.base]
     _drive(be, ids[:2], pads=[1, 0], steps=24, keep_at=8, keep=[0, 1], join_at=12)
-    assert [b.ctypes.data for b in be.cache.base] == ptrs, "the fixed buffers moved: captured graphs would read stale memory"
+    assert [b.ctypes.data for b in be.cache.base] == ptrs, \
+        "the fixed buffers moved: captured graphs would read stale memory"
 
 
 def test_bucket_rules():
@@ -110,6 +111,15 @@ def test_batches_past_the_largest_bucket_fall_back_and_say_so(shared_dirs, monke
     stats = be.graph_stats()
     assert stats["fallback_steps"] == 1 and stats["graph_steps"] == 2, stats  # 3 rows: no bucket; then 2 rows
     assert any("batch 3" in why for why in stats["fallbacks"]), stats
+
+
+def test_a_static_step_with_a_mask_that_disagrees_with_the_cache_is_refused(shared_dirs):
+    be = OnnxRuntimeBackend(shared_dirs["fp32"], threads=1, decode="static")
+    be.reset(2)
+    be.forward(np.array([[1, 2, 3], [4, 5, 6]]), np.ones((2, 3), np.int64), np.tile(np.arange(3), (2, 1)))
+    mask = np.array([[1, 0, 1, 1], [1, 1, 1, 1]])  # row 0: 3 ones, but it caches 3 tokens + this one
+    with pytest.raises(BackendError, match="attention_mask disagrees with the cache"):
+        be.forward(np.array([[7], [8]]), mask, np.array([[3], [3]]))
 
 
 def test_graph_mode_is_refused_where_it_cannot_run(shared_dirs, tiny_onnx_dir):

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn, the `serve` extra): /v1/completions, /v1/models, /health.
 
-One process holds one model instance, driven by runtime.scheduler's single worker thread: requests that
+One process holds one model instance, driven by runtime.serve.scheduler's single worker thread: requests that
 arrive together are batched into shared forward passes, later ones wait in a bounded queue, a full queue
 answers 429 at once. A client that disconnects cancels its rows; every request has a deadline
 (`request_timeout_s`, queueing included). Errors have OpenAI's shape,
@@ -13,7 +13,7 @@ lists), `max_tokens` (default 16), `temperature` (0..2, 0 = greedy), `top_p`, `s
 values (`echo` false, `logprobs` null, `best_of` 1, `presence_penalty` / `frequency_penalty` 0,
 `logit_bias` empty, `suffix` null). Any other field is a 400 naming it.
 
-    nanogpt-deploy serve out/tiny --port 8000        # see runtime/cli_serve.py
+    nanogpt-deploy serve out/tiny --port 8000        # see runtime/cli/serve.py
     app = create_app(backend, tokenizer, ServerSettings(model_name="tiny"))
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .generation import GenerationError, SamplingParams, check_context
-from .sampling import SamplingError
+from ..generation import GenerationError, SamplingParams, check_context
+from ..sampling import SamplingError
 from .scheduler import Overloaded, Scheduler, WorkerDead
 
 
@@ -86,7 +86,8 @@ def _field(body: dict, name: str, types: tuple, default=None):
         return default
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
         want = " or ".join(JSON_TYPES[t] for t in types)
-        raise APIError(400, f"{name} must be {'an' if want[0] in 'aeiou' else 'a'} {want}, got {json.dumps(value)[:80]}",
+        raise APIError(400, f"{name} must be {'an' if want[0] in 'aeiou' else 'a'} {want}, got "
+                            f"{json.dumps(value)[:80]}",
                        param=name, code="invalid_type")
     return value
 
@@ -272,7 +273,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         return {"status": "ok", "model": settings.model_name, "backend": backend.name, "provider": backend.provider,
                 "precision": backend.precision, "block_size": backend.config.block_size,
                 "running_rows": scheduler.running_rows, "queued": scheduler.queued,
-                "limits": {"max_batch": settings.max_batch, "max_queue": settings.max_queue, "batching": settings.batching,
+                "limits": {"max_batch": settings.max_batch, "max_queue": settings.max_queue,
+                           "batching": settings.batching,
                            "request_timeout_s": settings.request_timeout_s},
                 "counts": dict(counts), "scheduler": dict(scheduler.stats)}
 
@@ -370,7 +372,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
             watcher.cancel()
             job.cancel("abandoned")  # no-op when finished
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        choices = [{"text": t, "index": j, "logprobs": None, "finish_reason": f} for j, (t, f) in enumerate(zip(texts, finish))]
+        choices = [{"text": t, "index": j, "logprobs": None,
+                    "finish_reason": f} for j, (t, f) in enumerate(zip(texts, finish))]
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
     async def _stream(job, head: dict, usage: dict, include_usage: bool, deadline: float):

@@ -31,7 +31,7 @@ import numpy as np
 # (batch, seq, past): prefill, batched prefill, decode with a cache, a chunk on a cache
 SHAPES = ((1, 1, 0), (2, 7, 0), (2, 1, 5), (2, 3, 5))
 # what each check requires, per precision. The top-1 and perplexity numbers are the export gate's
-# (export/quantize.py THRESHOLDS, which tests/test_verify.py keeps in step); fp32 must match torch.
+# (export/quantize.py THRESHOLDS, which tests/test_tools_verify.py keeps in step); fp32 must match torch.
 THRESHOLDS = {
     "max_abs_diff": {"fp32": 1e-4},
     "min_top1": {"fp32": 0.999, "fp16": 0.99, "int8": 0.95, "int4": 0.90},
@@ -170,7 +170,7 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def greedy_batch(backend, prompts: list[np.ndarray], new: int) -> list[list[int]]:
     """Greedy token ids of `new` tokens per prompt, the prompts run as one (left-padded) batch."""
-    from .generation import SamplingParams, generate
+    from ..generation import SamplingParams, generate
 
     cs = generate(backend, None, [p.tolist() for p in prompts],
                   SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()))
@@ -193,7 +193,8 @@ def compare(got: dict, ref: dict, windows: list[np.ndarray]) -> dict:
     # a logits="last" target returns (B, 1, V) per shape: compared with the reference's last position
     diffs = {k: float(np.abs(got["shapes"][k] - ref["shapes"][k][:, -got["shapes"][k].shape[1]:]).max())
              for k in ref["shapes"]}
-    agree = [np.argmax(g, -1) == np.argmax(r, -1) for g, r in zip(got["prompts"] + got["windows"], ref["prompts"] + ref["windows"])]
+    agree = [np.argmax(g, -1) == np.argmax(r, -1) for g, r in zip(got["prompts"] + got["windows"],
+                                                                  ref["prompts"] + ref["windows"])]
     n_prompt = sum(a.size for a in agree[:len(got["prompts"])])
     ppl = float(np.exp(np.concatenate([nll(lg, ids) for lg, ids in zip(got["windows"], windows)]).mean()))
     ppl_ref = float(np.exp(np.concatenate([nll(lg, ids) for lg, ids in zip(ref["windows"], windows)]).mean()))
@@ -250,8 +251,8 @@ def _no_reference(models: list[str], targets, backends) -> str:
     """Why there is no reference (a checkpoint torch runs, or an fp32 export), and the command that gives one."""
     import importlib.util
 
-    from .artifact import read_onnx_artifact
-    from .backends import MISSING_HINTS
+    from ..artifact import read_onnx_artifact
+    from ..backends import MISSING_HINTS
 
     sources = []
     for t in targets:
@@ -275,7 +276,8 @@ def _no_reference(models: list[str], targets, backends) -> str:
     else:
         why = "and no checkpoint was given for torch to run"
     return (f"no reference to compare {', '.join(t.label for t in targets) or given} with: verify compares against "
-            f"the checkpoint (run by torch) or an fp32 export of it; there is no fp32 export among {given} {why}; {fix}")
+            "the checkpoint (run by torch) or an fp32 export of it; there is no fp32 export among "
+            f"{given} {why}; {fix}")
 
 
 def verify(models: list[str], *, thresholds: dict | None = None, text_files: list[str] | None = None,
@@ -285,7 +287,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     """Compare every target under `models` with the torch fp32 reference; the report as a dict.
 
     Args:
-        models: exported folders / folders of them / engines (runtime.bench.find_targets), plus optionally
+        models: exported folders / folders of them / engines (runtime.tools.bench.find_targets), plus optionally
             the checkpoint (else the fp32 export's recorded source is the reference).
         thresholds: THRESHOLDS-shaped dict (parse_thresholds); precisions missing from a check are not gated.
         text_files: text for perplexity and top-1 (default: see eval_text).
@@ -300,8 +302,8 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     Returns:
         {"reference", "text", "targets": [{label, precision, metrics, failures}], "failures", "passed", "notes"}
     """
-    from .artifact import read_onnx_artifact
-    from .backends import load_backend
+    from ..artifact import read_onnx_artifact
+    from ..backends import load_backend
     from .bench import BenchError, find_targets
 
     thresholds = thresholds or THRESHOLDS
@@ -324,14 +326,15 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
         raise VerifyError("nothing to compare with the reference; give an exported folder "
                           "(nanogpt-deploy export SOURCE --out DIR)")
     if tokenizer is None:
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
 
     t0 = time.perf_counter()
     progress(f"reference: {ref_target.label} on {ref_target.model}")
     def options(t) -> dict:  # a TensorRT engine's TF32 is built in; torch keeps its own default (off for MatMuls)
-        return {"provider": t.provider, "threads": threads, "verify_weights": verify_weights, **({"tf32": True} if tf32 and t.backend == "onnxruntime" else {})}
+        return {"provider": t.provider, "threads": threads, "verify_weights": verify_weights,
+                **({"tf32": True} if tf32 and t.backend == "onnxruntime" else {})}
 
     ref_backend = load_backend(ref_target.backend, ref_target.model, **options(ref_target))
     ref_tf32 = bool(getattr(ref_backend, "tf32", False))
@@ -387,13 +390,17 @@ def format_report(report: dict) -> str:
                       f"{m['ppl_change']:+.2%}", f"{per} of {m['greedy_tokens_per_prompt']}",
                       f"{m['batched_alone_rows']}/{m['batched_rows']} rows", "FAIL" if t["failures"] else "ok"))
     widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    def fmt(cells):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     ref = report["reference"]
-    out = [f"reference: {ref['label']} ({ref['source'] or ref['model']}); perplexity on {report['text']['tokens']} tokens "
+    out = [f"reference: {ref['label']} ({ref['source'] or ref['model']}); perplexity on "
+           f"{report['text']['tokens']} tokens "
            f"of {report['text']['from']}; top-1 over {report['prompts']} prompts + the text; greedy over "
            f"{report['greedy_prompts']} prompts x {report['greedy_new_tokens']} tokens", fmt(head)]
     out += [fmt(ln) for ln in lines]
-    out += [f"  {t['label']} max|Δ| per shape: " + "  ".join(f"{k} {v:.1e}" for k, v in t["metrics"]["max_abs_diff_per_shape"].items())
+    out += [f"  {t['label']} max|Δ| per shape: "
+            + "  ".join(f"{k} {v:.1e}" for k, v in t["metrics"]["max_abs_diff_per_shape"].items())
             for t in report["targets"]]
     out += [f"note: {n}" for n in report["notes"]]
     return "\n".join(out)

@@ -214,8 +214,8 @@ def test_greedy_tokens_identical_to_onnxruntime(trained, tmp_path):
 
 
 def test_cache_surgery_equals_a_fresh_cache(fp32_engine):
-    """rewind and drop_front (2D device copies), keep_rows (device runs) and add_rows (a merge through the host): each next
-    step equals the same step on a cache that never held the dropped positions / rows, or the row alone."""
+    """rewind and drop_front (2D device copies), keep_rows (device runs) and add_rows (a merge through the host): each
+    next step equals the same step on a cache that never held the dropped positions / rows, or the row alone."""
     backend = TensorRTBackend(fp32_engine[0])
     rng = np.random.default_rng(3)
     ids, nxt = rng.integers(0, 512, (2, 10)), rng.integers(0, 512, (2, 1))

@@ -76,7 +76,8 @@ def trained():
             opt.step()
     finally:
         torch.set_num_threads(threads)
-    assert loss.item() < 2.0, f"synthetic training did not learn (loss {loss.item():.2f}); the variant tests need structure"
+    assert loss.item() < 2.0, \
+        f"synthetic training did not learn (loss {loss.item():.2f}); the variant tests need structure"
     model.checkpoint_files = []
     eval_ids = _synthetic(torch.Generator().manual_seed(1), 4, 64, model.config.vocab_size).numpy()
     return model.eval(), eval_ids
@@ -118,11 +119,13 @@ def test_variant_agreement_and_perplexity(variants, precision):
     assert v["top1_agreement"] >= min_agree, f"{precision}: top-1 agreement {v['top1_agreement']:.2%} < {min_agree:.0%}"
     assert v["ppl_change"] <= max_ppl, f"{precision}: perplexity {v['ppl_fp32']} -> {v['ppl']} (+{v['ppl_change']:.2%})"
     # far below uniform (perplexity = vocabulary size): the fp32 model has learned structure to lose
-    assert v["ppl_fp32"] < 0.02 * art.config.real_vocab_size, f"the fp32 model has no learned structure (perplexity {v['ppl_fp32']})"
+    assert v["ppl_fp32"] < 0.02 * art.config.real_vocab_size, \
+        f"the fp32 model has no learned structure (perplexity {v['ppl_fp32']})"
     assert art.extra["parity"]["max_abs_diff"] <= 1e-4  # the fp32 graph it came from was validated
     import onnx
 
-    onnx.checker.check_model(str(variants[precision]))  # valid ONNX, nodes in topological order (TensorRT parses in order)
+    # valid ONNX, nodes in topological order (TensorRT parses in order)
+    onnx.checker.check_model(str(variants[precision]))
 
 
 def test_variant_gate_rejects_a_wrong_graph(trained, trained_fp32, tmp_path):
@@ -397,7 +400,8 @@ def _assert_valid_unique_graph(path):
     names = collections.Counter(n.name for n in m.graph.node)
     outputs = collections.Counter(o for n in m.graph.node for o in n.output)
     assert not [k for k, c in names.items() if c > 1], f"duplicate node names: {[k for k, c in names.items() if c > 1]}"
-    assert not [k for k, c in outputs.items() if c > 1], f"values defined twice: {[k for k, c in outputs.items() if c > 1]}"
+    twice = [k for k, c in outputs.items() if c > 1]
+    assert not twice, f"values defined twice: {twice}"
     onnx.checker.check_model(str(path), full_check=True)
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -456,9 +460,12 @@ def test_unique_names_renames_distinct_nodes_and_refuses_conflicting_definitions
                                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
-    m = unique_names(model(helper.make_node("Relu", ["x"], ["y"], name="n"), helper.make_node("Neg", ["y"], ["z"], name="n"),
+    m = unique_names(model(helper.make_node("Relu", ["x"], ["y"], name="n"),
+                           helper.make_node("Neg", ["y"], ["z"], name="n"),
                            helper.make_node("Relu", ["x"], ["y"], name="n_1")))
-    assert [(n.name, n.op_type) for n in m.graph.node] == [("n", "Relu"), ("n_1", "Neg")]  # the 2nd Relu: a repeat, dropped
+    assert [(n.name, n.op_type) for n in m.graph.node] == [("n", "Relu"),
+                                                           ("n_1", "Neg")]  # the 2nd Relu: a repeat, dropped
     with pytest.raises(ExportError, match=r"defines 'y' twice, by different computations \(Relu a and Sigmoid b\)"):
-        unique_names(model(helper.make_node("Relu", ["x"], ["y"], name="a"), helper.make_node("Sigmoid", ["x"], ["y"], name="b"),
+        unique_names(model(helper.make_node("Relu", ["x"], ["y"], name="a"),
+                           helper.make_node("Sigmoid", ["x"], ["y"], name="b"),
                            helper.make_node("Neg", ["y"], ["z"], name="c")))

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import max_abs_diff
 from export.check import PARITY_ATOL, new_session, parity_feeds
 from export.graph import save_model
 from export.kv_shared import GraphPatternError, share_kv_cache
@@ -13,8 +14,6 @@ from export.onnx import export_onnx
 from runtime.artifact import read_onnx_artifact
 from runtime.backends import BackendError, load_backend
 from runtime.generation import SamplingParams, generate
-
-from conftest import max_abs_diff
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [100, 200, 300, 400]]
 GREEDY_VARIED = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=3.0, stop_token_ids=())
@@ -101,7 +100,8 @@ def test_cache_is_written_in_place(shared_dir):
     key0 = be.cache.buffers[0]
     assert np.any(key0[0, :, 1] != 0) and not np.any(key0[0, :, 2:] != 0)  # row 0: 2 real tokens at slots 0, 1
     assert np.any(key0[1, :, 3] != 0) and not np.any(key0[1, :, 4:] != 0)
-    be.forward(np.array([[7], [7]]), np.ones((2, 5), np.int64) - np.array([[1, 1, 0, 0, 0], [0] * 5]), np.array([[2], [4]]))
+    be.forward(np.array([[7], [7]]), np.ones((2, 5), np.int64) - np.array([[1, 1, 0, 0, 0], [0] * 5]),
+               np.array([[2], [4]]))
     assert [id(b) for b in be.cache.buffers] == buffers  # no new buffers: onnxruntime wrote into ours
     assert np.any(key0[0, :, 2] != 0) and np.any(key0[1, :, 4] != 0)  # each row's new key at its own length
 
@@ -139,7 +139,8 @@ def test_cpu_buffers_outlive_reset_and_never_shrink(shared_dir, torch_tiny, monk
 def test_quantized_shared_variant_generates_like_the_concat_one(tiny_model, tmp_path):
     """int8 with an in-place cache == int8 with a concat cache (one row at a time: int8's dynamic activation
     scale is per tensor, so a row's tokens depend on its batch-mates in either layout)."""
-    dirs = {kv: export_onnx(tiny_model, tmp_path / kv, quantize="int8", kv_cache=kv).parent for kv in ("concat", "shared")}
+    dirs = {kv: export_onnx(tiny_model, tmp_path / kv, quantize="int8", kv_cache=kv).parent
+            for kv in ("concat", "shared")}
     art = read_onnx_artifact(dirs["shared"])
     assert (art.precision, art.kv_cache) == ("int8", "shared")
     tokens = {kv: [generate(load_backend("onnxruntime", str(d), threads=1), None, [p], GREEDY_VARIED)[0].token_ids
