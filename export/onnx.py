@@ -40,6 +40,8 @@ from runtime.artifact import (KV_CACHES, Artifact, ArtifactError, input_names, l
 from runtime import files
 from runtime.files import sha256_file
 
+from .ecosystem import TOOL_FILES, write_tool_files
+
 MIN_OPSET = 18  # 17 yields an invalid Split with the dynamo exporter; the highest is max_opset()
 DEFAULT_OPSET = 18  # >= 23 turns SDPA into ONNX Attention, which quantize_dynamic breaks
 PARITY_ATOL = 1e-4
@@ -48,7 +50,7 @@ PARITY_ATOL = 1e-4
 PARITY_SHAPES = ((1, 1, 0, 0), (1, 7, 0, 0), (2, 1, 0, 0), (2, 7, 0, 0), (1, 1, 5, 0), (2, 1, 5, 0),
                  (1, 7, 5, 0), (2, 7, 5, 0), (2, 7, 0, 3), (2, 1, 5, 2))
 EXTERNAL_DATA_THRESHOLD = 1024  # bytes; larger tensors live in model.onnx.data (protobuf stops at 2 GB)
-OURS = ("model.onnx", "model.onnx.data")
+OURS = ("model.onnx", "model.onnx.data", *TOOL_FILES)  # model.onnx first: publish moves it in last
 LOGITS_AXIS = "logits_sequence"  # the logits sequence axis of a logits="last:N" graph: min(sequence, N)
 
 
@@ -94,7 +96,7 @@ def dynamic_shapes(n_layer: int) -> dict:
 
 def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 quantize: str | None = None, logits: str = "all", kv_cache: str = "concat", source: str = "",
-                force: bool = False,
+                force: bool = False, tool_files: bool = True,
                 validate: bool = True,
                 eval_ids: np.ndarray | None = None, gate: bool | None = None, progress=lambda msg: None) -> Path:
     """Trace `model`, validate it, and write DIR/model.onnx (+ model.onnx.data) atomically.
@@ -114,6 +116,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
             onnxruntime, see export/kv_shared.py; not for TensorRT).
         source: what the model was loaded from, recorded in the metadata (a local path made absolute).
         force: write into a DIR holding unrelated files.
+        tool_files: also write what optimum, transformers and onnxruntime-genai need to run DIR as it is
+            (config.json, genai_config.json, tokenizer files; export/ecosystem.py).
         validate: run the onnxruntime-vs-torch parity check (fp32 gate PARITY_ATOL).
         eval_ids: (B, T) tokens to judge a variant on; default samples from the model itself.
         gate: fail a variant that misses its thresholds; default True unless the weights are random
@@ -182,6 +186,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         extra = dict(artifact.extra, export_seconds=round(time.perf_counter() - t0, 2))
         final = Path(tmp) / "model.onnx"
         write_metadata(final, dataclasses.replace(artifact, extra=extra, data_sha256=data_digests(final)))
+        if tool_files:
+            write_tool_files(Path(tmp), artifact, progress=progress)
         publish(Path(tmp), out_dir)
     return out_dir / "model.onnx"
 
