@@ -279,3 +279,15 @@ def test_genai_generates_the_runtimes_tokens(og, exports, export):
         want = runtime_tokens(folder, prompts)
         assert not any(TINY_EOT in w for w in want), f"the reference generated the stand-in eos {TINY_EOT}: {want}"
         check_same(f"onnxruntime-genai ({export}, batch {len(prompts)})", genai_tokens(og, folder, prompts), want)
+
+
+def test_genai_tokenizer_reads_the_tokenizer_files(og, exports):
+    """onnxruntime-genai's own tokenizer (onnxruntime-extensions) on the derived files encodes as tiktoken; it drops
+    ASCII control characters, which tiktoken keeps, so those texts are left out."""
+    from runtime.tokenizer import load_tokenizer
+
+    enc, tok = load_tokenizer(), og.Tokenizer(og.Model(str(exports["concat", "all"])))
+    texts = [t for t in sample_texts(1000) if not any(ord(c) < 32 and c not in "\t\n\r" or c == "\x7f" for c in t)]
+    bad = [(t, g, w) for t in texts
+           if (g := tok.encode(t).tolist()) != (w := enc.encode(t, allowed_special="all"))]
+    assert not bad, f"{len(bad)} of {len(texts)} texts encode differently from tiktoken, e.g. {bad[:3]}"
