@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ONNX opset: 18 (default) up to the highest the installed torch exporter, onnx and "
                         "onnxruntime support (23 with torch 2.13)")
     p.add_argument("--force", action="store_true", help="write into a DIR that holds unrelated files")
+    p.add_argument("--no-tool-files", dest="tool_files", action="store_false",
+                   help="write only model.onnx (+ .data): leave out config.json, genai_config.json and the tokenizer "
+                        "files that optimum, transformers and onnxruntime-genai read (README: Use it from other tools)")
     p.add_argument("--no-gate", action="store_true",
                    help="record a variant's agreement with fp32 but do not fail on its thresholds")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -65,7 +68,7 @@ def run(args) -> int:
         model = GPT.from_pretrained(args.source)
         path = export_onnx(model, out, opset=args.opset, dtype=args.dtype, quantize=args.quantize,
                            logits=args.logits, kv_cache=args.kv_cache, source=args.source, force=args.force,
-                           gate=False if args.no_gate else None, progress=stage)
+                           tool_files=args.tool_files, gate=False if args.no_gate else None, progress=stage)
     except BaseException:
         remove_made_dirs(made)  # a failed export leaves no DIR behind that it created; one that existed stays
         raise
@@ -100,11 +103,14 @@ def remove_made_dirs(made: list[Path]) -> None:
 def summarize(path, seconds: float) -> dict:
     from runtime.artifact import read_onnx_artifact
 
+    from .ecosystem import TOOL_FILES
+
     art = read_onnx_artifact(path)
     files = {f.name: f.stat().st_size for f in sorted(path.parent.iterdir()) if f.name.startswith("model.onnx")}
+    tools = [n for n in TOOL_FILES if (path.parent / n).is_file()]
     return {"path": str(path), "precision": art.precision, "opset": art.versions.get("opset"), "logits": art.logits,
             "kv_cache": art.kv_cache,
-            "bytes": sum(files.values()), "files": files, "seconds": round(seconds, 2),
+            "bytes": sum(files.values()), "files": files, "tool_files": tools, "seconds": round(seconds, 2),
             "parity": art.extra.get("parity"), "variant": art.extra.get("variant")}
 
 
@@ -122,6 +128,8 @@ def logits_mode(value: str) -> str:
 def format_summary(s: dict) -> str:
     lines = [f"wrote {s['path']} ({', '.join(s['files'])}): {s['bytes'] / 1e6:.1f} MB "
              f"[{s['precision']}, opset {s['opset']}, logits {s.get('logits', 'all')}, kv_cache {s.get('kv_cache', 'concat')}] in {s['seconds']:.1f} s"]
+    if s.get("tool_files"):
+        lines.append(f"for other tools: {', '.join(s['tool_files'])}")
     if s["parity"]:
         p = s["parity"]
         shapes = "  ".join(f"{k} {max(v.values()):.1e}" for k, v in p["shapes"].items())

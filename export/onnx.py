@@ -43,6 +43,7 @@ from runtime.artifact import KV_CACHES, Artifact, ArtifactError, data_digests, l
 from runtime.files import sha256_file
 
 from .check import check_finite_weights, check_parity, check_symbolic_axes, parity_shapes, sample_eval_ids
+from .ecosystem import write_tool_files
 from .graph import ExportError, check_external_data, check_weight_bytes, write_metadata
 from .kv_shared import share_kv_cache_file
 from .publish import prepare_out_dir, publish
@@ -54,7 +55,7 @@ __all__ = ["ExportError", "check_options", "export_onnx"]
 
 def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 quantize: str | None = None, logits: str = "all", kv_cache: str = "concat", source: str = "",
-                force: bool = False,
+                force: bool = False, tool_files: bool = True,
                 validate: bool = True,
                 eval_ids: np.ndarray | None = None, gate: bool | None = None, progress=lambda msg: None) -> Path:
     """Trace `model`, validate it, and write DIR/model.onnx (+ model.onnx.data) atomically.
@@ -74,6 +75,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
             onnxruntime, see export/kv_shared.py; not for TensorRT).
         source: what the model was loaded from, recorded in the metadata (a local path made absolute).
         force: write into a DIR holding unrelated files.
+        tool_files: also write what optimum, transformers and onnxruntime-genai need to run DIR as it is
+            (config.json, genai_config.json, tokenizer files; export/ecosystem.py).
         validate: run the onnxruntime-vs-torch parity check (fp32 gate PARITY_ATOL).
         eval_ids: (B, T) tokens to judge a variant on; default samples from the model itself.
         gate: fail a variant that misses its thresholds; default True unless the weights are random
@@ -142,6 +145,8 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         extra = dict(artifact.extra, export_seconds=round(time.perf_counter() - t0, 2))
         final = Path(tmp) / "model.onnx"
         write_metadata(final, dataclasses.replace(artifact, extra=extra, data_sha256=data_digests(final)))
+        if tool_files:
+            write_tool_files(Path(tmp), artifact, progress=progress)
         publish(Path(tmp), out_dir)
     return out_dir / "model.onnx"
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from runtime import files
 from runtime.artifact import ONNX_NAME, ArtifactError, data_path, read_onnx_artifact
 
+from .ecosystem import TOOL_FILES
 from .graph import ExportError
 
-OURS = (ONNX_NAME, data_path(ONNX_NAME).name)  # what an export puts in DIR
+OURS = (ONNX_NAME, data_path(ONNX_NAME).name, *TOOL_FILES)  # what an export puts in DIR (model.onnx first: moved in last)
 
 
 def prepare_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:

@@ -332,7 +332,7 @@ def _perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
 
 def quantize_onnx(src_dir: str | os.PathLike, out_dir: str | os.PathLike, precision: str, *,
                   eval_ids: np.ndarray | None = None, gate: bool = True, force: bool = False,
-                  progress=lambda msg: None) -> Path:
+                  tool_files: bool = True, progress=lambda msg: None) -> Path:
     """Build the `precision` variant of an fp32 export folder into `out_dir`, validated against it.
 
     Args:
@@ -343,6 +343,7 @@ def quantize_onnx(src_dir: str | os.PathLike, out_dir: str | os.PathLike, precis
             model samples for meaningful numbers: random tokens on a trained model are off-distribution).
         gate: raise ExportError when the variant misses THRESHOLDS (False: only record the numbers).
         force: write into an out_dir that holds files other than a previous export.
+        tool_files: also write other tools' files (export/ecosystem.py), as export_onnx does.
     Returns:
         the path of the variant's model.onnx.
     """
@@ -359,6 +360,10 @@ def quantize_onnx(src_dir: str | os.PathLike, out_dir: str | os.PathLike, precis
         dst = Path(tmp) / "model.onnx"
         artifact = build_and_check_variant(src, dst, precision, art, eval_ids, gate, progress)
         write_metadata(dst, dataclasses.replace(artifact, data_sha256=data_digests(dst)))
+        if tool_files:
+            from .ecosystem import write_tool_files
+
+            write_tool_files(Path(tmp), artifact, progress=progress)
         publish(Path(tmp), out_dir)
     clear_temp_dirs(out_dir)
     return out_dir / "model.onnx"

@@ -73,6 +73,18 @@ class Block(nn.Module):
         return x, present
 
 
+def keep_positions(attention_mask: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """(B, min(T, k)) indices of the k new positions ending at each row's last real token (the last 1 among the
+    mask's T new columns; a row without one ends at T - 1). A row with fewer than k positions up to it starts at
+    0. Tensor ops only, so it traces into the graph: left padding and none give the last k columns, as a slice."""
+    new = (attention_mask[:, -T:] != 0).long()  # (B, T)
+    last = (T - 1) - new.flip(-1).argmax(-1)  # (B,): argmax finds the first 1 from the right (0 when none)
+    if k == 1:
+        return last[:, None]
+    idx = torch.arange(T, device=new.device)[-k:][None, :] + (last - (T - 1))[:, None]  # (B, min(T, k))
+    return idx - idx.amin(-1, keepdim=True).clamp(max=0)  # shift a window that would start before 0
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -123,9 +135,10 @@ class GPT(nn.Module):
         attention_mask: (B, P+T), 1 for real tokens, 0 for (left) padding; default all ones.
         position_ids: (B, T); default derived from the mask (cumsum - 1), so left padding is right.
         past: per-layer (key, value) from the previous call; None for an empty cache.
-        logits_to_keep: 0 for every position's logits; k > 0 for the last k only, (B, k, vocab) (a Python
-            int fixed at trace time: generation reads only the last position, and ln_f + lm_head over every
-            prompt position is a quarter of a long prefill).
+        logits_to_keep: 0 for every position's logits; k > 0 for the k positions ending at each row's last
+            real token, (B, min(T, k), vocab) (a Python int fixed at trace time: generation reads only the last
+            position, and ln_f + lm_head over every prompt position is a quarter of a long prefill). Left
+            padding or none: the last k columns; right padding (onnxruntime-genai): each row's own last k.
         """
         B, T = input_ids.size()
         if past is None:
@@ -152,7 +165,8 @@ class GPT(nn.Module):
             x, kv = block(x, mask, layer_past)
             present.append(kv)
         if logits_to_keep:
-            x = x[:, -logits_to_keep:]  # (B, k, C): a slice, no branch on tensor values
+            idx = keep_positions(attention_mask, T, logits_to_keep)  # (B, min(T, k))
+            x = x.gather(1, idx[:, :, None].expand(-1, -1, x.size(2)))  # (B, min(T, k), C)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T or k, vocab)
         return logits, tuple(present)

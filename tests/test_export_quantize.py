@@ -202,13 +202,13 @@ def test_variant_needs_fp32_source(variants, tmp_path):
 
 def test_export_onnx_int8_end_to_end_gated(trained, tmp_path):
     """The one-call path (what `export --quantize int8` runs): trace, fp32 parity, variant, gate, one model.onnx."""
-    from export.onnx import export_onnx
+    from export.onnx import OURS, export_onnx
     from runtime.artifact import read_onnx_artifact
 
     p = export_onnx(trained[0], tmp_path / "int8", quantize="int8", eval_ids=trained[1], gate=True)
     art = read_onnx_artifact(p)
     assert art.precision == "int8" and art.kv_dtype == "float32" and art.extra["variant"]["gated"]
-    assert sorted(f.name for f in p.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(f.name for f in p.parent.iterdir()) == sorted(OURS)  # no fp32 graph left; the tool files
 
 
 # ---- the gate fires through the public paths ------------------------------------------------------------
