@@ -5,7 +5,7 @@ token id. Hugging Face tokenizers (transformers, optimum, onnxruntime-genai's on
 the same BPE as `vocab.json` (byte-level strings -> ids), `merges.txt` (the 50,000 merges in rank order),
 `tokenizer.json` (both, plus GPT-2's byte-level pre-tokenizer) and `tokenizer_config.json`. Each merge is
 recovered by replaying BPE on the token's bytes with the ranks below its own: the last two parts left are
-the pair that makes it. tests/test_ecosystem.py checks the result against tiktoken on many texts.
+the pair that makes it. tests/test_export_ecosystem.py checks the result against tiktoken on many texts.
 
     files = gpt2_tokenizer_files()            # {"vocab.json": bytes, "merges.txt": bytes, ...}
 """
