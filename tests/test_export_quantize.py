@@ -202,7 +202,8 @@ def test_variant_needs_fp32_source(variants, tmp_path):
 
 def test_export_onnx_int8_end_to_end_gated(trained, tmp_path):
     """The one-call path (what `export --quantize int8` runs): trace, fp32 parity, variant, gate, one model.onnx."""
-    from export.onnx import OURS, export_onnx
+    from export.onnx import export_onnx
+    from export.publish import OURS
     from runtime.artifact import read_onnx_artifact
 
     p = export_onnx(trained[0], tmp_path / "int8", quantize="int8", eval_ids=trained[1], gate=True)
