@@ -37,7 +37,7 @@ class SamplingParams:
     in `stop_token_ids` (not part of the output), or after any string in `stop` (trimmed from the text).
     `logprobs` N (0..MAX_LOGPROBS) reports each generated token's log-probability and the N likeliest
     alternatives (None = off, no cost); `prompt_logprobs` does the same for every prompt token but the first
-    (it needs the logits of every prompt position), and then max_new_tokens may be 0: a prompt scored only.
+    (it needs the logits of every prompt position). max_new_tokens 0 runs the prefill only (a prompt scored).
     """
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -55,10 +55,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         for name, ok, message in (
-                ("max_new_tokens", isinstance(self.max_new_tokens, int) and
-                 self.max_new_tokens >= (0 if self.prompt_logprobs else 1),
-                 f"max_new_tokens must be a positive integer (0 only with prompt_logprobs), got "
-                 f"{self.max_new_tokens!r}"),
+                ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+                 f"max_new_tokens must be an integer >= 0 (0: the prompt's prefill only), got {self.max_new_tokens!r}"),
                 ("logprobs", self.logprobs is None or isinstance(self.logprobs, int) and
                  0 <= self.logprobs <= MAX_LOGPROBS,
                  f"logprobs must be an integer in 0..{MAX_LOGPROBS} (alternatives per token), got {self.logprobs!r}"),

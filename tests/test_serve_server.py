@@ -239,7 +239,10 @@ BAD = [  # (body, status, param)
     ({"model": MODEL, "prompt": 5}, 400, "prompt"),
     ({"model": MODEL, "prompt": [1], "stop": [1]}, 400, "stop"),
     ({"model": MODEL, "prompt": [1], "frobnicate": 1}, 400, "frobnicate"),
-    ({"model": MODEL, "prompt": [1], "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": [1], "echo": "yes"}, 400, "echo"),
+    ({"model": MODEL, "prompt": [1], "logprobs": 6}, 400, "logprobs"),  # OpenAI's most: 5 alternatives
+    ({"model": MODEL, "prompt": [1], "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
+    ({"model": MODEL, "prompt": [1], "best_of": 2}, 400, "best_of"),
     ({"model": MODEL, "prompt": [1], "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": ""}, 400, "prompt"),
     ({"model": MODEL, "prompt": []}, 400, "prompt"),
