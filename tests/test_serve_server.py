@@ -65,11 +65,12 @@ class SlowBackend:
 
 @contextmanager
 def serve(onnx_dir, tokenizer, delay_s=0.0, fail_once=False, draft=None, idle_timeout=5.0, max_requests=200,
-          **settings):
+          chat_template=None, **settings):
     """A live server on 127.0.0.1:<free port> with its own backend, under the CLI's uvicorn config; yields
     (base_url, app)."""
     backend = SlowBackend(load_backend("onnxruntime", onnx_dir, threads=1), delay_s, fail_once)
-    app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings), draft=draft)
+    app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings), draft=draft,
+                     chat_template=chat_template)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
