@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+MAX_LOGPROBS = 5  # top alternatives per token at most, as OpenAI's legacy completions allow
 
 
 class SamplingError(ValueError):
@@ -34,6 +35,9 @@ class SamplingParams:
     penalty is CTRL's / Hugging Face's: every token seen in the prompt or output has its logit divided by
     it when positive, multiplied when negative (1 = off). Generation stops at `max_new_tokens`, at any id
     in `stop_token_ids` (not part of the output), or after any string in `stop` (trimmed from the text).
+    `logprobs` N (0..MAX_LOGPROBS) reports each generated token's log-probability and the N likeliest
+    alternatives (None = off, no cost); `prompt_logprobs` does the same for every prompt token but the first
+    (it needs the logits of every prompt position). max_new_tokens 0 runs the prefill only (a prompt scored).
     """
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -43,14 +47,19 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = (EOT_TOKEN,)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def __post_init__(self):
         # lists (JSON, argparse) become tuples so params stay hashable and immutable
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         for name, ok, message in (
-                ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"),
+                ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+                 f"max_new_tokens must be an integer >= 0 (0: the prompt's prefill only), got {self.max_new_tokens!r}"),
+                ("logprobs", self.logprobs is None or isinstance(self.logprobs, int) and
+                 0 <= self.logprobs <= MAX_LOGPROBS,
+                 f"logprobs must be an integer in 0..{MAX_LOGPROBS} (alternatives per token), got {self.logprobs!r}"),
                 ("temperature", 0 <= self.temperature < math.inf,  # also catches NaN
                  f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"),
                 ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
@@ -111,6 +120,30 @@ def sample_next_token(logits: np.ndarray, params: SamplingParams, rng: np.random
     choice = int(np.searchsorted(np.cumsum(p), rng.random() * 1.0, side="right"))
     choice = min(choice, p.size - 1)  # rounding: cumsum may end a hair below 1
     return int(choice if ids is None else ids[choice])
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model and the likeliest alternatives, (id, logprob), best first."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
+    """log_softmax of one row of logits (V,) (already cut to the real vocabulary) at `token`, with the `top` likeliest
+    ids. In float64 from the backend's float32. These are the model's own probabilities, before the repetition
+    penalty, temperature, top-k and top-p (what OpenAI reports, and what an evaluation harness scores), so they do
+    not depend on how the token was sampled."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lsm_at = x - m - np.log(np.exp(x - m).sum())  # (V,) log-softmax
+    best = ()
+    if top:
+        ids = np.argpartition(-lsm_at, min(top, x.size) - 1)[:top]
+        ids = ids[np.lexsort((ids, -lsm_at[ids]))]  # best first, ties by id
+        best = tuple((int(i), float(lsm_at[i])) for i in ids)
+    return TokenLogprob(int(token), float(lsm_at[token]), best)
 
 
 @dataclass

@@ -96,7 +96,7 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
     (dict(repetition_penalty=float("inf")), "repetition_penalty must be > 0 and finite"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
     (dict(stop=("",)), "stop strings must not be empty"),
 ])
 def test_bad_params_are_clear_errors(kwargs, message):

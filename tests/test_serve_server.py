@@ -65,11 +65,12 @@ class SlowBackend:
 
 @contextmanager
 def serve(onnx_dir, tokenizer, delay_s=0.0, fail_once=False, draft=None, idle_timeout=5.0, max_requests=200,
-          **settings):
+          chat_template=None, **settings):
     """A live server on 127.0.0.1:<free port> with its own backend, under the CLI's uvicorn config; yields
     (base_url, app)."""
     backend = SlowBackend(load_backend("onnxruntime", onnx_dir, threads=1), delay_s, fail_once)
-    app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings), draft=draft)
+    app = create_app(backend, tokenizer, ServerSettings(model_name=MODEL, **settings), draft=draft,
+                     chat_template=chat_template)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -239,7 +240,10 @@ BAD = [  # (body, status, param)
     ({"model": MODEL, "prompt": 5}, 400, "prompt"),
     ({"model": MODEL, "prompt": [1], "stop": [1]}, 400, "stop"),
     ({"model": MODEL, "prompt": [1], "frobnicate": 1}, 400, "frobnicate"),
-    ({"model": MODEL, "prompt": [1], "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": [1], "echo": "yes"}, 400, "echo"),
+    ({"model": MODEL, "prompt": [1], "logprobs": 6}, 400, "logprobs"),  # OpenAI's most: 5 alternatives
+    ({"model": MODEL, "prompt": [1], "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
+    ({"model": MODEL, "prompt": [1], "best_of": 2}, 400, "best_of"),
     ({"model": MODEL, "prompt": [1], "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": ""}, 400, "prompt"),
     ({"model": MODEL, "prompt": []}, 400, "prompt"),

@@ -38,6 +38,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     imported). Without argv, every subcommand's flags (every module imported)."""
     chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     parser = argparse.ArgumentParser(prog="nanogpt-deploy", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"nanogpt-deploy {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsFormatter)
@@ -46,6 +47,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
     return parser
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's), or how to get one when running from a source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("nanogpt-deploy")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:

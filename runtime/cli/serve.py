@@ -10,8 +10,10 @@ Needs the `serve` extra: pip install 'nanogpt-deploy[serve]'.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 from pathlib import Path
 
 from .args import add_model_flags, add_run_flags, add_tokenizer_flag, float_in, int_in
@@ -51,7 +53,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int_in(1024, 1 << 30, "a body size in bytes"),
                    default=1 << 20, help="larger request bodies get 413")
     add_tokenizer_flag(p)
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja2 chat template for /v1/chat/completions, as transformers and vLLM take (default: "
+                        "'role: content' lines, then 'assistant:')")
+    p.add_argument("--chat-stop", action="append", default=[], metavar="STRING",
+                   help="with --chat-template: a string that ends a reply besides <|endoftext|> (repeatable), e.g. "
+                        "the template's end-of-turn marker")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="one line per request (method, route, status, tokens, TTFT, total time): text or JSON")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="uvicorn's")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound now (before the model loads and the "serving" line): a busy port or an address
+    this machine lacks is an error at once, with the fix."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e}; check --host") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # uvicorn's choice: restart over TIME_WAIT sockets
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        busy = e.errno == errno.EADDRINUSE
+        raise OSError(f"cannot listen on {host}:{port}: "
+                      f"{'the port is already in use (another server?)' if busy else e.strerror or e}; stop the "
+                      f"other process or choose another --port" + ("" if busy else " / --host")) from None
+    return sock
 
 
 def is_loopback(host: str) -> bool:
@@ -96,7 +126,9 @@ def run(args) -> int:
     try:
         import uvicorn
 
+        from ..serve.chat import ChatTemplate
         from ..serve.connections import uvicorn_config
+        from ..serve.logs import configure_logging
         from ..serve.server import ServerSettings, create_app
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; "
@@ -105,33 +137,43 @@ def run(args) -> int:
     from ..loading import load_pair
     from ..tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(path=args.tokenizer_file)
-    # a pair that cannot speculate is refused here, at startup, not per request
-    backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
-                               provider=args.provider or "cpu", threads=args.threads,
-                               verify_weights=not args.no_verify_weights,
-                               decode=args.decode)
-    check_engine_batch((backend, draft), args.max_batch)
-    path = Path(args.model)
-    folder = path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name
-    name = args.model_name or folder or args.model
-    settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                              batch_window_ms=args.batch_window_ms, batching=args.batching,
-                              request_timeout_s=args.request_timeout,
-                              max_body_bytes=args.max_body_bytes)
-    app = create_app(backend, tokenizer, settings, draft, args.speculate)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {name!r} on http://{host}:{args.port}/v1 [{backend.name}, {backend.provider}, {backend.precision}] "
-          f"max batch {args.max_batch} ({args.batching}), queue {args.max_queue}, timeout {args.request_timeout:g} s"
-          f"{f', speculative with {args.draft}' if draft else ''}"
-          f"{' (lone requests: shared KV cache)' if draft and not draft_for(backend, draft, 2) else ''}"
-          f"{', API key required' if api_key else ''}", flush=True)
-    # requests in flight beyond this get a JSON 429 at once: room for every running + queued request, and as many
-    # again for requests the scheduler is refusing with its own 429. Idle connections are not counted (uvicorn's
-    # limit_concurrency counted them, and answered a plain 503); --idle-timeout closes them
-    limit = 2 * (args.max_batch + args.max_queue) + 16
-    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout,
-                                           max_requests=limit,
-                                           log_level=args.log_level, timeout_graceful_shutdown=5))
-    server.run()
+    if args.chat_stop and not args.chat_template:
+        raise ValueError("--chat-stop goes with --chat-template (the default template has its own stops)")
+    # every startup error comes before the "serving" line: the template, the port, the tokenizer, the model
+    template = ChatTemplate.from_file(args.chat_template, args.chat_stop) if args.chat_template else ChatTemplate()
+    sock = bind_socket(args.host, args.port)
+    try:
+        tokenizer = load_tokenizer(path=args.tokenizer_file)
+        # a pair that cannot speculate is refused here, at startup, not per request
+        backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
+                                   provider=args.provider or "cpu", threads=args.threads,
+                                   verify_weights=not args.no_verify_weights,
+                                   decode=args.decode)
+        check_engine_batch((backend, draft), args.max_batch)
+        path = Path(args.model)
+        folder = path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name
+        name = args.model_name or folder or args.model
+        settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch,
+                                  max_queue=args.max_queue,
+                                  batch_window_ms=args.batch_window_ms, batching=args.batching,
+                                  request_timeout_s=args.request_timeout,
+                                  max_body_bytes=args.max_body_bytes)
+        app = create_app(backend, tokenizer, settings, draft, args.speculate, template)
+        configure_logging(args.log_format)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {name!r} on http://{host}:{args.port}/v1 "
+              f"[{backend.name}, {backend.provider}, {backend.precision}] max batch {args.max_batch} ({args.batching}), queue {args.max_queue}, timeout {args.request_timeout:g} s"
+              f"{f', speculative with {args.draft}' if draft else ''}"
+              f"{' (lone requests: shared KV cache)' if draft and not draft_for(backend, draft, 2) else ''}"
+              f"{', API key required' if api_key else ''}", flush=True)
+        # requests in flight beyond this get a JSON 429 at once: room for every running + queued request, and as many
+        # again for requests the scheduler is refusing with its own 429. Idle connections are not counted (uvicorn's
+        # limit_concurrency counted them, and answered a plain 503); --idle-timeout closes them
+        limit = 2 * (args.max_batch + args.max_queue) + 16
+        server = uvicorn.Server(uvicorn_config(app, args.host, args.port, idle_timeout=args.idle_timeout,
+                                               max_requests=limit,
+                                               log_level=args.log_level, timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0 if server.started else 1

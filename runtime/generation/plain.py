@@ -71,11 +71,15 @@ class PlainDecoding:
         prompts = [table.prompt_ids[b] for b in rows]
         t = time.perf_counter()
         if running:
-            logits = self.cache.add(prompts)[:, -1, :]
+            full = self.cache.add(prompts)
         else:
             self.slots, self.next_ids = [], np.zeros((0, 1), np.int64)
-            logits = self.cache.start(prompts)[:, -1, :]  # (n, V); a logits="last" graph returns only this
+            full = self.cache.start(prompts)  # (n, P, V); a logits="last" graph returns (n, 1, V)
         prefill = time.perf_counter() - t
+        for j, b in enumerate(rows):
+            if table.wants_prompt_logits(b):
+                table.score_prompt(b, full[j])
+        logits = full[:, -1, :]  # (n, V)
         self.slots = self.slots + rows
         self.next_ids = np.concatenate([self.next_ids, np.zeros((len(rows), 1), np.int64)])
         yield from self._emit(table, [table.advance(b, logits[j], prefill) for j, b in enumerate(rows)])

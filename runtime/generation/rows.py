@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 
 Prompt = str | Sequence[int]
 
@@ -59,6 +59,8 @@ class Completion:
     finish_reason: str | None = None  # "length" | "stop" | "cancelled"
     stop: str | int | None = None  # the stop string or stop token id that ended the row
     timing: Timing = field(default_factory=Timing)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt id (None for the first): prompt_logprobs
 
     def to_dict(self) -> dict:
         return {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "text": self.text,
@@ -76,6 +78,8 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # set on the row's last delta
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the row asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the row's first delta, when it asked
 
 
 class TextStream:
@@ -185,7 +189,8 @@ class RowTable:
         for p, sp in zip(ids, params):
             self.prompt_ids.append(p)
             self.params.append(sp)
-            self.completions.append(Completion(prompt_ids=list(p), token_ids=[], text=""))
+            self.completions.append(Completion(prompt_ids=list(p), token_ids=[], text="",
+                                               logprobs=[] if sp.logprobs is not None else None))
             self.texts.append(TextStream(self.tokenizer, sp.stop))
             self.samplers.append(Sampler(sp, self.config.real_vocab_size, p))
             self.cancelled.append(False)
@@ -203,19 +208,47 @@ class RowTable:
         self.prompt_ids[b] = self.params[b] = self.samplers[b] = self.texts[b] = None
         self.start[b] = self.last[b] = None
 
+    def wants_prompt_logits(self, b: int) -> bool:
+        """Whether row b needs the logits of every prompt position at its prefill (prompt_logprobs)."""
+        return self.params[b].prompt_logprobs
+
+    def score_prompt(self, b: int, logits: np.ndarray) -> None:
+        """Row b's prompt log-probabilities from its prefill's logits (T, V), the row's positions at the end (left
+        padding before them); kept for its first Delta. Position t's logits predict prompt token t + 1."""
+        ids, sp, V = self.prompt_ids[b], self.params[b], self.config.real_vocab_size
+        if logits.shape[0] < len(ids):
+            raise GenerationError(f"prompt log-probabilities need logits for all {len(ids)} prompt positions, but the "
+                                  f"model returned {logits.shape[0]} (an export with --logits last or last:N); "
+                                  f"re-export it with --logits all")
+        at = logits[logits.shape[0] - len(ids):]
+        self.completions[b].prompt_logprobs = [None] + [token_logprob(at[t, :V], ids[t + 1], sp.logprobs or 0)
+                                                        for t in range(len(ids) - 1)]
+
     def advance(self, b: int, logits: np.ndarray, prefill: float | None = None) -> Delta:
         """Sample row b's next token and turn it into a Delta (finishing the row when it should end). prefill:
         the seconds of the forward pass that gave the row its first logits (recorded with its first token)."""
+        delta = self._advance(b, logits, prefill)
+        if prefill is not None:  # the row's first Delta carries its prompt's log-probabilities
+            delta.prompt_logprobs = self.completions[b].prompt_logprobs
+        return delta
+
+    def _advance(self, b: int, logits: np.ndarray, prefill: float | None) -> Delta:
         c, sp, text = self.completions[b], self.params[b], self.texts[b]
         if self.cancelled[b]:
             return self._finish(b, Delta(b, "", []), "cancelled", None)
-        token = self.samplers[b](logits)
         if prefill is not None:
             c.timing.prefill_s, c.timing.ttft_s = prefill, time.perf_counter() - self.start[b]
+        if sp.max_new_tokens == 0:  # a prompt scored only (prompt_logprobs)
+            return self._finish(b, Delta(b, "", []), "length", None)
+        token = self.samplers[b](logits)
         if token in sp.stop_token_ids:
             return self._finish(b, Delta(b, "", []), "stop", token)
         c.token_ids.append(token)
         delta = Delta(b, text.push(token), [token])
+        if sp.logprobs is not None:  # only rows that asked pay for the full-vocabulary log-softmax
+            lp = token_logprob(logits[:self.config.real_vocab_size], token, sp.logprobs)
+            c.logprobs.append(lp)
+            delta.logprobs = [lp]
         if text.stopped is not None:
             return self._finish(b, delta, "stop", text.stopped)
         if len(c.token_ids) >= sp.max_new_tokens:

@@ -137,8 +137,12 @@ class SpeculativeDecoding:
         self.guess_params = {b: SamplingParams(temperature=0, repetition_penalty=table.params[b].repetition_penalty)
                              for b in rows}
         t = time.perf_counter()
-        logits = self.tc.start([table.prompt_ids[b] for b in rows])[:, -1]
+        full = self.tc.start([table.prompt_ids[b] for b in rows])  # (n, P or fewer, V)
         prefill = time.perf_counter() - t
+        for i, b in enumerate(rows):
+            if table.wants_prompt_logits(b):
+                table.score_prompt(b, full[i])
+        logits = full[:, -1]
         deltas = [table.advance(b, logits[i], prefill) for i, b in enumerate(rows)]
         self.t_prev = time.perf_counter()
         self.live = np.array([not d.finish_reason for d in deltas])

@@ -52,6 +52,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled: str | None = None  # why: "disconnected" | "timeout" | ...; read by the worker
         self.finished = False  # every row's last delta was received (set by the consumer)
+        self.record = None  # the server's logs.RequestRecord of this request (tokens, time to first token)
 
     @property
     def longest(self) -> int:
@@ -78,7 +79,7 @@ class Scheduler:
     """A bounded queue of Jobs and the one thread that runs them in batches (see the module docstring)."""
 
     def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, batch_window_s: float = 0.01,
-                 draft=None, speculate: int | None = None, continuous: bool = True):
+                 draft=None, speculate: int | None = None, continuous: bool = True, on_step=None):
         if max_batch < 1 or max_queue < 1 or not 0 <= batch_window_s < math.inf:  # inf killed the worker
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1 and "
                              f"batch_window_s ({batch_window_s}) finite and >= 0")
@@ -86,6 +87,7 @@ class Scheduler:
         self.draft, self.speculate = draft, speculate  # handed to make_generation for every batch
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
         self.continuous = continuous  # False: jobs never join a running batch (static batching)
+        self.on_step = on_step  # called by the worker with each step's row count (the metrics' batch size)
         self.block_size = backend.config.block_size
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -207,6 +209,8 @@ class Scheduler:
             gen = make_generation(self.backend, self.tokenizer, [job.prompt_ids[j] for job, j in rows],
                                   [job.params[j] for job, j in rows], self.draft, self.speculate, strict=False)
             while not gen.done:
+                if self.on_step is not None:
+                    self.on_step(len(owners))
                 for delta in gen.step():
                     job, j = owners[delta.row]
                     job.post(("delta", j, delta))

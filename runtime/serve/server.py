@@ -1,17 +1,12 @@
-"""An OpenAI-compatible HTTP server (FastAPI + uvicorn, the `serve` extra): /v1/completions, /v1/models, /health.
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn, the `serve` extra): /v1/completions, /v1/chat/completions,
+/v1/models, /health, /metrics.
 
 One process holds one model instance, driven by runtime.serve.scheduler's single worker thread: requests that
 arrive together are batched into shared forward passes, later ones wait in a bounded queue, a full queue
 answers 429 at once. A client that disconnects cancels its rows; every request has a deadline
-(`request_timeout_s`, queueing included). Errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`.
-
-Request fields: `model`, `prompt` (a string, a list of strings, or token ids: a list of ints or a list of
-lists), `max_tokens` (default 16), `temperature` (0..2, 0 = greedy), `top_p`, `stop` (a string or up to 4),
-`seed`, `n` (1 only), `stream`, `stream_options.include_usage`, `user` (ignored); the common extensions
-`top_k` and `repetition_penalty`; and OpenAI fields this server does not implement only at their no-op
-values (`echo` false, `logprobs` null, `best_of` 1, `presence_penalty` / `frequency_penalty` 0,
-`logit_bias` empty, `suffix` null). Any other field is a 400 naming it.
+(`request_timeout_s`, queueing included). Errors have OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`. The request fields each route takes are in runtime/serve/api.py; chat messages become a prompt through
+a chat template (chat.py); /metrics is Prometheus text (metrics.py); each request is logged once (logs.py).
 
     nanogpt-deploy serve out/tiny --port 8000        # see runtime/cli/serve.py
     app = create_app(backend, tokenizer, ServerSettings(model_name="tiny"))
@@ -32,8 +27,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..generation import GenerationError, SamplingParams, check_context
-from ..sampling import SamplingError
+from ..generation import Delta
+from .api import APIError, LogprobsWriter, error_response, parse_chat_request, parse_completion_request, sse
+from .chat import ChatTemplate
+from .logs import RequestObserver, log_request, record_of
+from .metrics import Metrics
 from .scheduler import Overloaded, Scheduler, WorkerDead
 
 
@@ -56,144 +54,8 @@ class ServerSettings:
             raise ValueError(f"batch_window_ms must be a finite number of ms >= 0, got {self.batch_window_ms}")
 
 
-class APIError(Exception):
-    """An error answered as OpenAI does: HTTP status + {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
-
-
-# OpenAI fields accepted only at the value that makes them a no-op
-NOOP_FIELDS = {"echo": (False,), "logprobs": (None, 0), "best_of": (1,), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "logit_bias": ({},), "suffix": (None, "")}
-KNOWN_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
-                "stream_options", "user", "top_k", "repetition_penalty"} | set(NOOP_FIELDS)
-API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingParams field -> request field, where they differ
-JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "object", list: "array"}
-
-
-def _field(body: dict, name: str, types: tuple, default=None):
-    """body[name] if it has one of `types` (null -> default); a 400 naming the field otherwise."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        want = " or ".join(JSON_TYPES[t] for t in types)
-        raise APIError(400, f"{name} must be {'an' if want[0] in 'aeiou' else 'a'} {want}, got "
-                            f"{json.dumps(value)[:80]}",
-                       param=name, code="invalid_type")
-    return value
-
-
-def _number(body: dict, name: str, default: float) -> float:
-    """A numeric field as a float; a 400 naming the field when it is not a number or too large for one."""
-    value = _field(body, name, (int, float), default)
-    try:
-        return float(value)
-    except OverflowError:
-        raise APIError(400, f"{name} is too large ({str(value)[:20]}...)", param=name, code="invalid_value") from None
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise APIError(400, message, param=name, code="invalid_value")
-
-
-def parse_completion_request(body, model_name: str, config, tokenizer) -> tuple[list[list[int]], SamplingParams, dict]:
-    """Validate a /v1/completions body -> (prompt ids per prompt, params, {"stream", "include_usage"})."""
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got a JSON {type(body).__name__}")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}; this server accepts "
-                            f"{', '.join(sorted(KNOWN_FIELDS))}", param=unknown[0], code="unknown_parameter")
-    for name, noop in NOOP_FIELDS.items():
-        if name in body and body[name] not in noop:
-            raise APIError(400, f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out "
-                                f"(or send {json.dumps(noop[0])})", param=name, code="unsupported_parameter")
-    model = _field(body, "model", (str,))
-    if model is None:
-        raise APIError(400, f"model is required; this server serves {model_name!r}", param="model")
-    if model != model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves {model_name!r} (GET /v1/models)",
-                       param="model", code="model_not_found")
-    n = _field(body, "n", (int,), 1)
-    _check(n == 1, "n", f"n={n} is not supported: this server returns one choice per prompt (n=1); "
-                        f"send the request n times with different seeds instead")
-    max_tokens = _field(body, "max_tokens", (int,), 16)
-    temperature = _number(body, "temperature", 1.0)
-    # the API's range; SamplingParams checks the rest of every field below
-    _check(temperature <= 2, "temperature", f"temperature must be in 0..2 (0 = greedy), got {temperature}")
-    top_p = _number(body, "top_p", 1.0)
-    top_k = _field(body, "top_k", (int,), 0)
-    penalty = _number(body, "repetition_penalty", 1.0)
-    seed = _field(body, "seed", (int,))
-    _check(seed is None or seed >= 0, "seed", f"seed must be >= 0, got {seed}")
-    stop = _field(body, "stop", (str, list), ())
-    stop = [stop] if isinstance(stop, str) else stop
-    _check(len(stop) <= 4 and all(isinstance(s, str) for s in stop), "stop",
-           f"stop must be a string or a list of at most 4 strings, got {json.dumps(stop)[:80]}")
-    stream = _field(body, "stream", (bool,), False)
-    options = _field(body, "stream_options", (dict,), {})
-    _check(not options or stream, "stream_options", "stream_options is only allowed with stream: true")
-    _check(set(options) <= {"include_usage"} and isinstance(options.get("include_usage", False), bool),
-           "stream_options", f"stream_options accepts only include_usage (a boolean), got {json.dumps(options)[:80]}")
-    _field(body, "user", (str,))
-    try:
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=penalty, seed=seed, stop=tuple(stop))
-    except SamplingError as e:  # the API calls max_new_tokens max_tokens
-        name = API_NAMES.get(e.field, e.field)
-        raise APIError(400, str(e).replace(e.field, name), param=name, code="invalid_value") from None
-    prompts = _prompt_ids(body.get("prompt"), config, tokenizer)
-    for i, ids in enumerate(prompts):
-        try:
-            check_context(len(ids), max_tokens, config.block_size, f"prompt {i}", "lower max_tokens or shorten the "
-                          "prompt", "max_tokens")
-        except GenerationError as e:  # OpenAI's wording first: clients look for it
-            raise APIError(400, f"This model's maximum context length is {config.block_size} tokens; {e}",
-                           param="max_tokens", code="context_length_exceeded") from None
-    return prompts, params, {"stream": stream, "include_usage": bool(options.get("include_usage"))}
-
-
-def _prompt_ids(prompt, config, tokenizer) -> list[list[int]]:
-    """prompt (string | [string] | [int] | [[int]]) -> token ids per prompt, each non-empty and in the vocabulary."""
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt or not all(
-            isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p)) for p in prompt):
-        raise APIError(400, f"prompt must be a non-empty string, a list of strings, a list of token ids or a list of "
-                            f"lists of token ids, got {json.dumps(prompt)[:80]}", param="prompt", code="invalid_type")
-    ids = [tokenizer.encode(p, allowed_special="all") if isinstance(p, str) else p for p in prompt]
-    for i, p in enumerate(ids):
-        if not p:
-            raise APIError(400, f"prompt {i} is empty; give at least one token", param="prompt", code="invalid_value")
-        bad = [t for t in p if not 0 <= t < config.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt {i} has token id {bad[0]}, outside this model's vocabulary "
-                                f"0..{config.vocab_size - 1}; use tokens (or text) within it", param="prompt",
-                           code="invalid_value")
-    return ids
-
-
-def _sse(event: dict) -> str:
-    """One server-sent event as OpenAI sends it: `data: {json}` and a blank line."""
-    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
-
-
 class _ClientGone(Exception):
     """A non-streaming client closed its connection before its answer was ready."""
-
-
-def _is_id(t) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -211,7 +73,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(backend, tokenizer, settings: ServerSettings, draft=None, speculate: int | None = None) -> FastAPI:
+def prompt_logits_missing(backend) -> str | None:
+    """None when `backend` returns the logits of every prompt position (echo + logprobs needs them); else why not."""
+    art = getattr(backend, "artifact", None)
+    if art is None or art.logits == "all":
+        return None
+    return (f"{getattr(backend, 'path', 'the model')} was exported with --logits {art.logits} and returns the last "
+            f"position(s) only; re-export it with --logits all")
+
+
+def create_app(backend, tokenizer, settings: ServerSettings, draft=None, speculate: int | None = None,
+               chat_template: ChatTemplate | None = None) -> FastAPI:
     """The ASGI app serving `backend` (owned by the app's scheduler thread from startup to shutdown).
 
     Args:
@@ -221,9 +93,14 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         draft: a draft Backend: batches decode speculatively with it, the same output faster
             (runtime/generation/speculative.py; on a kv_cache="shared" pair, a request running alone only);
             `speculate` is its most guesses per round.
+        chat_template: how /v1/chat/completions renders messages (default: ChatTemplate(), a plain transcript).
     """
     scheduler = Scheduler(backend, tokenizer, settings.max_batch, settings.max_queue, settings.batch_window_ms / 1000,
                           draft, speculate, continuous=settings.batching == "continuous")
+    metrics = Metrics(scheduler)
+    scheduler.on_step = metrics.batch.observe  # each step's rows: the batch size histogram
+    template = chat_template or ChatTemplate()
+    no_prompt_logits = prompt_logits_missing(backend)
     counts = {"requests": 0, "completed": 0, "disconnected": 0, "timed_out": 0}  # written by the event loop only
     created = int(time.time())
 
@@ -236,7 +113,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
             await asyncio.to_thread(scheduler.close)
 
     app = FastAPI(title="nanogpt-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler, app.state.counts = scheduler, counts
+    app.state.scheduler, app.state.counts, app.state.metrics = scheduler, counts, metrics
+    app.add_middleware(RequestObserver, sinks=[log_request, metrics.observe_request])
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -278,6 +156,11 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
                            "request_timeout_s": settings.request_timeout_s},
                 "counts": dict(counts), "scheduler": dict(scheduler.stats)}
 
+    @app.get("/metrics")
+    async def prometheus():  # open like /health: scrapers carry no API key
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
         return {"object": "list", "data": [model_card()]}
@@ -289,24 +172,23 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
                            param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: Request):
-        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    async def read_json(request: Request):
+        """The request's JSON body (None when the client left before sending it all)."""
         try:  # a client that trickles its body in must not hold the connection forever
             raw = await asyncio.wait_for(read_body(request, settings.max_body_bytes), settings.request_timeout_s)
         except ClientDisconnect:  # left before its body arrived: nothing to answer, nothing to log
             counts["disconnected"] += 1
-            return Response(status_code=400)
+            return None
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {settings.request_timeout_s:g} s",
                            code="timeout") from None
         try:
-            body = json.loads(raw)
+            return json.loads(raw)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit integer
             raise APIError(400, f"We could not parse the JSON body of your request ({e}); send a JSON object with "
                                 f"Content-Type: application/json", code="invalid_json") from None
-        prompts, params, opts = await asyncio.to_thread(  # tokenizing a long prompt must not stall the loop
-            parse_completion_request, body, settings.model_name, backend.config, tokenizer)
+
+    def submit(request: Request, prompts: list[list[int]], params):
         try:
             job = scheduler.submit(prompts, [params] * len(prompts))
         except Overloaded as e:
@@ -317,16 +199,80 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
         except ValueError as e:
             raise APIError(400, f"{e}; split the prompt list over several requests", param="prompt") from None
         counts["requests"] += 1
+        job.record = record_of(request.scope)
+        job.record.prompt_tokens = sum(len(p) for p in prompts)
+        return job
+
+    def usage(job) -> dict:
+        r = job.record
+        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(request: Request):
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+        body = await read_json(request)
+        if body is None:
+            return Response(status_code=400)
+        prompts, params, opts = await asyncio.to_thread(  # tokenizing a long prompt must not stall the loop
+            parse_completion_request, body, settings.model_name, backend.config, tokenizer, no_prompt_logits)
+        job = submit(request, prompts, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
-        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0, "total_tokens": 0}
+        echo, writers = opts["echo"], [LogprobsWriter(tokenizer) if params.logprobs is not None else None
+                                       for _ in prompts]
+
+        def choice(j: int, delta, first: bool) -> dict:  # one row's text (and logprobs) so far, or in this chunk
+            text, lp, w = delta.text, None, writers[j]
+            if first and echo:  # the prompt, before the first generated text
+                text = tokenizer.decode(job.prompt_ids[j]) + text
+                lp = w and w.add(job.prompt_ids[j], delta.prompt_logprobs)
+            if w is not None:
+                lp = _join(lp, w.add(delta.token_ids, delta.logprobs))
+            return {"text": text, "index": j, "logprobs": lp, "finish_reason": delta.finish_reason}
+
         if opts["stream"]:
-            return _SSEResponse(_stream(job, head, usage, opts["include_usage"], deadline), job)
-        return await _complete(job, head, usage, request, deadline)
+            def chunks(j, delta, first):
+                c = choice(j, delta, first)
+                return [{**head, "choices": [c]}] if c["text"] or c["finish_reason"] or c["logprobs"] else []
+            return _SSEResponse(_stream(job, head, chunks, opts["include_usage"], deadline), job)
+        rows = await _complete(job, request, deadline, choice)
+        return JSONResponse({**head, "choices": rows, "usage": usage(job)})
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request):
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+        body = await read_json(request)
+        if body is None:
+            return Response(status_code=400)
+        ids, params, opts = await asyncio.to_thread(
+            parse_chat_request, body, settings.model_name, backend.config, tokenizer, template)
+        job = submit(request, [ids], params)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": settings.model_name}
+
+        def choice(j: int, delta, first: bool) -> dict:
+            return {"index": 0, "message": {"role": "assistant", "content": delta.text}, "logprobs": None,
+                    "finish_reason": delta.finish_reason}
+
+        if opts["stream"]:
+            head["object"] = "chat.completion.chunk"
+
+            def chunks(j, delta, first):
+                out = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}] * first
+                if delta.text:
+                    out.append({"index": 0, "delta": {"content": delta.text}, "finish_reason": None})
+                if delta.finish_reason:
+                    out.append({"index": 0, "delta": {}, "finish_reason": delta.finish_reason})
+                return [{**head, "choices": [c]} for c in out]
+            return _SSEResponse(_stream(job, head, chunks, opts["include_usage"], deadline), job)
+        rows = await _complete(job, request, deadline, choice)
+        return JSONResponse({**head, "choices": rows, "usage": usage(job)})
 
     async def events(job, deadline: float):
-        """("delta", j, Delta) events until every row of `job` finished; raises on timeout, error, disconnect."""
-        loop, left = asyncio.get_running_loop(), len(job.prompt_ids)
+        """(j, Delta, first) for each row's deltas until every row of `job` finished (counting its tokens, timing
+        its first token and the gaps between tokens); raises on timeout, error, disconnect."""
+        loop, left, last = asyncio.get_running_loop(), len(job.prompt_ids), [None] * len(job.prompt_ids)
         while left:
             try:
                 event = job.events.get_nowait()
@@ -345,51 +291,63 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
                 raise APIError(500, event[1], type="server_error", code="generation_failed")
             if event[0] == "disconnected":
                 raise _ClientGone
-            yield event
-            if event[2].finish_reason:
+            _, j, delta = event
+            first = last[j] is None
+            if delta.token_ids:
+                now = time.perf_counter()
+                if job.record.ttft_s is None:
+                    job.record.first_token()
+                    metrics.ttft.observe(job.record.ttft_s)
+                elif last[j] not in (None, 0.0):
+                    metrics.tpot.observe(now - last[j])
+                last[j] = now
+                job.record.completion_tokens += len(delta.token_ids)
+            elif first:
+                last[j] = 0.0  # the row has had its first delta (a stop at once, a scored prompt)
+            yield j, delta, first
+            if delta.finish_reason:
                 left -= 1
         job.finished = True
         counts["completed"] += 1
 
-    async def _complete(job, head: dict, usage: dict, request: Request, deadline: float) -> JSONResponse:
+    async def _complete(job, request: Request, deadline: float, choice) -> list[dict]:
+        """Every row's choice (`choice(j, merged delta, True)`), once all rows are done."""
         async def watch():  # the body is read: the next message is http.disconnect, if the client leaves
             while (await request.receive())["type"] != "http.disconnect":
                 pass
             job.events.put_nowait(("disconnected",))
 
-        texts, finish = [""] * len(job.prompt_ids), [None] * len(job.prompt_ids)
+        n = len(job.prompt_ids)
+        rows = [Delta(j, "", [], logprobs=[]) for j in range(n)]
         watcher = asyncio.create_task(watch())
         try:
-            async for _, j, delta in events(job, deadline):
-                texts[j] += delta.text
-                usage["completion_tokens"] += len(delta.token_ids)
-                finish[j] = delta.finish_reason or finish[j]
+            async for j, delta, first in events(job, deadline):
+                r = rows[j]
+                r.text += delta.text
+                r.token_ids += delta.token_ids
+                r.logprobs += delta.logprobs or []
+                r.prompt_logprobs = delta.prompt_logprobs if first else r.prompt_logprobs
+                r.finish_reason = delta.finish_reason or r.finish_reason
         except _ClientGone:  # nobody will read this answer; the rows are cancelled below
             counts["disconnected"] += 1
             job.cancel("disconnected")
-            return error_response(APIError(400, "client disconnected", code="client_disconnected"))
+            raise APIError(400, "client disconnected", code="client_disconnected") from None
         finally:
             watcher.cancel()
             job.cancel("abandoned")  # no-op when finished
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        choices = [{"text": t, "index": j, "logprobs": None,
-                    "finish_reason": f} for j, (t, f) in enumerate(zip(texts, finish))]
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        return [choice(j, rows[j], True) for j in range(n)]
 
-    async def _stream(job, head: dict, usage: dict, include_usage: bool, deadline: float):
+    async def _stream(job, head: dict, chunks, include_usage: bool, deadline: float):
         extra = {"usage": None} if include_usage else {}
         try:
-            async for _, j, delta in events(job, deadline):
-                usage["completion_tokens"] += len(delta.token_ids)
-                if delta.text or delta.finish_reason:
-                    choice = {"text": delta.text, "index": j, "logprobs": None, "finish_reason": delta.finish_reason}
-                    yield _sse({**head, "choices": [choice], **extra})
+            async for j, delta, first in events(job, deadline):
+                for chunk in chunks(j, delta, first):
+                    yield sse({**chunk, **extra})
             if include_usage:
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield _sse({**head, "choices": [], "usage": usage})
+                yield sse({**head, "choices": [], "usage": usage(job)})
             yield "data: [DONE]\n\n"
         except APIError as e:  # the 200 is already sent: the error goes in the stream (the openai client raises it)
-            yield _sse(e.body)
+            yield sse(e.body)
 
     class _SSEResponse(StreamingResponse):
         """Server-sent events whose job is cancelled however the response ends (done, disconnect, error)."""
@@ -408,3 +366,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
                     counts["disconnected"] += 1
 
     return app
+
+
+def _join(a: dict | None, b: dict) -> dict:
+    """Two legacy logprobs objects, one after the other."""
+    return b if a is None else {k: a[k] + b[k] for k in a}
