@@ -38,7 +38,7 @@ THRESHOLDS = {
     "max_ppl_change": {"fp32": 0.001, "fp16": 0.01, "int8": 0.05, "int4": 0.10},
     "min_greedy_match": {"fp32": 1.0},
     # int8 scales activations per tensor (a row shifts with its batch) and int4's kernel computes one row
-    # differently from several: reported, not gated (README "Batched is not alone")
+    # differently from several: reported, not gated (docs/serving.md "Batched is not alone")
     "min_batched_alone": {"fp32": 1.0, "fp16": 1.0},
 }
 FLAGS = {"max_abs_diff": "--max-abs-diff", "min_top1": "--min-top1", "max_ppl_change": "--max-ppl-change",
