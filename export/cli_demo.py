@@ -77,7 +77,7 @@ def run(args) -> int:
           f"{model.num_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.1f} s)")
 
     t = time.perf_counter()
-    path = export_onnx(model, args.out, source=source, progress=lambda m: print(f"      {m}"))
+    path = export_onnx(model, args.out, source=source, progress=lambda m: print(f"      [{time.perf_counter() - t:4.1f}s] {m}", flush=True))
     size = sum(f.stat().st_size for f in Path(path).parent.glob("model.onnx*"))
     print(f"[2/4] exported {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
 

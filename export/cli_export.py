@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="write into a DIR that holds unrelated files")
     p.add_argument("--no-tool-files", dest="tool_files", action="store_false",
                    help="write only model.onnx (+ .data): leave out config.json, genai_config.json and the tokenizer "
-                        "files that optimum, transformers and onnxruntime-genai read (README: Use it from other tools)")
+                        "files that optimum, transformers and onnxruntime-genai read (docs/export.md: Use it from other tools)")
     p.add_argument("--no-gate", action="store_true",
                    help="record a variant's agreement with fp32 but do not fail on its thresholds")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

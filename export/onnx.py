@@ -107,7 +107,9 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         work = Path(tmp) / "fp32" if (dtype != "fp32" or quantize) else Path(tmp)
         work.mkdir(exist_ok=True)
         path = work / "model.onnx"
-        progress(f"tracing {model.config.n_layer} layers, {model.num_params() / 1e6:.1f}M parameters (opset {opset})")
+        progress(f"tracing {model.config.n_layer} layers, {model.num_params() / 1e6:.1f}M parameters (opset {opset}): "
+                 f"torch.onnx.export prints nothing until it ends, seconds for small models, a minute or more "
+                 f"for 124M on 2 cores")
         trace_and_save(model, path, opset, artifact)
         # 2. its structure: symbolic axes, external data, the tied embedding stored once
         progress("checking axes, external data and weight sizes")

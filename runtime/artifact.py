@@ -233,7 +233,7 @@ def check_weights(onnx_path: str | Path, artifact: Artifact) -> str:
     model.onnx); raise ArtifactError naming the file and the fix otherwise. Returns a note for an artifact that
     records no digest (exported before the field: it loads, unverified), else "".
 
-    Hashing costs about a second per 500 MB (README); callers skip it with verify_weights=False.
+    Hashing costs about a second per 500 MB (docs/export.md); callers skip it with verify_weights=False.
     """
     onnx_path = Path(onnx_path)
     if artifact.data_sha256 is None:

@@ -70,7 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks into one reused buffer (the 124M weights, 498 MB: see README)."""
+    """Hex sha256 of a file, read in 1 MiB blocks into one reused buffer (the 124M weights, 498 MB: see docs/export.md)."""
     h, buf = hashlib.sha256(), bytearray(1 << 20)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:

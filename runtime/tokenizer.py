@@ -98,16 +98,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def fetch_ranks(dest: str | os.PathLike | None = None, sdist: str | os.PathLike | None = None) -> Path:
+def fetch_ranks(dest: str | os.PathLike | None = None, sdist: str | os.PathLike | None = None,
+                progress=lambda msg: None) -> Path:
     """Get gpt2.tiktoken from the openai-whisper sdist (downloaded with pip, or `sdist` given), verify, install.
 
-    The file is written atomically; an existing verified file is kept.
+    The file is written atomically; an existing verified file is kept. `progress` gets a line per stage: whether the
+    file was already there, or downloaded / read from the sdist.
     """
     dest = Path(dest) if dest else default_ranks_path()
     if dest.is_file() and sha256_file(dest) == GPT2_RANKS_SHA256:
+        progress(f"GPT-2 tokenizer ranks already at {dest} (sha256 verified); nothing downloaded")
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         if sdist is None:
+            progress(f"downloading the {WHISPER_SDIST} source distribution from the package registry "
+                     f"for its {RANKS_MEMBER}")
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                    WHISPER_SDIST, "-d", tmp]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -116,6 +121,8 @@ def fetch_ranks(dest: str | os.PathLike | None = None, sdist: str | os.PathLike 
                 raise TokenizerError(f"could not download {WHISPER_SDIST} from the package registry "
                                      f"({' '.join(cmd)}):\n{r.stderr.strip()[-2000:]}")
             sdist = found[0]
+        else:
+            progress(f"reading {RANKS_MEMBER} from {sdist}")
         how = (f"get it with `pip download --no-deps --no-binary :all: {WHISPER_SDIST}`, or run "
                f"`nanogpt-deploy fetch-tokenizer` without --sdist where PyPI is reachable")
         if not Path(sdist).is_file():
@@ -137,4 +144,5 @@ def fetch_ranks(dest: str | os.PathLike | None = None, sdist: str | os.PathLike 
     tmp_dest = dest.with_name(dest.name + f".tmp{os.getpid()}")
     tmp_dest.write_bytes(data)
     os.replace(tmp_dest, dest)
+    progress(f"GPT-2 tokenizer ranks written to {dest} (sha256 verified)")
     return dest

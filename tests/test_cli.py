@@ -51,6 +51,32 @@ def test_generate_as_a_command_streams_text_then_the_summary(tiny_onnx_dir):
     assert SUMMARY.match(r.stderr.strip().splitlines()[-1]).group(1) == "5"
 
 
+def test_generate_json_records_the_seed_it_used(tiny_onnx_dir, capsys):
+    base = ["generate", str(tiny_onnx_dir), "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--ignore-eos",
+            "--json", "--threads", "1"]
+    assert main(base + ["--temperature", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] is None  # greedy draws nothing
+    assert main(base + ["--seed", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 7
+    assert main(base) == 0  # sampling without --seed: the seed drawn is recorded, and repeats the run
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert isinstance(doc["seed"], int) and f"seed {doc['seed']} (drawn; --seed {doc['seed']} repeats" in err, err
+    assert main(base + ["--seed", str(doc["seed"])]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["completions"][0]["token_ids"] == doc["completions"][0]["token_ids"]
+
+
+def test_generate_no_stream_heads_each_row_with_its_prompt(tiny_onnx_dir, capsys):
+    assert main(["generate", str(tiny_onnx_dir), "--prompt-ids", "1,2,3", "--prompt-ids", ",".join(["7"] * 30),
+                 "--temperature", "0", "--max-new-tokens", "3", "--no-stream", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == "--- 1,2,3 ---", out
+    assert any(line.startswith("--- 7,7,7") and line.endswith("... ---") and len(line) <= 48 for line in lines), out
+    assert err.startswith("\n") and SUMMARY.match(err.strip().splitlines()[-1]), err  # the summary on its own line
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "1.5"], "top_p must be in (0, 1] (1 = off), got 1.5"),
     (["--temperature", "-1"], "temperature must be >= 0"),

@@ -92,3 +92,23 @@ def test_fetch_from_a_file_that_is_not_the_whisper_sdist_says_how_to_get_it(tmp_
         assert message in str(e.value) and not dest.exists()
     assert main(["fetch-tokenizer", "--sdist", str(text), "--out", str(dest)]) == 1
     assert f"error: {text} is not the openai-whisper==" in capsys.readouterr().err
+
+
+def test_fetch_says_whether_it_found_or_wrote_the_file(ranks, tmp_path, capsys):
+    import io
+    import tarfile
+
+    from runtime.cli import main
+
+    sdist = tmp_path / "openai_whisper-20250625.tar.gz"  # a stand-in sdist holding the real ranks
+    with tarfile.open(sdist, "w:gz") as tar:
+        data = ranks.read_bytes()
+        info = tarfile.TarInfo("openai_whisper-20250625/whisper/assets/gpt2.tiktoken")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "gpt2.tiktoken"
+    assert main(["fetch-tokenizer", "--sdist", str(sdist), "--out", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert f"reading whisper/assets/gpt2.tiktoken from {sdist}" in out and f"written to {dest}" in out, out
+    assert main(["fetch-tokenizer", "--out", str(dest)]) == 0
+    assert f"already at {dest} (sha256 verified); nothing downloaded" in capsys.readouterr().out

@@ -199,3 +199,18 @@ def test_engine_targets_read_the_precision_from_the_sidecar_the_builder_writes(t
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "tensorrt" else find_spec(n, *a))
     targets, notes = find_targets([str(tmp_path if name == "folder" else engine)], ("tensorrt",), ("cuda",))
     assert [(t.backend, t.precision) for t in targets] == [("tensorrt", "fp16")], notes
+
+
+def test_table_keeps_its_columns_aligned_around_skipped_cases():
+    from runtime.tools.bench_report import format_table
+
+    case = lambda prompt, **m: {"case": {"batch": 1, "prompt": prompt, "new": 16}, **m}  # noqa: E731
+    report = {"results": [{"label": "onnxruntime cpu fp32", "peak_rss_mb": 812.0, "cases": [
+        case(32, ttft_ms=12.5, decode_tok_s=1234.5, latency_p50_ms=0.81, latency_p95_ms=0.9, e2e_tok_s=1100.0),
+        case(512, skipped="prompt 512 + 16 new tokens exceeds block_size 256"),
+        case(64, ttft_ms=20.25, decode_tok_s=999.0, latency_p50_ms=1.0, latency_p95_ms=1.2, e2e_tok_s=900.0)]}]}
+    head, ok1, skip, ok2 = format_table(report).splitlines()
+    assert skip.startswith("onnxruntime cpu fp32      1     512   16  skipped: prompt 512"), skip
+    for line in (ok1, skip, ok2):  # the key columns end where the header's do
+        assert line[:head.index("new") + 3].rstrip()[-2:] == "16", (head, line)
+    assert len(ok1) == len(ok2) and ok1.index("1234.5") + 6 == ok2.index("999.0") + 5

@@ -59,7 +59,7 @@ class OnnxRuntimeBackend(Backend):
                 (124M fp32 target + int8 draft, 2 threads: 52.6 tok/s spinning, 103.2 not;
                 scripts/speculative_check.py with and without --spin).
             verify_weights: check the sha256 of model.onnx.data against the digest recorded at export (about
-                1 s per 500 MB, README) and refuse a damaged or foreign weights file; False skips it (CLI
+                1 s per 500 MB, docs/export.md) and refuse a damaged or foreign weights file; False skips it (CLI
                 --no-verify-weights). An artifact exported before digests were recorded loads with a warning.
             tf32: provider="cuda": let fp32 MatMuls run in TF32 (faster, ~1e-3 off); off by default
                 (cuda_provider_options). `self.tf32` says which ran (always False on the CPU).

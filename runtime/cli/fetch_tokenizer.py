@@ -17,6 +17,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..tokenizer import fetch_ranks
 
-    path = fetch_ranks(args.out, args.sdist)
-    print(f"GPT-2 tokenizer ranks verified at {path}")
+    fetch_ranks(args.out, args.sdist, progress=lambda msg: print(msg, flush=True))
     return 0

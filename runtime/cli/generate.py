@@ -54,16 +54,26 @@ def parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids {text!r} is not a comma-separated list of integers (e.g. 1,2,3)") from None
 
 
+def prompt_heading(prompt: str | list[int], width: int = 40) -> str:
+    """A batch row's heading: its prompt, shortened to `width` characters (`--- 'def fib(n):' ---`)."""
+    text = repr(prompt) if isinstance(prompt, str) else ",".join(map(str, prompt))
+    return f"--- {text if len(text) <= width else text[:width - 3] + '...'} ---"
+
+
 def run(args) -> int:
+    import secrets
     import time
 
     from ..generation import SamplingParams, make_generation, summary_line
     from ..loading import load_pair
     from ..tokenizer import load_tokenizer
 
+    # sampling without --seed draws one here, so that --json (and the summary) can say how to repeat the run;
+    # greedy draws nothing and records null
+    seed = args.seed if args.seed is not None or args.temperature == 0 else secrets.randbelow(2**32)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+        repetition_penalty=args.repetition_penalty, seed=seed, stop=tuple(args.stop),
         stop_token_ids=() if args.ignore_eos else SamplingParams.stop_token_ids)
     prompts = args.prompt if args.prompt is not None else [parse_ids(s) for s in args.prompt_ids]
     tokenizer = load_tokenizer(path=args.tokenizer_file)
@@ -86,7 +96,7 @@ def run(args) -> int:
     completions = gen.completions
     if args.json:
         doc = {"backend": backend.name, "provider": backend.provider, "precision": backend.precision,
-               "seconds": seconds, "completions": [c.to_dict() for c in completions]}
+               "seed": seed, "seconds": seconds, "completions": [c.to_dict() for c in completions]}
         if hasattr(backend, "graph_stats"):  # how decode steps ran: CUDA graphs, static shapes, fallbacks
             doc["decode"] = backend.graph_stats()
         if getattr(gen, "stats", None):
@@ -96,11 +106,16 @@ def run(args) -> int:
     elif streaming and len(prompts) == 1:
         print()
     else:
-        for i, c in enumerate(completions):
+        for prompt, c in zip(prompts, completions):
             if len(completions) > 1:
-                print(f"--- {i} ---")
+                print(prompt_heading(prompt))
             print(c.text)
+    if not args.json:  # the summary (stderr) on a line of its own, after all of the text, whatever the buffering
+        sys.stdout.flush()
+        print(file=sys.stderr)
     line = summary_line(completions, backend, seconds)
+    if seed is not None and args.seed is None:
+        line += f"; seed {seed} (drawn; --seed {seed} repeats this run)"
     stats = getattr(gen, "stats", None)
     if stats:
         line += (f"; speculative with {args.draft}: {stats['accepted']}/{stats['drafted']} guesses accepted "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from .args import add_run_flags, add_tokenizer_flag, positive_int
 
@@ -65,6 +66,11 @@ def run(args) -> int:
     from ..tokenizer import load_tokenizer
     from ..tools.verify import format_report, parse_thresholds, verify
 
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:  # a line per stage with the seconds so far: verify runs for minutes on 124M
+        print(f"[{time.perf_counter() - t0:6.1f}s] verifying {msg}", file=sys.stderr, flush=True)
+
     thresholds = parse_thresholds({"max_abs_diff": args.max_abs_diff, "min_top1": args.min_top1,
                                    "max_ppl_change": args.max_ppl_change, "min_greedy_match": args.min_greedy_match,
                                    "min_batched_alone": args.min_batched_alone})
@@ -72,7 +78,7 @@ def run(args) -> int:
                     window=args.window, greedy_new=args.greedy_tokens, threads=args.threads, backends=args.backends,
                     providers=args.providers, tokenizer=load_tokenizer(path=args.tokenizer_file),
                     verify_weights=not args.no_verify_weights,
-                    progress=lambda msg: print(f"verifying {msg}", file=sys.stderr, flush=True), tf32=args.tf32)
+                    progress=progress, tf32=args.tf32)
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()

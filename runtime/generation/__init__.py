@@ -3,7 +3,7 @@
 A batch of prompts of different lengths is left-padded into one prefill; each decode step then feeds one
 token per row (or, with a draft model, a round of guesses checked in one target step: speculative.py).
 Positions are `cumsum(mask) - 1`, so padding never shifts a row: under greedy an fp32 row gets the tokens
-its prompt gets alone (int8 / int4 kernels may not, README "Batched is not alone"). Text is decoded
+its prompt gets alone (int8 / int4 kernels may not, docs/serving.md "Batched is not alone"). Text is decoded
 incrementally from token bytes, so a UTF-8 character split over tokens is never split across streamed
 pieces. Rows stop independently (max_new_tokens, a stop token id, a stop string even when it spans
 tokens, or `cancel(row)`).

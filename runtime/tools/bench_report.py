@@ -25,27 +25,32 @@ def rows(report: dict) -> list[dict]:
 
 
 def format_table(report: dict) -> str:
+    """The text table: one aligned row per (target, case); a skipped case keeps the key columns aligned and gives
+    its reason in place of the numbers."""
     head = ("target", "batch", "prompt", "new", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "e2e tok/s",
-            "peak RSS MB",
-            "guesses accepted")
+            "peak RSS MB", "guesses accepted")
     lines = []
     for r in rows(report):
+        key = (r["target"], r["batch"], r["prompt"], r["new"])
         if "skipped" in r:
-            lines.append((r["target"], r["batch"], r["prompt"], r["new"], "skipped: " + r["skipped"]))
+            lines.append((*key, "skipped: " + r["skipped"]))
             continue
         f = lambda k, spec, r=r: format(r[k], spec) if k in r else "-"  # noqa: E731
-        lines.append((r["target"], r["batch"], r["prompt"], r["new"], f("ttft_ms", ".1f"), f("decode_tok_s", ".1f"),
+        lines.append((*key, f("ttft_ms", ".1f"), f("decode_tok_s", ".1f"),
                       f("latency_p50_ms", ".2f"), f("latency_p95_ms", ".2f"), f("e2e_tok_s", ".1f"),
                       f"{r['peak_rss_mb']:.0f}",
                       f"{r['speculative']['acceptance']:.0%}, {r['speculative']['tokens_per_target_step']:.2f}/step, "
                       + ("tokens = target" if r["speculative"]["same_tokens_as_target"] else "TOKENS DIFFER")
                       if "speculative" in r else "-"))
-    full = [head] + [ln for ln in lines if len(ln) == len(head)]
-    widths = [max(len(str(x[i])) for x in full) for i in range(len(head))]
+    # widths from the header and the measured rows; a skip row's reason runs on past the key columns
+    measured = [head] + [ln for ln in lines if len(ln) == len(head)]
+    widths = [max(len(str(x[i])) for x in measured + ([ln[:4] for ln in lines] if i < 4 else []))
+              for i in range(len(head))]
 
     def fmt(cells):
-        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head)] + [fmt(ln) if len(ln) == len(head) else "  ".join(map(str, ln)) for ln in lines])
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt(head)] + [fmt(ln) if len(ln) == len(head) else fmt(ln[:4]) + "  " + ln[4] for ln in lines])
 
 
 def _pyplot():
@@ -86,10 +91,10 @@ def check_plot_path(path: str | os.PathLike) -> Path:
 
 
 def plot_report(report: dict, path: str | os.PathLike) -> Path:
-    """PNG: decode tokens/s against context length per target (left), latency p50/p95 per target (right)."""
+    """PNG: decode tokens/s against context length per target (left, legend below), latency p50/p95 per (target,
+    case) as horizontal bars on a log axis (right), so one slow case does not flatten the others."""
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    bars, styles = [], ("-", "--", ":", "-.")
+    series, bars, styles = [], [], ("-", "--", ":", "-.")
     for i, r in enumerate(report["results"]):  # one color per target, one line style per case
         for j, c in enumerate(r["cases"]):
             steps = c.get("step_latency_ms")
@@ -100,23 +105,32 @@ def plot_report(report: dict, path: str | os.PathLike) -> Path:
             k = min(8, len(ms))  # smooth over 8 steps: single steps are noisy
             ms = np.convolve(ms, np.ones(k) / k, mode="valid")
             ctx = case.prompt + 1 + np.arange(len(ms)) + (k - 1) / 2
-            ax1.plot(ctx, case.batch * 1e3 / ms, color=f"C{i % 10}", linestyle=styles[j % len(styles)],
-                     label=f"{r['label']} {case.label}")
-            bars.append((f"{r['label']}\n{case.label}", c["latency_p50_ms"], c["latency_p95_ms"]))
+            series.append((ctx, case.batch * 1e3 / ms, f"C{i % 10}", styles[j % len(styles)],
+                           f"{r['label']} {case.label}"))
+            bars.append((f"{r['label']}  {case.label}", c["latency_p50_ms"], c["latency_p95_ms"]))
+    legend_rows = -(-len(series) // 2)  # two columns below the plots
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5 + 0.25 * max(len(bars), legend_rows)),
+                                   gridspec_kw={"width_ratios": [1.2, 1]})
+    for ctx, tok_s, color, style, label in series:
+        ax1.plot(ctx, tok_s, color=color, linestyle=style, label=label)
     ax1.set(xlabel="context length (tokens in the KV cache)", ylabel="decode tokens/s (batch x 1 / step latency)",
             title="decode throughput vs context")
     ax1.grid(alpha=0.3)
     if bars:
-        ax1.legend(fontsize=7)
-        x = np.arange(len(bars))
-        ax2.bar(x - 0.2, [b[1] for b in bars], 0.4, label="p50")
-        ax2.bar(x + 0.2, [b[2] for b in bars], 0.4, label="p95")
-        ax2.set_xticks(x, [b[0] for b in bars], fontsize=6, rotation=30, ha="right")
-        ax2.legend()
-    ax2.set(ylabel="per-token latency, ms", title="decode latency percentiles")
+        y = np.arange(len(bars))[::-1]  # the first case on top
+        ax2.barh(y + 0.2, [b[1] for b in bars], 0.4, label="p50")
+        ax2.barh(y - 0.2, [b[2] for b in bars], 0.4, label="p95")
+        ax2.set_yticks(y, [b[0] for b in bars], fontsize=9)
+        ax2.set_xscale("log")
+        ax2.grid(alpha=0.3, axis="x", which="both")
+        ax2.legend(loc="upper right", bbox_to_anchor=(1, -0.12), ncol=2, fontsize=9, frameon=False)  # below: no bar hidden
+        fig.legend(*ax1.get_legend_handles_labels(), loc="lower left", ncol=2, fontsize=9, frameon=False,
+                   bbox_to_anchor=(0.02, 0))
+    ax2.set(xlabel="per-token decode latency, ms (log scale)", title="decode latency percentiles")
     m = report.get("machine", {})
-    fig.suptitle(f"{m.get('cpu', '')}, {report['settings'].get('threads') or 'default'} threads", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{m.get('cpu', '')}, {report['settings'].get('threads') or 'default'} threads", fontsize=10)
+    # room below the panels for the legend: its rows in inches, as a fraction of the figure's height
+    fig.tight_layout(rect=(0, min(0.5, (0.3 + 0.22 * legend_rows) / fig.get_figheight()), 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

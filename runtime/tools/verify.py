@@ -38,7 +38,7 @@ THRESHOLDS = {
     "max_ppl_change": {"fp32": 0.001, "fp16": 0.01, "int8": 0.05, "int4": 0.10},
     "min_greedy_match": {"fp32": 1.0},
     # int8 scales activations per tensor (a row shifts with its batch) and int4's kernel computes one row
-    # differently from several: reported, not gated (README "Batched is not alone")
+    # differently from several: reported, not gated (docs/serving.md "Batched is not alone")
     "min_batched_alone": {"fp32": 1.0, "fp16": 1.0},
 }
 FLAGS = {"max_abs_diff": "--max-abs-diff", "min_top1": "--min-top1", "max_ppl_change": "--max-ppl-change",
@@ -177,15 +177,19 @@ def greedy_batch(backend, prompts: list[np.ndarray], new: int) -> list[list[int]
     return [c.token_ids for c in cs]
 
 
-def measure(backend, prompts, windows, greedy_new: int) -> dict:
-    """Everything verify compares, from one backend."""
-    return {
-        "shapes": {f"B{b}xT{t}xP{p}": shape_logits(backend, b, t, p) for b, t, p in SHAPES},
-        "prompts": [full_logits(backend, ids) for ids in prompts],
-        "windows": [full_logits(backend, ids) for ids in windows],
-        "greedy": [greedy_batch(backend, [ids], greedy_new)[0] for ids in prompts[:GREEDY_PROMPTS]],
-        "batched": greedy_batch(backend, prompts[:GREEDY_PROMPTS], greedy_new),
-    }
+def measure(backend, prompts, windows, greedy_new: int, progress=lambda msg: None) -> dict:
+    """Everything verify compares, from one backend; a progress line per stage (each takes seconds to a minute on
+    the 124M shape)."""
+    out = {}
+    progress(f"  logits at {len(SHAPES)} (batch, sequence, past) shapes")
+    out["shapes"] = {f"B{b}xT{t}xP{p}": shape_logits(backend, b, t, p) for b, t, p in SHAPES}
+    progress(f"  top-1 and perplexity: {len(prompts)} prompts, {len(windows)} text windows")
+    out["prompts"] = [full_logits(backend, ids) for ids in prompts]
+    out["windows"] = [full_logits(backend, ids) for ids in windows]
+    progress(f"  greedy: {GREEDY_PROMPTS} prompts x {greedy_new} tokens alone, then as one batch")
+    out["greedy"] = [greedy_batch(backend, [ids], greedy_new)[0] for ids in prompts[:GREEDY_PROMPTS]]
+    out["batched"] = greedy_batch(backend, prompts[:GREEDY_PROMPTS], greedy_new)
+    return out
 
 
 def compare(got: dict, ref: dict, windows: list[np.ndarray]) -> dict:
@@ -350,7 +354,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
     new = min(greedy_new, config.block_size - max(p.size for p in prompts[:GREEDY_PROMPTS]))
     if new < greedy_new:
         notes.append(f"greedy identity over {new} tokens (block_size {config.block_size}), not {greedy_new}")
-    ref = measure(ref_backend, prompts, windows, new)
+    ref = measure(ref_backend, prompts, windows, new, progress)
     del ref_backend
 
     report_targets, all_failures = [], []
@@ -365,7 +369,7 @@ def verify(models: list[str], *, thresholds: dict | None = None, text_files: lis
             notes.append(f"{t.label}: exported with --logits {backend.artifact.logits}; its top-1 and perplexity come "
                          f"from step-by-step decoding (one token per call), its max|Δlogits| from the last position(s) "
                          f"of each shape")
-        m = compare(measure(backend, prompts, windows, new), ref, windows)
+        m = compare(measure(backend, prompts, windows, new, progress), ref, windows)
         del backend
         fails = failures(t.label, t.precision, m, thresholds)
         all_failures += fails
