@@ -71,6 +71,25 @@ def test_static_steps_equal_the_dynamic_path(shared_dirs, dtype):
     assert stats["decode"] == "static" and stats["graph_steps"] == 41 and stats["fallback_steps"] == 0, stats
 
 
+def test_a_multi_token_step_after_the_capacity_grew_reads_the_new_buffers(shared_dirs):
+    """A step the buckets do not serve (T > 1 after a past: a speculative check) binds SharedCache's views, which
+    must follow the buffers when they grow (they once kept the old ones: out-of-bounds writes, NaN logits)."""
+    ids = np.random.default_rng(3).integers(0, 500, (2, 26))
+    out = {}
+    for decode in ("dynamic", "static"):
+        be = OnnxRuntimeBackend(shared_dirs["fp32"], threads=1, decode=decode, graph_capacity=16)
+        be.reset(2)
+        mask = np.ones((2, 26), np.int64)
+        pos = np.tile(np.arange(26), (2, 1))
+        steps = [be.forward(ids[:, :6], mask[:, :6], pos[:, :6])]
+        for t in range(6, 20):  # past the capacity of 16: the static buffers grow
+            steps.append(be.forward(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1]))
+        steps.append(be.forward(ids[:, 20:23], mask[:, :23], pos[:, 20:23]))  # T = 3 after a past
+        out[decode] = steps
+    for i, (a, b) in enumerate(zip(out["dynamic"], out["static"])):
+        assert np.isfinite(b).all() and float(np.abs(a - b).max()) < 1e-5, f"call {i}: {np.abs(a - b).max()}"
+
+
 def test_static_greedy_generation_is_token_identical(shared_dirs):
     prompts = [[5, 9, 13, 2, 7, 7, 1], [3, 4], [11] * 12]
     params = SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=())

@@ -441,10 +441,14 @@ def test_requests_past_the_in_flight_cap_get_a_json_429(tiny_onnx_dir, tokenizer
             first = pool.submit(httpx.post, f"{url}/v1/completions", timeout=30,
                                 json={"model": MODEL, "prompt": [1, 2], "max_tokens": 15})
             time.sleep(0.3)  # the first is generating (15 steps of 50 ms)
-            r = httpx.get(f"{url}/health")
+            r = httpx.get(f"{url}/v1/models")
+            health, metrics = httpx.get(f"{url}/health"), httpx.get(f"{url}/metrics")  # never refused
             assert first.result().status_code == 200
         assert r.status_code == 429 and r.headers["retry-after"] == "1", (r.status_code, r.text)
         assert r.json()["error"]["type"] == "server_overloaded", r.text
+        assert health.status_code == 200 and metrics.status_code == 200, (health.status_code, metrics.status_code)
+        scraped = httpx.get(f"{url}/metrics").text  # the refusal is counted like any answered request
+        assert 'route="/v1/models",status="429"' in scraped, scraped[:2000]
 
 
 def test_health_is_503_once_the_scheduler_thread_is_dead(tiny_onnx_dir, tokenizer):

@@ -92,7 +92,7 @@ class Backend(abc.ABC):
     def rewind(self, length: int) -> None:
         """Keep the first `length` cached positions of every row, drop the rest (0 <= length <= past_length).
 
-        Speculative decoding (runtime/speculative.py) takes back the drafted tokens the target rejected;
+        Speculative decoding (runtime/generation/speculative.py) takes back the drafted tokens the target rejected;
         the next forward's mask is then `length` + T wide again.
         """
         if check_rewind(length, self._length):
@@ -307,6 +307,9 @@ def load_backend(name: str, model: str, **options) -> Backend:
         if options.pop("decode", "auto") not in ("auto", "dynamic"):
             raise BackendError(f"--decode static/graph (fixed-shape steps, CUDA graphs) is the onnxruntime backend's, "
                                f"on a --kv-cache shared export; the {name} backend decodes dynamically")
+        if options.pop("tf32", False):
+            raise BackendError(f"--tf32 is onnxruntime's CUDA option; the {name} backend keeps its own setting "
+                               f"(a TensorRT engine's is chosen at build-engine)")
     try:
         return getattr(importlib.import_module(module), cls)(model, **options)
     except ModuleNotFoundError as e:

@@ -148,7 +148,7 @@ class OnnxRuntimeBackend(Backend):
         return self.cache.add_rows(input_ids, attention_mask, position_ids, self._length, width)
 
     def graph_stats(self) -> dict:
-        """How decode steps ran: {"decode": mode}, with StaticDecode's counters for "static" / "graph"."""
+        """How decode steps ran: {"decode": mode}, with StaticCache's counters for "static" / "graph"."""
         return {"decode": self.decode, **getattr(self.cache, "stats", {})}
 
 

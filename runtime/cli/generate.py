@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 1,2,3 (repeat for a batch)")
-    add_run_flags(p)
+    add_run_flags(p, tf32=True)
     add_sampling_flags(p)
     p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
     p.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="1 = off")
@@ -83,7 +83,7 @@ def run(args) -> int:
         options = {}
     else:
         options = dict(provider=args.provider or "cpu", threads=args.threads)
-    options.update(verify_weights=not args.no_verify_weights, decode=args.decode)
+    options.update(verify_weights=not args.no_verify_weights, decode=args.decode, tf32=args.tf32)
     backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate, **options)
     gen = make_generation(backend, tokenizer, prompts, params, draft, args.speculate)
 

@@ -23,7 +23,7 @@ API_KEY_ENV = "NANOGPT_DEPLOY_API_KEY"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
-    add_run_flags(p)
+    add_run_flags(p, tf32=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback addresses need an API key")
     p.add_argument("--port", type=int_in(1, 65535, "a TCP port"), default=8000, help="TCP port, 1..65535")
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV}; prefer the "
@@ -148,7 +148,7 @@ def run(args) -> int:
         backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
                                    provider=args.provider or "cpu", threads=args.threads,
                                    verify_weights=not args.no_verify_weights,
-                                   decode=args.decode)
+                                   decode=args.decode, tf32=args.tf32)
         check_engine_batch((backend, draft), args.max_batch)
         path = Path(args.model)
         folder = path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name

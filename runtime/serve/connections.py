@@ -17,6 +17,7 @@ a plain-text 503 once they fill it (180 idle sockets did). Here instead:
 from __future__ import annotations
 
 import json
+import time
 
 import h11
 import uvicorn
@@ -63,15 +64,24 @@ class DeadlineH11Protocol(H11Protocol):
 
 
 class RequestCap:
-    """ASGI middleware: at most `limit` HTTP requests in flight; the next ones get a JSON 429 at once."""
+    """ASGI middleware: at most `limit` HTTP requests in flight; the next ones get a JSON 429 at once. `/health` and
+    `/metrics` are never refused (a saturated server must stay visible to its load balancer and its scraper), and
+    each refusal is handed to the app's request sinks (`app.state.request_sinks`: the log line and the metrics),
+    as an answered request is."""
+
+    UNCAPPED = ("/health", "/metrics")
 
     def __init__(self, app, limit: int):
         self.app, self.limit, self.active = app, limit, 0
+        self.sinks = list(getattr(getattr(app, "state", None), "request_sinks", ()))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in self.UNCAPPED:
             return await self.app(scope, receive, send)
         if self.active >= self.limit:
+            from .logs import RequestRecord
+
+            record = RequestRecord(scope["method"], route=scope.get("path", "unmatched"), status=429)
             body = json.dumps({"error": {
                 "message": f"server busy: {self.active} requests in flight, the most this server takes at once; "
                            f"retry later, or start the server with a larger --max-queue / --max-batch",
@@ -80,6 +90,9 @@ class RequestCap:
                         "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
+            record.total_s = time.perf_counter() - record.start
+            for sink in self.sinks:
+                sink(record)
             return
         self.active += 1
         try:

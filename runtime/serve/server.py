@@ -114,7 +114,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
 
     app = FastAPI(title="nanogpt-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.counts, app.state.metrics = scheduler, counts, metrics
-    app.add_middleware(RequestObserver, sinks=[log_request, metrics.observe_request])
+    app.state.request_sinks = [log_request, metrics.observe_request]  # RequestCap's refusals go there too
+    app.add_middleware(RequestObserver, sinks=app.state.request_sinks)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
