@@ -36,12 +36,17 @@ def prepare_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
     except OSError as e:
         raise ExportError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable folder") from None
     clear_temp_dirs(out)
-    others = sorted(p.name for p in out.iterdir() if p.name not in OURS)
-    if (out / "model.onnx").exists():
+    previous = (out / "model.onnx").exists()
+    if previous:
         try:
             read_onnx_artifact(out)
         except ArtifactError:
-            others.insert(0, "model.onnx (not a nanogpt-deploy export)")
+            previous = False
+    # config.json, tokenizer files...: ours only beside a previous export (a Hugging Face folder has its own)
+    ours = OURS if previous else OURS[:2]
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if (out / "model.onnx").exists() and not previous:
+        others.insert(0, "model.onnx (not a nanogpt-deploy export)")
     if others and not force:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ExportError(f"--out {out} holds files that are not a previous export ({shown}); "
@@ -78,7 +83,7 @@ def publish(tmp: Path, out: Path) -> None:
     """
     out = Path(os.path.realpath(out))  # a symlinked DIR: swap the folder it points at, keep the link
     if not (out / "model.onnx").exists():
-        return _move_in(tmp, out)
+        return _move_in(tmp, out, previous=False)
     staging = out.with_name(f".{out.name}.publish-{tmp.name.rsplit('-', 1)[-1]}")
     try:
         os.rename(tmp, staging)  # the same filesystem as `out` unless `out` is a mount point
@@ -111,13 +116,16 @@ def publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _move_in(tmp: Path, out: Path) -> None:
-    """Rename model.onnx.data, then model.onnx, from `tmp` into `out` (a stale data file of an older export goes)."""
+def _move_in(tmp: Path, out: Path, previous: bool = True) -> None:
+    """Rename model.onnx.data, then model.onnx, from `tmp` into `out`. Over a previous export its files the new one
+    lacks go (a stale data file, tool files left out by --no-tool-files); into another folder (--force), files of
+    the same names that the new export does not write stay: they are that folder's own (a Hugging Face folder's
+    config.json and tokenizer files)."""
     (out / "model.onnx").unlink(missing_ok=True)  # from here until the last rename, DIR holds no finished export
     for name in OURS[1:]:
         if (tmp / name).exists():
             os.replace(tmp / name, out / name)
-        else:
+        elif previous:
             (out / name).unlink(missing_ok=True)
     os.replace(tmp / "model.onnx", out / "model.onnx")
 

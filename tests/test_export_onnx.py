@@ -721,3 +721,22 @@ def test_export_refuses_non_finite_weights_and_outputs(tiny_model, tmp_path):
                                           r"logits from onnxruntime: 512 of 512"):
         export_onnx(overflow, tmp_path / "overflow")
     assert not (tmp_path / "overflow" / "model.onnx").exists()
+
+
+def test_force_into_a_foreign_folder_keeps_its_own_tool_named_files(tiny_model, tmp_path):
+    """A Hugging Face folder's config.json / tokenizer files are that folder's: they make the export refuse
+    without --force, and an export that does not write them (a shared-cache one has no config.json) leaves
+    them in place with it."""
+    from export.graph import ExportError
+    from export.onnx import export_onnx
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text('{"theirs": true}')
+    (out / "vocab.json").write_text('{"theirs": true}')
+    with pytest.raises(ExportError, match="config.json"):
+        export_onnx(tiny_model, out, kv_cache="shared")
+    export_onnx(tiny_model, out, kv_cache="shared", force=True, tool_files=False)
+    assert (out / "config.json").read_text() == '{"theirs": true}'
+    assert (out / "vocab.json").read_text() == '{"theirs": true}'
+    assert (out / "model.onnx").exists()
