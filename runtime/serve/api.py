@@ -178,6 +178,7 @@ def parse_chat_request(body, model_name: str, config, tokenizer, template) -> tu
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
     ids = tokenizer.encode(text, allowed_special="all")
+    _check_vocab(ids, config, "the rendered messages", "messages")
     _fit([ids], max_tokens, config.block_size)
     return ids, params, opts
 
@@ -194,12 +195,16 @@ def _prompt_ids(prompt, config, tokenizer) -> list[list[int]]:
     for i, p in enumerate(ids):
         if not p:
             raise APIError(400, f"prompt {i} is empty; give at least one token", param="prompt", code="invalid_value")
-        bad = [t for t in p if not 0 <= t < config.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt {i} has token id {bad[0]}, outside this model's vocabulary "
-                                f"0..{config.vocab_size - 1}; use tokens (or text) within it", param="prompt",
-                           code="invalid_value")
+        _check_vocab(p, config, f"prompt {i}", "prompt")
     return ids
+
+
+def _check_vocab(ids: list[int], config, what: str, param: str) -> None:
+    """A 400 naming the first token id outside the model's vocabulary (a small model, text it never saw)."""
+    bad = [t for t in ids if not 0 <= t < config.vocab_size]
+    if bad:
+        raise APIError(400, f"{what} has token id {bad[0]}, outside this model's vocabulary 0..{config.vocab_size - 1}; "
+                            f"use tokens (or text) within it", param=param, code="invalid_value")
 
 
 def _is_id(t) -> bool:
