@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -170,7 +171,12 @@ def test_one_log_line_per_request(server, caplog):
     with caplog.at_level(logging.INFO, logger="nanogpt_deploy.requests"):
         client(url).completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4, temperature=0)
         httpx.get(f"{url}/v1/models/nope")
-    lines = [r.getMessage() for r in caplog.records if r.name == "nanogpt_deploy.requests"]
+        # the record is finished once the response has been sent, which the client may see first: wait for it
+        for _ in range(200):
+            lines = [r.getMessage() for r in caplog.records if r.name == "nanogpt_deploy.requests"]
+            if len(lines) >= 2:
+                break
+            time.sleep(0.01)
     assert len(lines) == 2, lines
     assert lines[0].startswith("POST /v1/completions 200 prompt_tokens=3 completion_tokens=4 ttft=")
     assert lines[1].startswith("GET /v1/models/{model} 404 ")
