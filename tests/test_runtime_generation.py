@@ -272,3 +272,32 @@ def test_padded_vocab_ids_are_never_generated(params):
     g = Generation(be, None, [[1]], params)
     streamed = [t for d in g for t in d.token_ids]
     assert streamed == g.completions[0].token_ids and all(t < be.real for t in streamed), streamed
+
+
+def test_a_failed_step_leaves_the_cache_as_it_was():
+    """A forward that raises (an out-of-memory, a bad id) must not advance the rows' positions or length: the caller
+    drops the request and the next step sees the cache as before."""
+    from runtime.generation.cache import Cache
+
+    class Flaky(ScriptedBackend):
+        fail = False
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return super().forward(input_ids, attention_mask, position_ids)
+
+    be = Flaky([[5]])
+    cache = Cache(be)
+    cache.start([[1, 2, 3], [4]])
+    length, real, mask = cache.length, cache.real.copy(), cache.mask[:, :cache.length].copy()
+    be.fail = True
+    for rows in ([[7], [8, 9]], np.array([[7], [8]])):
+        with pytest.raises(RuntimeError):
+            cache.step(rows)
+        assert cache.length == length and cache.real.tolist() == real.tolist()
+        assert (cache.mask[:, :length] == mask).all()
+    be.fail = False
+    cache.step(np.array([[7], [8]]))
+    _, mask_after, pos = be.calls[-1]
+    assert pos.tolist() == [[3], [1]] and mask_after.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]

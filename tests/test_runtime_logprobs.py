@@ -63,13 +63,30 @@ def test_logprobs_cost_nothing_unless_asked_and_a_prompt_can_be_scored_alone(tin
         SamplingParams(logprobs=6)
 
 
-def test_logprobs_under_speculative_decoding_are_the_targets(tiny_model, tiny_onnx_dir):
-    target, draft = load_backend("onnxruntime", tiny_onnx_dir), load_backend("onnxruntime", tiny_onnx_dir)
-    params = SamplingParams(max_new_tokens=8, temperature=0, logprobs=2, prompt_logprobs=True, stop_token_ids=())
-    [c] = generate(target, None, PROMPTS[:1], params, draft=draft, speculate=3)
+@pytest.mark.parametrize("draft_weights", ["same", "other"])
+def test_logprobs_under_speculative_decoding_are_the_targets(tiny_model, tiny_onnx_dir, tmp_path, draft_weights):
+    """A draft with the target's weights has every guess accepted; another random model has most rejected, so the
+    logprobs of a rejected round (the target's correction token, the rewound positions) are checked too."""
+    from export.onnx import export_onnx
+    from model import GPT
+    from runtime.generation import SpeculativeGeneration
+
+    draft_dir = tiny_onnx_dir
+    if draft_weights == "other":
+        draft_dir = export_onnx(GPT.from_pretrained("random:tiny@1"), tmp_path / "other", logits="last").parent
+    target, draft = load_backend("onnxruntime", tiny_onnx_dir), load_backend("onnxruntime", draft_dir)
+    params = SamplingParams(max_new_tokens=12, temperature=0, logprobs=2, prompt_logprobs=True, stop_token_ids=())
+    g = SpeculativeGeneration(target, None, PROMPTS[:1], params, draft, speculate=3, adaptive=False)
+    list(g)
+    [c] = g.completions
+    if draft_weights == "same":
+        assert g.stats["accepted"] == g.stats["drafted"] > 0, g.stats
+    else:
+        assert g.stats["accepted"] < g.stats["drafted"], g.stats  # rejected guesses were rolled back
     ids = c.prompt_ids + c.token_ids
     ref = reference_logprobs(tiny_model, ids)
     check_against(ref, c.prompt_logprobs[1:], ids, 1, "prompt")
+    assert len(c.logprobs) == len(c.token_ids) == 12
     check_against(ref, c.logprobs, ids, len(c.prompt_ids), "generated")
 
 

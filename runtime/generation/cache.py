@@ -76,7 +76,7 @@ class Cache:
             ids, (B, W) = rows.astype(np.int64, copy=False), rows.shape
             pos = self.real[:, None] + np.arange(W)
             self.mask[:, P:P + W] = 1
-            self.real += W
+            real = self.real + W
         else:
             B, W = len(rows), max(len(r) for r in rows)
             ids, pos = np.zeros((B, W), np.int64), np.zeros((B, W), np.int64)
@@ -86,9 +86,11 @@ class Cache:
                 pos[b, W - n:] = np.arange(self.real[b], self.real[b] + n)
                 self.mask[b, P:P + W - n] = 0
                 self.mask[b, P + W - n:P + W] = 1
-            self.real += [len(r) for r in rows]
+            real = self.real + [len(r) for r in rows]
+        # the columns past `length` are scratch until the forward succeeds: a failed step (bad ids, an out-of-memory)
+        # leaves the cache as it was, so the caller can drop the request and go on with the others
         logits = self.backend.forward(ids, self.mask[:, :P + W], pos)
-        self.length += W
+        self.length, self.real = P + W, real
         return logits
 
     def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
