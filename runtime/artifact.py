@@ -8,7 +8,7 @@ The one home of artifact knowledge, shared by export/ (which writes it) and runt
 - the names: ONNX_NAME and its data file (`data_path`), ENGINE_NAME and its sidecar (`sidecar_path`), and
   `resolve_onnx` / `resolve_engine` (a folder or the file -> the file, or an error saying how to make one);
 - the digests: `data_digests` computes at export what `check_weights` verifies at load.
-Pure Python: no torch; onnx only where a graph is read.
+Pure Python: no torch, no onnx (the metadata is read from the protobuf wire format, `onnx_metadata`).
 
     art = Artifact(config=cfg, precision="fp32"); props = art.to_metadata()
     Artifact.from_metadata(props, where="model.onnx") == art
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -291,24 +292,71 @@ def resolve_engine(path: str | Path) -> Path:
 
 
 def read_onnx_artifact(path: str | Path) -> Artifact:
-    """The Artifact of a model.onnx, read without loading its weights (onnx if installed, else onnxruntime)."""
+    """The Artifact of a model.onnx, from its metadata_props alone: no onnx package, no session, no weights read
+    (`onnx_metadata`), so a deploy box learns what a model is before opening it, in milliseconds."""
     p = resolve_onnx(path)
-    try:
-        import onnx
-    except ImportError:
-        onnx = None
-    if onnx is not None:
-        try:
-            m = onnx.load(str(p), load_external_data=False)
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"{p} is not a readable ONNX file: {e}") from None
-        return Artifact.from_metadata({x.key: x.value for x in m.metadata_props}, str(p))
-    import onnxruntime as ort
+    return Artifact.from_metadata(onnx_metadata(p), str(p))
 
+
+# ModelProto's field numbers (onnx.proto: stable since IR version 1): metadata_props is `repeated
+# StringStringEntryProto metadata_props = 14`, each entry `string key = 1; string value = 2`
+_METADATA_PROPS, _KEY, _VALUE = 14, 1, 2
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """A model.onnx's metadata_props as a dict, read from the protobuf wire format: the top-level fields are walked
+    by their tags and lengths, and everything but metadata_props (the graph, inline weights included) is skipped
+    with a seek, unread. A file that is not a ModelProto is an ArtifactError naming it."""
+    p = Path(path)
+    props: dict[str, str] = {}
     try:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        meta = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).get_modelmeta()
-    except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"{p} could not be opened by onnxruntime: {str(e).splitlines()[0]}") from None
-    return Artifact.from_metadata(meta.custom_metadata_map, str(p))
+        with open(p, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            while f.tell() < size:
+                field_no, wire = divmod(_varint(f), 8)
+                if wire == 0:
+                    _varint(f)
+                elif wire in (1, 5):
+                    f.seek(8 if wire == 1 else 4, 1)
+                elif wire == 2:
+                    n = _varint(f)
+                    if f.tell() + n > size:
+                        raise ValueError("a field runs past the end of the file")
+                    if field_no == _METADATA_PROPS:
+                        key, value = _entry(f.read(n))
+                        props[key] = value
+                    else:
+                        f.seek(n, 1)
+                else:
+                    raise ValueError(f"wire type {wire} is not a ModelProto's")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{p} is not a readable ONNX file ({e}); export it again with "
+                            f"`nanogpt-deploy export SOURCE --out DIR`") from None
+    return props
+
+
+def _varint(f) -> int:
+    value = shift = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise ValueError("the file ends inside a field")
+        value |= (b[0] & 0x7F) << shift
+        if b[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("a varint longer than 10 bytes")
+
+
+def _entry(buf: bytes) -> tuple[str, str]:
+    """A StringStringEntryProto's (key, value)."""
+    f, out = io.BytesIO(buf), {_KEY: b"", _VALUE: b""}
+    while f.tell() < len(buf):
+        field_no, wire = divmod(_varint(f), 8)
+        if wire != 2:
+            raise ValueError("a metadata entry that is not two strings")
+        n = _varint(f)
+        out[field_no] = f.read(n)
+    return out[_KEY].decode(), out[_VALUE].decode()

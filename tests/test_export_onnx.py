@@ -99,6 +99,30 @@ def test_metadata_round_trip(tiny_onnx_dir, tiny_model):
     assert Artifact.from_metadata(sess.get_modelmeta().custom_metadata_map) == art  # what a torch-free runtime sees
 
 
+def test_metadata_is_read_from_the_wire_format_without_onnx(tiny_onnx_dir, tmp_path):
+    """runtime.artifact.onnx_metadata walks the protobuf's top-level fields and skips the rest: it must equal
+    onnx's own parse, with weights inline or external, and turn a truncated or foreign file into one clear error."""
+    import onnx
+
+    from runtime.artifact import ArtifactError, onnx_metadata, read_onnx_artifact
+
+    m = onnx.load(str(tiny_onnx_dir / "model.onnx"))  # weights loaded: saved below with every tensor inline
+    want = {p.key: p.value for p in m.metadata_props}
+    assert onnx_metadata(tiny_onnx_dir / "model.onnx") == want and len(want) > 5
+    m.metadata_props.add(key="ünïcode", value="väl" * 200)  # multi-byte, and a value past one varint byte
+    want["ünïcode"] = "väl" * 200
+    onnx.save(m, str(tmp_path / "inline.onnx"))
+    assert (tmp_path / "inline.onnx").stat().st_size > 500_000  # the weights are inside and were skipped
+    assert onnx_metadata(tmp_path / "inline.onnx") == want
+    data = (tmp_path / "inline.onnx").read_bytes()
+    (tmp_path / "model.onnx").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ArtifactError, match="is not a readable ONNX file .*export it again"):
+        read_onnx_artifact(tmp_path / "model.onnx")
+    (tmp_path / "model.onnx").write_bytes(b"\xff" * 64)
+    with pytest.raises(ArtifactError, match="is not a readable ONNX file"):
+        read_onnx_artifact(tmp_path / "model.onnx")
+
+
 def test_tied_embedding_stored_once(tiny_onnx_dir, tiny_model):
     size = sum(f.stat().st_size for f in tiny_onnx_dir.glob("model.onnx*"))
     weights = tiny_model.num_params() * 4

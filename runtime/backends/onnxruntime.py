@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import Artifact, ArtifactError, check_io, check_weights, resolve_onnx
+from ..artifact import ArtifactError, check_io, check_weights, read_onnx_artifact, resolve_onnx
 from . import Backend, BackendError, Capabilities
 from .ort_cache import ConcatCache, OrtDevice, SharedCache
 from .ort_graph import StaticCache
@@ -90,33 +90,33 @@ class OnnxRuntimeBackend(Backend):
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if decode not in DECODE_MODES:
             raise BackendError(f"unknown decode mode {decode!r}; choose one of {DECODE_MODES}")
-        providers = [(ep, cuda_provider_options(device_id, tf32)),
-                     "CPUExecutionProvider"] if provider == "cuda" else [ep]
+        # what the graph is (its kv_cache and precision decide the decode mode and the provider options), read
+        # from its metadata before the one session opens
+        self.artifact = read_onnx_artifact(path)
+        self.kv_cache, self.precision = self.artifact.kv_cache, self.artifact.precision
+        if self.kv_cache == "shared" and provider == "cuda" and self.precision != "fp16":
+            raise BackendError(f"{path}: a kv_cache='shared' graph runs GroupQueryAttention, which onnxruntime's CUDA "
+                               f"provider has in fp16 only (this graph is {self.precision}); export it with "
+                               f"`--dtype fp16 --kv-cache shared`, or use --provider cpu")
+        self.decode = _decode_mode(decode, self.kv_cache, provider, path)
+        options = cuda_provider_options(device_id, tf32)
+        if self.decode == "graph":
+            options["enable_cuda_graph"] = "1"
+        providers = [(ep, options), "CPUExecutionProvider"] if provider == "cuda" else [ep]
         self.session = _open_session(ort, path, so, providers)
         if self.session.get_providers()[0] != ep:  # onnxruntime falls back to CPU when CUDA libraries are missing
             raise BackendError(f"{path}: onnxruntime could not start {ep} (session runs on "
                                f"{self.session.get_providers()}); check the CUDA / cuDNN libraries "
                                "onnxruntime-gpu needs")
 
-        self.artifact = Artifact.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
         if verify_weights and (note := check_weights(path, self.artifact)):
             warnings.warn(note, stacklevel=2)
         check_io(self.artifact.inputs, [i.name for i in self.session.get_inputs()], "input", str(path))
         check_io(self.artifact.outputs, [o.name for o in self.session.get_outputs()], "output", str(path))
         self.config = self.artifact.config
-        self.precision = self.artifact.precision
         self.provider = ep
         self.tf32 = bool(tf32) and provider == "cuda"
         self.path = path
-        self.kv_cache = self.artifact.kv_cache
-        if self.kv_cache == "shared" and provider == "cuda" and self.precision != "fp16":
-            raise BackendError(f"{path}: a kv_cache='shared' graph runs GroupQueryAttention, which onnxruntime's CUDA "
-                               f"provider has in fp16 only (this graph is {self.precision}); export it with "
-                               f"`--dtype fp16 --kv-cache shared`, or use --provider cpu")
-        self.decode = _decode_mode(decode, self.kv_cache, provider, path)
-        if self.decode == "graph":  # capture needs the provider option: the session opens again with it
-            options = {**cuda_provider_options(device_id, tf32), "enable_cuda_graph": "1"}
-            self.session = _open_session(ort, path, so, [(ep, options), "CPUExecutionProvider"])
         device = OrtDevice(ort, "cuda" if provider == "cuda" else "cpu", device_id)
         if self.decode == "dynamic":
             layout = SharedCache if self.kv_cache == "shared" else ConcatCache
