@@ -16,6 +16,7 @@ import argparse
 import errno
 import ipaddress
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -299,6 +300,10 @@ def run_ray(args, api_key: str | None) -> int:
         print(f"serving {args.model_name or model_name_of(args.model)!r} on http://{host}:{args.port}/v1 "
               f"[Ray Serve, {scale}, {'local cluster' if local else args.ray_address}] max batch {args.max_batch} "
               f"({args.batching}) per replica{', API key required' if api_key else ''}", flush=True)
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)  # as uvicorn does for the plain server: SIGTERM stops gracefully too
         try:
             while True:
                 time.sleep(3600)
