@@ -60,3 +60,45 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("nanogpt-deploy ")
+
+
+def test_ray_flags_are_checked_before_ray_is_needed(capsys):
+    """Replica counts that cannot both hold, or Ray's flags without --ray: one-line errors, with or without ray."""
+    cases = [(["--ray", "--replicas", "2", "--max-replicas", "3"], "--replicas is a fixed count, --min-replicas / "
+                                                                   "--max-replicas autoscale; give one or the other"),
+             (["--ray", "--min-replicas", "4", "--max-replicas", "2"], "--min-replicas 4 is more than --max-replicas "
+                                                                       "2; give min <= max"),
+             (["--replicas", "2"], "--replicas goes with --ray; add --ray")]
+    for flags, message in cases:
+        assert main(["serve", "no/such/model", *flags]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_ray_missing_names_the_extra(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # an import of ray raises ImportError, as without the extra
+    assert main(["serve", str(tmp_path), "--ray", "--replicas", "2"]) == 1
+    assert "--ray needs ray, which is not installed; pip install 'nanogpt-deploy[ray]'" in capsys.readouterr().err
+
+
+def test_write_config_is_a_ray_serve_config(tmp_path, capsys):
+    yaml = pytest.importorskip("yaml")
+    out = tmp_path / "conf" / "ray.yaml"
+    assert main(["serve", str(tmp_path), "--ray", "--min-replicas", "1", "--max-replicas", "4", "--threads", "1",
+                 "--upscale-delay", "2", "--write-config", str(out)]) == 0
+    assert f"serve deploy {out}" in capsys.readouterr().out
+    config = yaml.safe_load(out.read_text())
+    [app] = config["applications"]
+    assert app["import_path"] == "runtime.serve.ray_app:build_app" and app["route_prefix"] == "/"
+    assert app["args"] == {"model": str(tmp_path.resolve()), "threads": 1}  # defaults left to ReplicaArgs
+    [dep] = app["deployments"]
+    assert dep["autoscaling_config"]["min_replicas"] == 1 and dep["autoscaling_config"]["max_replicas"] == 4
+    assert dep["autoscaling_config"]["target_ongoing_requests"] == 16 and dep["max_ongoing_requests"] == 16 + 64
+    assert dep["graceful_shutdown_timeout_s"] == 65 and "num_replicas" not in dep
+    assert not list(out.parent.glob(".*.tmp")), "the atomic write left its temporary file"
+    try:  # Ray's own schema, where ray is installed
+        from ray.serve.schema import ServeDeploySchema
+    except ImportError:
+        return
+    ServeDeploySchema.model_validate(config)

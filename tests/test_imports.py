@@ -134,3 +134,27 @@ def test_the_onnxruntime_path_never_imports_torch():
             "assert not mods, f'torch imported: {mods[:5]}'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_ray_is_imported_only_by_serve_ray():
+    """Ray (hundreds of modules, a second of startup) loads only when `serve --ray` runs: not for the plain server,
+    the CLI's parser, or the Ray settings the CLI checks first (runtime/serve/ray_config.py)."""
+    code = ("import sys\n"
+            "import runtime.cli, runtime.cli.serve\n"
+            "runtime.cli.build_parser(['serve'])\n"
+            "try:\n    import runtime.serve.server, runtime.serve.ray_config\nexcept ImportError:\n    pass  # the "
+            "[serve] extra is not installed\n"
+            "mods = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+            "assert not mods, f'ray imported: {mods[:5]}'\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    importers = set()
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                if any(n == "ray" or n.startswith("ray.") for n in names):
+                    importers.add(module_name(path))
+    # ray_app at its top; the CLI inside run_ray only
+    assert importers == {"runtime.serve.ray_app", "runtime.cli.serve"}, sorted(importers)

@@ -3,9 +3,12 @@
     nanogpt-deploy serve out/tiny                                     # http://127.0.0.1:8000/v1
     NANOGPT_DEPLOY_API_KEY=secret nanogpt-deploy serve out/demo --host 0.0.0.0 --max-batch 32
 
+    nanogpt-deploy serve out/tiny --ray --min-replicas 1 --max-replicas 4   # Ray Serve replicas, autoscaled
+    nanogpt-deploy serve out/tiny --ray --replicas 2 --write-config ray.yaml   # for `serve deploy ray.yaml`
+
 Binding any address other than loopback needs an API key (--api-key, or the environment variable
 NANOGPT_DEPLOY_API_KEY, which keeps it out of `ps`); clients then send `Authorization: Bearer KEY`.
-Needs the `serve` extra: pip install 'nanogpt-deploy[serve]'.
+Needs the `serve` extra: pip install 'nanogpt-deploy[serve]'; --ray the `ray` extra (runtime/serve/ray_app.py).
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import argparse
 import errno
 import ipaddress
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 from .args import add_model_flags, add_run_flags, add_tokenizer_flag, float_in, int_in
@@ -62,6 +67,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="one line per request (method, route, status, tokens, TTFT, total time): text or JSON")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="uvicorn's")
+    g = p.add_argument_group("Ray Serve (--ray; the `ray` extra)")
+    g.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve replicas, each one model with its own batching scheduler, behind Ray's "
+                        "HTTP proxy on --host/--port; a local cluster unless --ray-address")
+    g.add_argument("--replicas", type=int_in(1, 1024, "a replica count"), default=None,
+                   help="a fixed number of replicas (default: 1)")
+    g.add_argument("--min-replicas", type=int_in(0, 1024, "a replica count"), default=None,
+                   help="autoscale between --min-replicas and --max-replicas on ongoing requests per replica")
+    g.add_argument("--max-replicas", type=int_in(1, 1024, "a replica count"), default=None, help="see --min-replicas")
+    g.add_argument("--target-ongoing", type=float_in(0, 1 << 16, "a request count", above=True), default=None,
+                   help="autoscaling: ongoing requests per replica to aim for (default: --max-batch)")
+    g.add_argument("--upscale-delay", type=float_in(0, 3600, "a delay in seconds"), default=10.0,
+                   help="autoscaling: seconds above the target before replicas are added")
+    g.add_argument("--downscale-delay", type=float_in(0, 3600, "a delay in seconds"), default=60.0,
+                   help="autoscaling: seconds below the target before replicas are removed")
+    g.add_argument("--replica-cpus", type=float_in(0, 1024, "a CPU count", above=True), default=1.0,
+                   help="CPUs Ray reserves per replica (fractions pack replicas onto fewer cores)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (`auto`: the one `ray start` runs here; or HOST:6379) instead of "
+                        "starting a local one; MODEL must exist at the same path on every node")
+    g.add_argument("--write-config", default=None, metavar="FILE",
+                   help="write a Ray Serve config YAML for `serve deploy FILE` / `serve run FILE` and exit")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -119,10 +146,30 @@ def check_engine_batch(backends, max_batch: int) -> None:
                              f"--max-batch {max_batch}")
 
 
+RAY_FLAGS = ("replicas", "min_replicas", "max_replicas", "ray_address", "write_config", "target_ongoing")
+
+
+def check_ray_flags(args) -> None:
+    """Ray's flags go with --ray, and the replica counts must make sense (before Ray is imported)."""
+    given = [f"--{name.replace('_', '-')}" for name in RAY_FLAGS if getattr(args, name, None) is not None]
+    if given and not args.ray:
+        raise ValueError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --ray; add --ray (and "
+                         f"pip install 'nanogpt-deploy[ray]')")
+    if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
+        raise ValueError("--replicas is a fixed count, --min-replicas / --max-replicas autoscale; give one or the "
+                         "other")
+    if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:
+        raise ValueError(f"--min-replicas {args.min_replicas} is more than --max-replicas {args.max_replicas}; "
+                         f"give min <= max")
+
+
 def run(args) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key)  # before anything slow: a refused bind costs nothing
     check_limits(args)
+    check_ray_flags(args)
+    if args.ray:
+        return run_ray(args, api_key)
     try:
         import uvicorn
 
@@ -177,3 +224,95 @@ def run(args) -> int:
     finally:
         sock.close()
     return 0 if server.started else 1
+
+
+def replica_args(args):
+    """serve's flags as each Ray replica takes them (ReplicaArgs); paths made absolute, as a replica's working
+    folder is Ray's, not this one."""
+    from ..serve.ray_config import ReplicaArgs
+
+    def absolute(path):
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    return ReplicaArgs(model=absolute(args.model), backend=args.backend, provider=args.provider, decode=args.decode,
+                       threads=args.threads, verify_weights=not args.no_verify_weights, tf32=args.tf32,
+                       draft=absolute(args.draft), speculate=args.speculate,
+                       tokenizer_file=absolute(args.tokenizer_file), model_name=args.model_name,
+                       max_batch=args.max_batch, max_queue=args.max_queue, batch_window_ms=args.batch_window_ms,
+                       batching=args.batching, request_timeout=args.request_timeout,
+                       max_body_bytes=args.max_body_bytes, chat_template=absolute(args.chat_template),
+                       chat_stop=args.chat_stop, log_format=args.log_format)
+
+
+def run_ray(args, api_key: str | None) -> int:
+    """serve --ray: the app on Ray Serve replicas (runtime/serve/ray_app.py), or with --write-config its config
+    file. A local cluster lives as long as this process; Ctrl-C drains the replicas' in-flight requests first."""
+    try:
+        from ..serve.ray_config import APP_NAME, config_of, deployment_options, model_name_of, write_config
+    except ImportError as e:
+        raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") \
+            from None
+    options = deployment_options(args.replicas, args.min_replicas, args.max_replicas, max_batch=args.max_batch,
+                                 max_queue=args.max_queue, request_timeout=args.request_timeout,
+                                 target_ongoing=args.target_ongoing, upscale_delay_s=args.upscale_delay,
+                                 downscale_delay_s=args.downscale_delay, replica_cpus=args.replica_cpus)
+    rargs = replica_args(args)
+    if args.write_config:
+        try:
+            write_config(args.write_config, config_of(rargs, options, args.host, args.port))
+        except ImportError as e:  # pyyaml comes with ray
+            raise RuntimeError(f"--write-config needs {e.name}, which is not installed; "
+                               f"pip install 'nanogpt-deploy[ray]'") from None
+        print(f"wrote {args.write_config}: run it with `serve deploy {args.write_config}` on a cluster (`ray start "
+              f"--head` first) or `serve run {args.write_config}`; set {API_KEY_ENV} on every node for a key")
+        return 0
+    try:
+        import ray
+        from ray import serve
+
+        from ..serve.ray_app import bind_app
+    except ImportError as e:
+        raise RuntimeError(f"--ray needs {e.name}, which is not installed; pip install 'nanogpt-deploy[ray]'") \
+            from None
+    local = args.ray_address is None
+    if local:
+        if not Path(args.model).exists() and args.backend != "torch":
+            raise FileNotFoundError(f"{args.model} does not exist; give an exported folder or its model.onnx")
+        bind_socket(args.host, args.port).close()  # a busy port is an error now, not inside Ray's proxy
+        # the replicas import the same runtime package as this process (a source checkout included)
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    else:
+        ray.init(address=args.ray_address)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.run(bind_app(rargs, options, api_key), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:
+            raise RuntimeError(f"the Ray Serve application did not start: {str(e).splitlines()[0]}; the replicas' "
+                               f"errors are in Ray's logs (/tmp/ray/session_latest/logs/serve/ on each node)") \
+                from None
+        scale = (f"{options['num_replicas']} replicas" if "num_replicas" in options else
+                 "{min_replicas}..{max_replicas} replicas, autoscaled at {target_ongoing_requests:g} ongoing "
+                 "requests each".format(**options["autoscaling_config"]))
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {args.model_name or model_name_of(args.model)!r} on http://{host}:{args.port}/v1 "
+              f"[Ray Serve, {scale}, {'local cluster' if local else args.ray_address}] max batch {args.max_batch} "
+              f"({args.batching}) per replica{', API key required' if api_key else ''}", flush=True)
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)  # as uvicorn does for the plain server: SIGTERM stops gracefully too
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print(f"stopping: the replicas finish their in-flight requests (up to "
+                  f"{options['graceful_shutdown_timeout_s']:g} s)", flush=True)
+        serve.delete(APP_NAME)  # waits for the replicas' graceful shutdown
+        return 0
+    finally:
+        if local:
+            serve.shutdown()
+        ray.shutdown()
