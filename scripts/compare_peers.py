@@ -142,8 +142,21 @@ def quantize_gguf(src: Path, out: Path, ftype: str, threads: int = 2) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) != 0:
-        raise SystemExit(f"llama_model_quantize {src} -> {out} ({ftype}) failed; see its log above")
+    # llama.cpp logs a line per tensor to fd 2: kept in a file, shown if the quantization fails
+    import tempfile
+
+    with tempfile.TemporaryFile() as logf:
+        saved = os.dup(2)
+        os.dup2(logf.fileno(), 2)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if rc != 0:
+            logf.seek(0)
+            raise SystemExit(f"llama_model_quantize {src} -> {out} ({ftype}) failed (status {rc}):\n"
+                             f"{logf.read().decode(errors='replace')[-3000:]}")
 
 
 def prepare(work: Path, engines: list[str], project_python: str, opset: int, logits: str, kv_cache: str, log) -> None:
