@@ -84,6 +84,8 @@ def unavailable(name: str) -> str | None:
     k, variant = kind(name), name.partition("-")[2]
     need = {"transformers": ("transformers", "--"), "optimum": ("optimum.onnxruntime", "--"),
             "ctranslate2": ("ctranslate2", "--with-ctranslate2"), "llamacpp": ("llama_cpp", "--with-llama-cpp")}
+    if k == "ctranslate2" and variant not in CT2_TYPES:
+        return f"unknown CTranslate2 type {variant!r}; choose from {', '.join(CT2_TYPES)}"
     if k in need:
         module, flag = need[k]
         try:
@@ -93,8 +95,6 @@ def unavailable(name: str) -> str | None:
         if not found:
             return (f"{module} is not installed in {sys.executable}; "
                     f"{SETUP}{'' if flag == '--' else ' ' + flag} installs it")
-    if k == "ctranslate2" and variant not in CT2_TYPES:
-        return f"unknown CTranslate2 type {variant!r}; choose from {', '.join(CT2_TYPES)}"
     if k == "llamacpp":
         import llama_cpp
 
