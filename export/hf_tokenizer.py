@@ -8,11 +8,16 @@ recovered by replaying BPE on the token's bytes with the ranks below its own: th
 the pair that makes it. tests/test_export_ecosystem.py checks the result against tiktoken on many texts.
 
     files = gpt2_tokenizer_files()            # {"vocab.json": bytes, "merges.txt": bytes, ...}
+    python -m export.hf_tokenizer out/peers/hf   # writes them into a folder (the GGUF and CTranslate2
+                                                 # converters of scripts/compare_peers.py read them there)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 from runtime.tokenizer import ENDOFTEXT, EOT_TOKEN, find_ranks, load_tokenizer
 
@@ -100,3 +105,29 @@ def gpt2_tokenizer_files(ranks_path: str | os.PathLike | None = None, model_max_
     return {"vocab.json": dump(vocab), "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode(),
             "tokenizer.json": dump(tokenizer), "tokenizer_config.json": dump(config, 2),
             "special_tokens_map.json": dump(specials, 2)}
+
+
+def write_gpt2_tokenizer_files(folder: str | os.PathLike, ranks_path: str | os.PathLike | None = None) -> list[Path]:
+    """Writes TOKENIZER_FILES into `folder` (made if missing; files there are replaced); returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, data in gpt2_tokenizer_files(ranks_path).items():
+        (folder / name).write_bytes(data)
+        out.append(folder / name)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Write GPT-2's Hugging Face tokenizer files (from gpt2.tiktoken) into a "
+                                            "folder.")
+    p.add_argument("folder", help="where to write vocab.json, merges.txt, tokenizer.json, ... (made if missing)")
+    p.add_argument("--ranks", help="gpt2.tiktoken (default: the lookup of runtime/tokenizer.find_ranks)")
+    args = p.parse_args(argv)
+    paths = write_gpt2_tokenizer_files(args.folder, args.ranks)
+    print(f"wrote {len(paths)} tokenizer files to {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

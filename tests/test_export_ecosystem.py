@@ -156,6 +156,16 @@ def test_tokenizer_files_match_gpt2s_layout(hf_tokenizer_dir):
     assert len(vocab) == 50257 and vocab["<|endoftext|>"] == 50256 and vocab["!"] == 0 and vocab["Ġthe"] == 262
 
 
+def test_tokenizer_files_written_to_a_folder(tmp_path, hf_tokenizer_dir, capsys):
+    from export.hf_tokenizer import TOKENIZER_FILES, main
+
+    assert main([str(tmp_path / "hf")]) == 0  # what scripts/compare_peers.py runs before the GGUF / CT2 converters
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(TOKENIZER_FILES)
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "hf" / name).read_bytes() == (hf_tokenizer_dir / name).read_bytes(), name
+    assert "wrote 5 tokenizer files" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------- logits last
 
 @pytest.mark.parametrize("keep", [1, 3])
