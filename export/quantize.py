@@ -11,15 +11,16 @@ the text would change.
   cache and the logits included, is fp16; the tied embedding stays stored once (fp16). Node and value
   names are made unique after the converter (`unique_names`: some versions define one Cast several times).
 - q8, the near-lossless CPU variant: block-wise 8-bit `MatMulNBits` (onnxruntime's contrib op, block 32,
-  symmetric, int8 compute) for the layers' MatMuls, the lm_head kept fp32 (an 8-bit lm_head was most of
-  what q8 lost on the demo model: 99.45% top-1 against 99.64% on 3,072 held-out tokens).
+  symmetric, int8 compute) for the layers' MatMuls; the tied embedding / lm_head stays fp32, stored once (an
+  8-bit lm_head was most of what q8 lost on the demo model: 99.45% top-1 against 99.64% on 3,072 held-out
+  tokens), so q8's file is smaller than fp32's whatever the share of the embedding.
 - int8: `quantize_dynamic` restricted to MatMul with constant weights (int8 weights, activations
   quantized per call). The tied lm_head is first given its own transposed initializer, so it is a plain
   MatMul weight and gets quantized too: about 2x faster decode. onnxruntime fuses the result into
   DynamicQuantizeMatMul, which runs faster here than 8-bit MatMulNBits (per-tensor int8 against q8's blocks).
 - int4: block-wise `MatMulNBits` (block 128, symmetric, int8 compute) for the layers, as onnxruntime-genai
   builds for CPU, and an 8-bit lm_head (`NBITS`): a 4-bit lm_head cost the demo model 3 points of top-1.
-- Every CPU variant reads its embedding tables (wte, wpe) through 8-bit block-wise `GatherBlockQuantized`
+- int8 and int4 read their embedding tables (wte, wpe) through 8-bit block-wise `GatherBlockQuantized`
   lookups (`quantize_lookups`): with an fp32 embedding beside the quantized lm_head a small model's file
   came out larger than fp32 (the demo model's embedding is 6.4M of its 7.3M weights), and a per-tensor
   int8 table cost about a point of top-1. These variants run on onnxruntime only.
@@ -78,6 +79,9 @@ def make_variant(src: Path, dst: Path, precision: str, fuse: bool | None = None)
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".untied-") as tmp:
             untied = Path(tmp) / "model.onnx"
             art = read_onnx_artifact(src)
+            if precision == "q8":  # the tied wte / lm_head stays fp32, stored once; the lookups read it as exported
+                save_model(fuse_cpu_ops(_load(src), art.config), untied)
+                return dict(_quantize_nbits(untied, dst, precision), fused=FUSED_OPS, embeddings="fp32")
             save_model(quantize_lookups(fuse_cpu_ops(untie_lm_head(_load(src)), art.config)), untied)
             how = _quantize_int8(untied, dst) if precision == "int8" else _quantize_nbits(untied, dst, precision)
             return dict(how, fused=FUSED_OPS, embeddings=f"8-bit GatherBlockQuantized, block {LOOKUP_BLOCK_SIZE}")
@@ -299,7 +303,7 @@ def _quantize_nbits(src: Path, dst: Path, precision: str) -> dict:
     layers, head = NBITS[precision]
     proto = _load(src)
     lm_head = next(n for n in proto.graph.node if n.op_type == "MatMul" and "logits" in n.output)
-    lm_head.name = lm_head.name or "lm_head"  # the quantizer selects nodes by name
+    lm_head.name = lm_head.name or "lm_head"  # the quantizer selects nodes by name (and skips a tied head's Transpose)
     for (bits, block), include, exclude in ((layers, None, [lm_head.name]), (head, [lm_head.name], [])):
         if bits is None:
             continue
@@ -311,7 +315,7 @@ def _quantize_nbits(src: Path, dst: Path, precision: str) -> dict:
     save_model(toposort(proto), dst)
     return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": layers[0], "block_size": layers[1],
             "symmetric": True, "accuracy_level": 4,
-            "lm_head": "untied, " + (f"{head[0]}-bit, block {head[1]}" if head[0] else "fp32")}
+            "lm_head": f"untied, {head[0]}-bit, block {head[1]}" if head[0] else "fp32"}
 
 
 # ---------------------------------------------------------------------------------- validation
