@@ -140,7 +140,7 @@ def format_summary(s: dict) -> str:
     if s["variant"]:
         v = s["variant"]
         lines.append(f"{s['precision']} vs fp32 on {v['eval_tokens']} tokens: top-1 agreement {v['top1_agreement']:.2%} "
-                     f"(min {v['thresholds']['min_top1_agreement']:.0%}), perplexity {v['ppl_fp32']:.3f} -> {v['ppl']:.3f} "
+                     f"(min {v['thresholds']['min_top1_agreement'] * 100:g}%), perplexity {v['ppl_fp32']:.3f} -> {v['ppl']:.3f} "
                      f"({v['ppl_change']:+.2%}, max +{v['thresholds']['max_ppl_change']:.0%})"
                      + ("" if v["gated"] else " [recorded, not enforced]"))
     return "\n".join(lines)
