@@ -23,9 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder receiving model.onnx (+ model.onnx.data)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="fp32 (portable, default) or fp16 (GPU; LayerNorm/Softmax kept fp32, fp16 KV cache I/O)")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="CPU variant: int8 (dynamic, MatMul weights) or int4 (MatMulNBits, onnxruntime only); "
-                        "DIR then holds the quantized graph, validated against fp32")
+    p.add_argument("--quantize", choices=("q8", "int8", "int4"), default=None,
+                   help="CPU variant: q8 (near-lossless: 8-bit blocks, fp32 lm_head), int8 (dynamic, MatMul "
+                        "weights) or int4 (4-bit blocks, 8-bit lm_head); onnxruntime only; DIR then holds the "
+                        "quantized graph, validated against fp32")
     p.add_argument("--logits", type=logits_mode, default="all", metavar="{all,last,last:N}",
                    help="all: logits [batch, sequence, vocab] (default; what other tools expect); last: only the last "
                         "position's logits, faster prefill/TTFT; perplexity then needs step-by-step decoding; "
@@ -139,7 +140,7 @@ def format_summary(s: dict) -> str:
     if s["variant"]:
         v = s["variant"]
         lines.append(f"{s['precision']} vs fp32 on {v['eval_tokens']} tokens: top-1 agreement {v['top1_agreement']:.2%} "
-                     f"(min {v['thresholds']['min_top1_agreement']:.0%}), perplexity {v['ppl_fp32']:.3f} -> {v['ppl']:.3f} "
+                     f"(min {v['thresholds']['min_top1_agreement'] * 100:g}%), perplexity {v['ppl_fp32']:.3f} -> {v['ppl']:.3f} "
                      f"({v['ppl_change']:+.2%}, max +{v['thresholds']['max_ppl_change']:.0%})"
                      + ("" if v["gated"] else " [recorded, not enforced]"))
     return "\n".join(lines)

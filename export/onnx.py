@@ -2,7 +2,7 @@
 
     from export.onnx import export_onnx
     path = export_onnx(GPT.from_pretrained("random:tiny"), "out/tiny")   # out/tiny/model.onnx
-    # CLI: nanogpt-deploy export SOURCE --out DIR [--dtype fp16] [--quantize int8|int4] [--logits last]
+    # CLI: nanogpt-deploy export SOURCE --out DIR [--dtype fp16] [--quantize q8|int8|int4] [--logits last]
 
 Inputs `input_ids [batch, sequence]`, `attention_mask [batch, total_sequence]`, `position_ids
 [batch, sequence]`, `past_key_values.{i}.key|value [batch, n_head, past_sequence, head_dim]`; outputs
@@ -22,7 +22,7 @@ The pipeline, one module per stage, each readable alone:
     graph.py     save with external data, check it, metadata, node order    (shared by every stage)
     kv_shared.py kv_cache="shared": attention -> GroupQueryAttention, in place
     check.py     the parity gate: symbolic axes, onnxruntime vs torch, NaN-aware
-    quantize.py  fp16 / int8 / int4 variants, judged against the fp32 graph
+    quantize.py  fp16 / q8 / int8 / int4 variants, judged against the fp32 graph
     publish.py   prepare DIR, then swap the finished export in atomically
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def export_onnx(model: GPT, out_dir: str | os.PathLike, *, opset: int = DEFAULT_
         out_dir: folder receiving model.onnx; must be empty, new, or hold a previous export (else `force`).
         opset: ONNX opset, MIN_OPSET to max_opset() (what torch, onnx and onnxruntime here support).
         dtype: "fp32" or "fp16" (fp16 graph for GPUs, see export/quantize.py).
-        quantize: None, "int8" or "int4" (CPU variants); DIR then holds the quantized graph only.
+        quantize: None, "q8", "int8" or "int4" (CPU variants); DIR then holds the quantized graph only.
         logits: "all" (logits [batch, sequence, vocab], what other tools expect) or "last" ([batch, 1,
             vocab]: the last position only; faster prefill / time to first token, and perplexity then
             needs step-by-step decoding) or "last:N" (the last min(sequence, N) positions: a
@@ -164,8 +164,8 @@ def check_options(opset: int, dtype: str = "fp32", quantize: str | None = None, 
                           f"choose --opset {MIN_OPSET} (the default) to {top}")
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"dtype {dtype!r} is not supported; choose fp32 or fp16")
-    if quantize not in (None, "int8", "int4"):
-        raise ExportError(f"quantize {quantize!r} is not supported; choose int8 or int4")
+    if quantize not in (None, "q8", "int8", "int4"):
+        raise ExportError(f"quantize {quantize!r} is not supported; choose q8, int8 or int4")
     if quantize and dtype != "fp32":
         raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
     try:

@@ -1,4 +1,4 @@
-"""Precision variants of an exported fp32 graph: fp16 (GPU), int8 and int4 (CPU), each validated against fp32.
+"""Precision variants of an exported fp32 graph: fp16 (GPU), q8, int8 and int4 (CPU), each validated against fp32.
 
 Every variant is built from the validated fp32 `model.onnx` and judged the same way: on a batch of
 token sequences, the variant's top-1 token must agree with fp32's and its perplexity must stay close
@@ -10,14 +10,21 @@ the text would change.
   (plain ONNX ops, so the graph still feeds TensorRT strongly-typed builds); every float I/O, the KV
   cache and the logits included, is fp16; the tied embedding stays stored once (fp16). Node and value
   names are made unique after the converter (`unique_names`: some versions define one Cast several times).
+- q8, the near-lossless CPU variant: block-wise 8-bit `MatMulNBits` (onnxruntime's contrib op, block 32,
+  symmetric, int8 compute) for the layers' MatMuls; the tied embedding / lm_head stays fp32, stored once (an
+  8-bit lm_head was most of what q8 lost on the demo model: 99.45% top-1 against 99.64% on 3,072 held-out
+  tokens), so q8's file is smaller than fp32's whatever the share of the embedding.
 - int8: `quantize_dynamic` restricted to MatMul with constant weights (int8 weights, activations
-  quantized per call) and the embedding Gathers. The tied lm_head is first given its own transposed
-  initializer, so it is a plain MatMul weight and gets quantized too: about 2x faster decode. The
-  embedding lookups (wte, wpe) read int8 tables through a DequantizeLinear; with an fp32 embedding beside the
-  int8 lm_head, a small model's int8 file came out larger than fp32 (the demo model: 33.3 MB against 29.3).
-- int4: block-wise `MatMulNBits` (onnxruntime's contrib op, block 128, symmetric, int8 compute), as
-  onnxruntime-genai builds for CPU; the embedding lookups int8, as above (4-bit `GatherBlockQuantized`
-  lookups missed the top-1 gate on the demo model). Runs on onnxruntime only.
+  quantized per call). The tied lm_head is first given its own transposed initializer, so it is a plain
+  MatMul weight and gets quantized too: about 2x faster decode. onnxruntime fuses the result into
+  DynamicQuantizeMatMul, which runs faster here than 8-bit MatMulNBits (per-tensor int8 against q8's blocks).
+- int4: block-wise `MatMulNBits` (block 256, symmetric, int8 compute) for the layers, as onnxruntime-genai
+  builds for CPU, and an 8-bit lm_head (`NBITS`): a 4-bit lm_head cost the demo model 3 points of top-1.
+- int8 and int4 read their embedding tables (wte, wpe) through 8-bit block-wise `GatherBlockQuantized`
+  lookups (`quantize_lookups`): with an fp32 embedding beside the quantized lm_head a small model's file
+  came out larger than fp32 (the demo model's embedding is 6.4M of its 7.3M weights), and a per-tensor
+  int8 table cost about a point of top-1. These variants run on onnxruntime only.
+  Measurements: docs/benchmarks.md ("CPU variants").
 
     from export.quantize import quantize_onnx
     quantize_onnx("out/tiny", "out/tiny-int8", "int8")     # from an fp32 export folder
@@ -40,14 +47,16 @@ from .check import new_session
 from .graph import ExportError, check_external_data, save_model, toposort, write_metadata
 from .publish import clear_temp_dirs, prepare_out_dir, publish
 
-VARIANTS = ("fp16", "int8", "int4")
+VARIANTS = ("fp16", "q8", "int8", "int4")
 # precision -> (min top-1 agreement with fp32, max relative perplexity increase)
-THRESHOLDS = {"fp16": (0.99, 0.01), "int8": (0.95, 0.05), "int4": (0.90, 0.10)}
-# 128 (not onnxruntime-genai's CPU default 32): 1.3x faster decode on GPT-2 124M (263 vs 206 tok/s, 2 threads)
-# for +1.3% perplexity instead of +0.2% on the trained demo model; measured in docs/benchmarks.md
-INT4_BLOCK_SIZE = 128
-# the embedding Gathers too: a small model's embedding is most of its weights (the demo model: 6.4M of 7.3M)
-INT8_OPS = ("MatMul", "Gather")
+THRESHOLDS = {"fp16": (0.99, 0.01), "q8": (0.995, 0.01), "int8": (0.95, 0.05), "int4": (0.90, 0.10)}
+# MatMulNBits variants: precision -> ((bits, block size) of the layers' MatMuls, of the lm_head); bits None: fp32.
+# int4 (GPT-2 124M decode, 2 threads, and the demo model's top-1 in `nanogpt-deploy verify`, docs/benchmarks.md):
+# the 8-bit lm_head lifts top-1 from 94.2% to 97.5% for 12% more time per token; layer blocks of 256 instead of
+# 128 take back 8% of it (97.1%). onnxruntime-genai's CPU default, block 32 everywhere, gives 94.8% and is slower.
+NBITS = {"q8": ((8, 32), (None, None)), "int4": ((4, 256), (8, 128))}
+LOOKUP_BLOCK_SIZE = 32  # the embedding lookups' 8-bit blocks (quantize_lookups)
+INT8_OPS = ("MatMul",)  # the lookups are 8-bit already
 FUSED_OPS = ["FastGelu", "SkipLayerNormalization"]  # fuse_cpu_ops, before quantizing
 DECODE_STEPS = 8  # the last positions of the evaluation run one token at a time, through the KV cache
 
@@ -67,13 +76,18 @@ def make_variant(src: Path, dst: Path, precision: str, fuse: bool | None = None)
             fused = Path(tmp) / "model.onnx"
             save_model(fuse_cpu_ops(_load(src), read_onnx_artifact(src).config), fused)
             return dict(_to_fp16(fused, dst, blocked=[]), fused=FUSED_OPS)
-    if precision in ("int8", "int4"):
+    if precision in ("q8", "int8", "int4"):
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".untied-") as tmp:
             untied = Path(tmp) / "model.onnx"
             art = read_onnx_artifact(src)
-            save_model(fuse_cpu_ops(untie_lm_head(_load(src)), art.config), untied)
-            how = _quantize_int8(untied, dst) if precision == "int8" else _quantize_int4(untied, dst)
-            return dict(how, fused=FUSED_OPS)
+            if precision == "q8":  # the tied wte / lm_head stays fp32, stored once; the lookups read it as exported
+                save_model(fuse_cpu_ops(_load(src), art.config), untied)
+                return dict(_quantize_nbits(untied, dst, precision, art.config.n_embd), fused=FUSED_OPS,
+                            embeddings="fp32")
+            save_model(quantize_lookups(fuse_cpu_ops(untie_lm_head(_load(src)), art.config)), untied)
+            how = (_quantize_int8(untied, dst) if precision == "int8"
+                   else _quantize_nbits(untied, dst, precision, art.config.n_embd))
+            return dict(how, fused=FUSED_OPS, embeddings=f"8-bit GatherBlockQuantized, block {LOOKUP_BLOCK_SIZE}")
     raise ExportError(f"unknown precision variant {precision!r}; choose one of {VARIANTS}")
 
 
@@ -223,6 +237,45 @@ def fuse_cpu_ops(proto, config):
     return toposort(proto)
 
 
+def quantize_lookups(proto, block_size: int = 32):
+    """The embedding lookups (Gathers of a float (rows, C) initializer: wte, wpe) as 8-bit GatherBlockQuantized.
+
+    Symmetric blocks of `block_size` along C, one fp32 scale per block, stored uint8 around onnxruntime's
+    default zero point 128. The lookup dequantizes only the rows it gathers. quantize_dynamic's int8 Gather
+    (one scale for the whole table) cost the demo model ~1 point of top-1 agreement (an all-8-bit variant:
+    98.5% against 99.5% with the table fp32).
+    Returns the proto, changed in place.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for k, n in enumerate(g.node):
+        t = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2 or t.dims[1] % block_size:
+            continue
+        if any(a.name == "axis" and a.i != 0 for a in n.attribute) or uses[t.name] != 1:
+            continue
+        w = numpy_helper.to_array(t, base_dir="")  # (rows, C)
+        blocks = w.reshape(w.shape[0], -1, block_size)  # (rows, C / block, block)
+        scale = np.abs(blocks).max(-1) / 127
+        scale[scale == 0] = 1
+        q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16) + 128
+        g.initializer.remove(t)
+        g.initializer.extend([numpy_helper.from_array(q.astype(np.uint8).reshape(w.shape), t.name + "_Q8"),
+                              numpy_helper.from_array(scale.astype(np.float32), t.name + "_scales")])
+        g.node[k].CopyFrom(helper.make_node("GatherBlockQuantized", [t.name + "_Q8", n.input[1], t.name + "_scales"],
+                                            list(n.output), name=n.name + "_Q8", domain="com.microsoft",
+                                            gather_axis=0, quantize_axis=1, block_size=block_size, bits=8))
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.add(domain="com.microsoft", version=1)
+    return proto
+
+
 @contextlib.contextmanager
 def _quiet_onnxruntime_tools():
     """onnxruntime's quantizers and fusers log each node at INFO and advise pre-processing at WARNING, through
@@ -238,35 +291,40 @@ def _quiet_onnxruntime_tools():
 def _quantize_int8(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # MatMul and the embedding Gathers only: opset >= 23 Attention is left alone
+    # MatMul only: opset >= 23 Attention is left alone
     with _quiet_onnxruntime_tools():
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(INT8_OPS), weight_type=QuantType.QInt8,
                          per_channel=False, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     save_model(toposort(_load(dst)), dst)  # rewrite so the external data follows our naming and threshold
     return {"method": "onnxruntime.quantization.quantize_dynamic", "op_types": list(INT8_OPS), "weight_type": "int8",
-            "activations": "uint8, dynamic per tensor", "lm_head": "untied, quantized", "embeddings": "int8"}
+            "activations": "uint8, dynamic per tensor", "lm_head": "untied, quantized"}
 
 
-def _quantize_int4(src: Path, dst: Path) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize_nbits(src: Path, dst: Path, precision: str, n_embd: int) -> dict:
+    """MatMulNBits for the layers' MatMuls, then for the lm_head, each at its NBITS (bits, block size).
+
+    A block is at most the largest power of two <= n_embd (every MatMul's K is n_embd or 4 * n_embd): the
+    kernel pads K up to whole blocks, so a 256 block over K=128 stores as many bytes as 8 bits would.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(_load(src), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=4,
-                             op_types_to_quantize=("MatMul",))
-    with _quiet_onnxruntime_tools():
-        q.process()
-    # the embeddings at 8 bits (quantize_dynamic's Gather, as in int8): 4-bit lookups (GatherBlockQuantized,
-    # block 128) cost the demo model 3.5 points of top-1 agreement (88.7%, under the 90% gate), 8-bit ones none
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int4-") as tmp:
-        nbits = Path(tmp) / "model.onnx"
-        save_model(q.model.model, nbits)
+    fit = max(16, 1 << (n_embd.bit_length() - 1))  # 16: MatMulNBits' smallest block
+    layers, head = [(bits, min(block, fit)) if bits else (None, None) for bits, block in NBITS[precision]]
+    proto = _load(src)
+    lm_head = next(n for n in proto.graph.node if n.op_type == "MatMul" and "logits" in n.output)
+    lm_head.name = lm_head.name or "lm_head"  # the quantizer selects nodes by name (and skips a tied head's Transpose)
+    for (bits, block), include, exclude in ((layers, None, [lm_head.name]), (head, [lm_head.name], [])):
+        if bits is None:
+            continue
+        q = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4,
+                                 op_types_to_quantize=("MatMul",), nodes_to_include=include, nodes_to_exclude=exclude)
         with _quiet_onnxruntime_tools():
-            quantize_dynamic(str(nbits), str(dst), op_types_to_quantize=["Gather"], weight_type=QuantType.QInt8,
-                             per_channel=False, use_external_data_format=True)
-    save_model(toposort(_load(dst)), dst)
-    return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": 4, "block_size": INT4_BLOCK_SIZE,
-            "symmetric": True, "accuracy_level": 4, "lm_head": "untied, quantized",
-            "embeddings": "int8 (quantize_dynamic Gather)"}
+            q.process()
+        proto = q.model.model
+    save_model(toposort(proto), dst)
+    return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": layers[0], "block_size": layers[1],
+            "symmetric": True, "accuracy_level": 4,
+            "lm_head": f"untied, {head[0]}-bit, block {head[1]}" if head[0] else "fp32"}
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -301,7 +359,7 @@ def check_variant(metrics: dict, precision: str) -> None:
     min_agree, max_ppl = THRESHOLDS[precision]
     bad = []
     if not metrics["top1_agreement"] >= min_agree:  # `not >=` / `not <=`: a NaN fails too
-        bad.append(f"top-1 agreement with fp32 {metrics['top1_agreement']:.2%} < {min_agree:.0%}")
+        bad.append(f"top-1 agreement with fp32 {metrics['top1_agreement']:.2%} < {min_agree * 100:g}%")
     if not metrics["ppl_change"] <= max_ppl:
         bad.append(f"perplexity {metrics['ppl']:.3f} vs fp32 {metrics['ppl_fp32']:.3f} "
                    f"(+{metrics['ppl_change']:.2%}) > +{max_ppl:.0%}")
@@ -354,7 +412,7 @@ def quantize_onnx(src_dir: str | os.PathLike, out_dir: str | os.PathLike, precis
     Args:
         src_dir: a folder (or model.onnx) written by export_onnx in fp32.
         out_dir: receives model.onnx (+ model.onnx.data) with `precision` in its metadata; atomic.
-        precision: "fp16", "int8" or "int4".
+        precision: "fp16", "q8", "int8" or "int4" (VARIANTS).
         eval_ids: (B, T) int64 tokens to judge the variant on; default random tokens (use real text or
             model samples for meaningful numbers: random tokens on a trained model are off-distribution).
         gate: raise ExportError when the variant misses THRESHOLDS (False: only record the numbers).

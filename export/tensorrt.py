@@ -45,7 +45,7 @@ class EngineBuildError(RuntimeError):
 
 
 def check_precision(precision: str) -> None:
-    """fp32 and fp16 graphs are plain ONNX; the int8/int4 variants use onnxruntime's own quantized ops."""
+    """fp32 and fp16 graphs are plain ONNX; the q8/int8/int4 variants use onnxruntime's own quantized ops."""
     if precision not in ENGINE_PRECISIONS:
         raise EngineBuildError(f"a {precision} model.onnx cannot become a TensorRT engine: its quantized ops "
                                f"(MatMulInteger / MatMulNBits) are onnxruntime's; build from the fp32 export or its "

@@ -28,7 +28,7 @@ from model.config import GPTConfig
 
 FORMAT = "nanogpt-deploy/1"
 PREFIX = "nanogpt_deploy."
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "q8", "int8", "int4")
 # which positions the `logits` output holds: "all" -> (batch, sequence, vocab); "last" -> (batch, 1, vocab),
 # the last position only (faster prefill; generation reads nothing else); "last:N" -> the last min(sequence, N)
 # positions (a speculative-decoding target scores N - 1 drafted tokens in one step and still prefills cheaply).

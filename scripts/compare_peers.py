@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the default list and the table's order; "ours-<quant>" (an `export --quantize` value), "ctranslate2-<type>"
 # (CT2_TYPES) and "llamacpp-<type>" (a llama_cpp.LLAMA_FTYPE_MOSTLY_<TYPE>) run too when named
 ENGINES = ("transformers", "optimum", "ctranslate2-fp32", "ctranslate2-int8", "llamacpp-f16", "llamacpp-q8_0",
-           "llamacpp-q4_0", "ours-fp32", "ours-int8", "ours-int4", "ours-fp32-concat", "ours-fp32-spec-int8",
+           "llamacpp-q4_0", "ours-fp32", "ours-q8", "ours-int8", "ours-int4", "ours-fp32-concat", "ours-fp32-spec-int8",
            "ours-fp32-spec-int4")
 CT2_TYPES = {"fp32": "float32", "int8": "int8", "int8_float32": "int8_float32", "int16": "int16"}  # -> quantization
 LLAMA_CPP = ROOT / "peers" / "llama.cpp"  # convert_hf_to_gguf.py + conversion/ + gguf-py/, from the sdist
@@ -62,6 +62,9 @@ VOCAB = 50257
 GOALS = (("ours-fp32", "decode_tok_s", "transformers", 1.8), ("ours-fp32", "decode_tok_s", "optimum", 1.5),
          ("ours-int8", "decode_tok_s", "transformers", 4.0), ("ours-int4", "decode_tok_s", "transformers", 6.0),
          ("ours-fp32", "batch8_tok_s", "transformers", 2.0),
+         # issue 24: against llama.cpp at the nearest precision
+         ("ours-q8", "decode_tok_s", "llamacpp-f16", 1.2), ("ours-int8", "decode_tok_s", "llamacpp-q8_0", 1.5),
+         ("ours-int4", "decode_tok_s", "llamacpp-q4_0", 1.5),
          # the fp32 model's own output, decoded speculatively (runtime/generation/speculative.py): reported beside,
          # not instead
          ("ours-fp32-spec-int8", "decode_tok_s", "transformers", 1.8),

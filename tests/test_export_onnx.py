@@ -603,8 +603,9 @@ def test_cli_export_records_the_absolute_source_and_readable_modes(tmp_path, tin
     assert recorded_source("ckpt") == str((tmp_path / "weights" / "ckpt").resolve())
 
 
-@pytest.mark.parametrize("options", [dict(kv_cache="shared"), dict(quantize="int8"), dict(quantize="int4"),
-                                     dict(dtype="fp16")], ids=["shared", "int8", "int4", "fp16"])
+@pytest.mark.parametrize("options", [dict(kv_cache="shared"), dict(quantize="q8"), dict(quantize="int8"),
+                                     dict(quantize="int4"), dict(dtype="fp16")],
+                         ids=["shared", "q8", "int8", "int4", "fp16"])
 def test_every_variant_file_gets_the_umask_mode(tmp_path, tiny_model, options):
     """Variants re-saved through onnx.save (which creates the data file 0o600) must be readable by another user
     serving them: with umask 022 every file is 0644, the folder 0755."""

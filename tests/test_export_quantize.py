@@ -1,4 +1,4 @@
-"""Precision variants (fp16, int8, int4) judged against fp32 by top-1 agreement and perplexity change.
+"""Precision variants (fp16, q8, int8, int4) judged against fp32 by top-1 agreement and perplexity change.
 
 Random weights give flat logits, so these tests use a model with learned structure: the small trained
 model at model/weights/pycode when it exists, else the tiny config trained for a few seconds on a
@@ -95,7 +95,7 @@ def variants(tmp_path_factory, trained, trained_fp32):
     from export.quantize import quantize_onnx
 
     out = {}
-    for precision in ("fp16", "int8", "int4"):
+    for precision in ("fp16", "q8", "int8", "int4"):
         out[precision] = quantize_onnx(trained_fp32.parent, tmp_path_factory.mktemp(precision), precision,
                                        eval_ids=trained[1], gate=True)
     return out
@@ -107,7 +107,7 @@ def _graph(path):
     return onnx.load(str(path), load_external_data=False)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp16", "q8", "int8", "int4"])
 def test_variant_agreement_and_perplexity(variants, precision):
     from export.quantize import THRESHOLDS
     from runtime.artifact import read_onnx_artifact
@@ -126,6 +126,22 @@ def test_variant_agreement_and_perplexity(variants, precision):
 
     # valid ONNX, nodes in topological order (TensorRT parses in order)
     onnx.checker.check_model(str(variants[precision]))
+
+
+# top-1 agreement with fp32 on the demo model's held-out text that issue 24 asks of the CPU variants; measured
+# (8 x 64 tokens) q8 100%, int8 98.6%, int4 98.0% (`nanogpt-deploy verify`, 2,048 tokens: 99.6%, 98.1%, 97.5%)
+DEMO_TOP1 = {"q8": 0.995, "int4": 0.95}
+
+
+@pytest.mark.parametrize("precision", sorted(DEMO_TOP1))
+def test_variant_meets_the_demo_model_goal(variants, precision):
+    from runtime.artifact import read_onnx_artifact
+
+    if not (PYCODE / "config.json").is_file() or _heldout_ids(8, 64) is None:
+        pytest.skip("the goal is stated for the demo model on its held-out text")
+    v = read_onnx_artifact(variants[precision]).extra["variant"]
+    assert v["top1_agreement"] >= DEMO_TOP1[precision], \
+        f"{precision}: top-1 agreement {v['top1_agreement']:.2%} < {DEMO_TOP1[precision]:.1%} on the demo model"
 
 
 def test_variant_gate_rejects_a_wrong_graph(trained, trained_fp32, tmp_path):
@@ -171,6 +187,13 @@ def test_quantized_graph_quantizes_every_weight_matmul_including_lm_head(variant
     assert ops[op] == 4 * n_layer + 1, f"{precision}: {ops[op]} {op} nodes, expected 4 per layer + lm_head; {ops}"
     float_weight_matmuls = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert not float_weight_matmuls, f"{precision}: MatMuls left with float weights: {float_weight_matmuls}"
+    # the embedding lookups: 8-bit blocks, no float table left
+    lookups = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookups) == 2 and all(a.i == 8 for n in lookups for a in n.attribute if a.name == "bits"), ops
+    if precision == "int4":  # the lm_head at 8 bits, the layers at 4
+        bits = {next(a.i for a in n.attribute if a.name == "bits") for n in m.graph.node
+                if n.op_type == "MatMulNBits" and n.output[0] == "logits"}
+        assert bits == {8}, f"int4: lm_head MatMulNBits bits {bits}, expected 8"
     # logits come out of the quantized lm_head (through at most a Mul/Cast rescale)
     producers = {o: n for n in m.graph.node for o in n.output}
     node, hops = producers["logits"], 0
@@ -179,17 +202,37 @@ def test_quantized_graph_quantizes_every_weight_matmul_including_lm_head(variant
     assert node.op_type == op, f"{precision}: logits are not produced by a {op}"
 
 
+def test_q8_quantizes_the_layers_and_keeps_the_tied_lm_head_fp32(variants, trained):
+    """q8: every layer MatMul is an 8-bit MatMulNBits (block 32); the lm_head still reads the tied fp32 wte
+    through its Transpose, and the lookups read it as exported (no second copy of the vocabulary)."""
+    from export.quantize import NBITS
+
+    m = _graph(variants["q8"])
+    inits = {t.name: t for t in m.graph.initializer}
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * trained[0].config.n_layer, [n.name for n in nbits]
+    for n in nbits:
+        attrs = {a.name: a.i for a in n.attribute}
+        assert (attrs["bits"], attrs["block_size"]) == NBITS["q8"][0], (n.name, attrs)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    head = producers["logits"]
+    assert head.op_type == "MatMul" and producers[head.input[1]].op_type == "Transpose", head
+    table = producers[head.input[1]].input[0]
+    assert inits[table].data_type == 1, f"lm_head weight {table} is not fp32"  # onnx.TensorProto.FLOAT
+    assert any(n.op_type == "Gather" and n.input[0] == table for n in m.graph.node), "the lookup reads another table"
+
+
 def test_quantized_files_hold_no_stray_fp32_weights(variants, trained_fp32, trained):
-    """fp16 halves the file. int8/int4 keep the fp32 embedding table for the token lookup and add a quantized
-    lm_head (it is untied to be quantized): at most V*C*1 bytes over fp32 for int8 — more than that would mean
-    fp32 weights left behind. (For pycode the embedding is 88% of the weights, so int8 is not smaller than fp32;
-    for GPT-2 124M it is 282 MB vs 498 MB.)"""
+    """fp16 halves the file. int8/int4 hold the vocabulary twice, as an 8-bit lookup table and a quantized lm_head
+    (it is untied to be quantized): more than V*C*1 bytes over fp32 would mean fp32 weights left behind. q8 keeps
+    the tied vocabulary fp32, once. (GPT-2 124M: fp32 498 MB, q8 254, int8 168, int4 128.)"""
     c = trained[0].config
     size = {k: sum(f.stat().st_size for f in p.parent.glob("model.onnx*")) for k, p in variants.items()}
     fp32 = sum(f.stat().st_size for f in trained_fp32.parent.glob("model.onnx*"))
     lm_head_int8 = c.vocab_size * c.n_embd
     assert size["fp16"] < 0.75 * fp32, (size, fp32)
     assert size["int4"] < size["int8"] < fp32 + lm_head_int8, (size, fp32, lm_head_int8)
+    assert size["q8"] < fp32, (size, fp32)  # the fp32 vocabulary once, the layers at ~1.1 bytes a weight
 
 
 def test_variant_needs_fp32_source(variants, tmp_path):
@@ -210,6 +253,27 @@ def test_export_onnx_int8_end_to_end_gated(trained, tmp_path):
     art = read_onnx_artifact(p)
     assert art.precision == "int8" and art.kv_dtype == "float32" and art.extra["variant"]["gated"]
     assert sorted(f.name for f in p.parent.iterdir()) == sorted(OURS)  # no fp32 graph left; the tool files
+
+
+def test_export_q8_shared_cache_gated_and_generates_fp32s_tokens(trained, tmp_path):
+    """`export --quantize q8 --kv-cache shared --logits last`, gated, then greedy generate() through the runtime's
+    onnxruntime backend: near-lossless, so the tokens are the fp32 export's."""
+    from export.onnx import export_onnx
+    from runtime.artifact import read_onnx_artifact
+    from runtime.backends import load_backend
+    from runtime.generation import SamplingParams, generate
+
+    opts = dict(kv_cache="shared", logits="last", eval_ids=trained[1])
+    q8 = export_onnx(trained[0], tmp_path / "q8", quantize="q8", gate=True, **opts)
+    fp32 = export_onnx(trained[0], tmp_path / "fp32", **opts)
+    art = read_onnx_artifact(q8)
+    assert art.precision == "q8" and art.extra["variant"]["gated"] and art.kv_cache == "shared"
+    params = SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=())
+    prompts = [trained[1][0, :16].tolist(), trained[1][1, :9].tolist()]
+    tokens = {name: [c.token_ids for c in generate(load_backend("onnxruntime", str(p), threads=1), None, prompts,
+                                                    params)]
+              for name, p in (("q8", q8), ("fp32", fp32))}
+    assert tokens["q8"] == tokens["fp32"], tokens
 
 
 # ---- the gate fires through the public paths ------------------------------------------------------------
@@ -473,14 +537,15 @@ def test_unique_names_renames_distinct_nodes_and_refuses_conflicting_definitions
 
 
 def test_quantized_variants_are_smaller_than_fp32(variants, trained_fp32):
-    """The embedding is quantized too (int8 Gather, int4 GatherBlockQuantized): with it left fp32 beside the
-    quantized lm_head, a small model's int8 / int4 files came out larger than its fp32 one."""
+    """The embedding is quantized too (8-bit GatherBlockQuantized lookups): with it left fp32 beside the
+    quantized lm_head, a small model's int8 / int4 files came out larger than its fp32 one. q8 keeps the tied
+    vocabulary fp32, stored once."""
     def size(p):
         return sum(f.stat().st_size for f in p.parent.glob("model.onnx*"))
 
     fp32 = size(trained_fp32)
-    # int8 holds the vocabulary twice (the lookup table and the untied lm_head), each at a byte per weight:
-    # 0.48 of fp32 on the demo model; int4 (8-bit lookups) 0.36
-    for precision, most in (("fp16", 0.55), ("int8", 0.55), ("int4", 0.4)):
+    # int8 and int4 hold the vocabulary twice (the lookup table and the untied lm_head), each at about a byte per
+    # weight: 0.50 of fp32 each on the demo model (its vocabulary is 88% of its weights); q8 0.92
+    for precision, most in (("fp16", 0.55), ("q8", 0.95), ("int8", 0.6), ("int4", 0.55)):
         got = size(variants[precision])
         assert got <= most * fp32, f"{precision}: {got / 1e6:.2f} MB > {most:.0%} of fp32's {fp32 / 1e6:.2f} MB"

@@ -48,7 +48,7 @@ class Backend(abc.ABC):
     config: GPTConfig
     name: str  # "onnxruntime" | "torch" | "tensorrt"
     provider: str  # e.g. "CPUExecutionProvider", "cuda", "cpu"
-    precision: str  # "fp32" | "fp16" | "int8" | "int4"
+    precision: str  # "fp32" | "fp16" | "q8" | "int8" | "int4"
     capabilities: Capabilities
     _batch = 0  # rows in the cache (0 before the first reset)
     _length = 0  # positions in the cache (the mask's width so far)

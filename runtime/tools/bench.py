@@ -115,7 +115,7 @@ def find_targets(models, backends=BACKENDS, providers=PROVIDERS, draft: str | No
             arts.append((p, read_onnx_artifact(p)))
         except ArtifactError as e:
             notes.append(f"skipped {p}: {e}")
-    arts.sort(key=lambda pa: ("fp32", "fp16", "int8", "int4").index(pa[1].precision))
+    arts.sort(key=lambda pa: ("fp32", "fp16", "q8", "int8", "int4").index(pa[1].precision))
     targets = []
     if "torch" in backends:
         fp32 = [str(p) for p, a in arts if a.precision == "fp32"]
