@@ -112,7 +112,8 @@ def summarize(path, seconds: float) -> dict:
     return {"path": str(path), "precision": art.precision, "opset": art.versions.get("opset"), "logits": art.logits,
             "kv_cache": art.kv_cache,
             "bytes": sum(files.values()), "files": files, "tool_files": tools, "seconds": round(seconds, 2),
-            "parity": art.extra.get("parity"), "variant": art.extra.get("variant")}
+            "parity": art.extra.get("parity"), "variant": art.extra.get("variant"),
+            "quantization": art.extra.get("quantization")}
 
 
 def logits_mode(value: str) -> str:
@@ -143,4 +144,16 @@ def format_summary(s: dict) -> str:
                      f"(min {v['thresholds']['min_top1_agreement'] * 100:g}%), perplexity {v['ppl_fp32']:.3f} -> {v['ppl']:.3f} "
                      f"({v['ppl_change']:+.2%}, max +{v['thresholds']['max_ppl_change']:.0%})"
                      + ("" if v["gated"] else " [recorded, not enforced]"))
+    if s.get("quantization") and "lm_head" in s["quantization"]:
+        lines.append(quantization_line(s["quantization"]))
     return "\n".join(lines)
+
+
+def quantization_line(q: dict) -> str:
+    """What a q8 / int8 / int4 file holds, which is what its size follows from."""
+    layers = f"{q['bits']}-bit blocks of {q['block_size']}" if "bits" in q else f"{q.get('weight_type', '?')} per tensor"
+    line = f"layers {layers}; lm_head {q['lm_head']}; lookups {q.get('embeddings', 'as exported')}"
+    if q.get("embeddings") == "fp32" and q["lm_head"].startswith("untied"):
+        line += (" (the vocabulary is stored twice, fp32 for the lookups and quantized for the lm_head: a model whose"
+                 " vocabulary is most of its weights gets a file larger than fp32's)")
+    return line

@@ -72,11 +72,9 @@ def test_variant_of_a_last_export_validates_like_the_all_one(tmp_path, exports, 
     g = onnx.load(str(tmp_path / "last" / "model.onnx"), load_external_data=False)
     assert [d.dim_param or d.dim_value for d in g.graph.output[0].type.tensor_type.shape.dim][1] == 1
     head = [n.op_type for n in g.graph.node if "logits" in n.output]
-    if precision in ("int8", "int4"):  # the untied lm_head is quantized behind the slice too
+    if precision in ("q8", "int8", "int4"):  # the untied lm_head is quantized behind the slice too
         assert last.extra["quantization"]["lm_head"].startswith("untied, "), last.extra["quantization"]
-        assert head and head[0] != "MatMul", head  # int8: the Mul rescaling MatMulInteger; int4: MatMulNBits
-    elif precision == "q8":  # the lm_head stays fp32 (tied)
-        assert last.extra["quantization"]["lm_head"] == "fp32" and head == ["MatMul"], (last.extra, head)
+        assert head and head[0] != "MatMul", head  # int8: the Mul rescaling MatMulInteger; q8, int4: MatMulNBits
 
 
 def test_verify_judges_a_last_export_by_step_by_step_decoding(exports, capsys):
