@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="fp32 (portable, default) or fp16 (GPU; LayerNorm/Softmax kept fp32, fp16 KV cache I/O)")
     p.add_argument("--quantize", choices=("q8", "int8", "int4"), default=None,
-                   help="CPU variant: q8 (near-lossless: 8-bit blocks, fp32 lm_head), int8 (dynamic, MatMul "
+                   help="CPU variant: q8 (near-lossless: 8-bit blocks, lookups fp32), int8 (dynamic, MatMul "
                         "weights) or int4 (4-bit blocks, 8-bit lm_head); onnxruntime only; DIR then holds the "
                         "quantized graph, validated against fp32")
     p.add_argument("--logits", type=logits_mode, default="all", metavar="{all,last,last:N}",

@@ -15,7 +15,7 @@ the text would change.
   exported fp32 table. On the demo model (16,384 held-out tokens): top-1 99.63% against 99.66% with an fp32
   lm_head, for 1.45x the decode speed on GPT-2 124M; an lm_head at block 32 gave 99.55%, and 8-bit lookups beside
   it 99.49-99.58%. Its file holds the vocabulary twice (fp32 table, 8-bit head): smaller than fp32 on GPT-2
-  124M (0.6x), larger on a model whose vocabulary is most of its weights (the demo model: 1.3x).
+  124M (0.6x), larger on a model whose vocabulary is most of its weights (the demo model: 1.2x).
 - int8: `quantize_dynamic` restricted to MatMul with constant weights (int8 weights, activations
   quantized per call). The tied lm_head is first given its own transposed initializer, so it is a plain
   MatMul weight and gets quantized too: about 2x faster decode. onnxruntime fuses the result into

@@ -67,7 +67,9 @@ def test_thresholds_are_the_export_gates(tiny_model):
     from export.quantize import THRESHOLDS as GATE
 
     for prec, (min_top1, max_ppl) in GATE.items():
-        assert THRESHOLDS["min_top1"][prec] == min_top1 and THRESHOLDS["max_ppl_change"][prec] == max_ppl, prec
+        assert THRESHOLDS["max_ppl_change"][prec] == max_ppl, prec
+        # q8: the export gate (256 tokens) is looser than verify's 99.5% on 2,048+ tokens; never stricter
+        assert THRESHOLDS["min_top1"][prec] == (0.995 if prec == "q8" else min_top1) >= min_top1, prec
 
 
 def test_passes_on_a_good_export(tiny_export, capsys):

@@ -282,12 +282,16 @@ def run_ray(args, api_key: str | None) -> int:
         # the replicas import the same runtime package as this process (a source checkout included)
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        # address="local": always a new cluster of this process; a bare ray.init() would join a cluster this node
+        # already runs (`ray start --head`, RAY_ADDRESS), whose Serve apps the shutdown below would then remove
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     else:
         ray.init(address=args.ray_address)
+    deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
+            deployed = True  # from here on, a failed or interrupted start is removed from the cluster too
             serve.run(bind_app(rargs, options, api_key), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
             raise RuntimeError(f"the Ray Serve application did not start: {str(e).splitlines()[0]}; the replicas' "
@@ -310,9 +314,10 @@ def run_ray(args, api_key: str | None) -> int:
         except KeyboardInterrupt:
             print(f"stopping: the replicas finish their in-flight requests (up to "
                   f"{options['graceful_shutdown_timeout_s']:g} s)", flush=True)
-        serve.delete(APP_NAME)  # waits for the replicas' graceful shutdown
         return 0
     finally:
+        if deployed:
+            serve.delete(APP_NAME)  # waits for the replicas' graceful shutdown
         if local:
             serve.shutdown()
         ray.shutdown()

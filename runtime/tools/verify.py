@@ -31,7 +31,8 @@ import numpy as np
 # (batch, seq, past): prefill, batched prefill, decode with a cache, a chunk on a cache
 SHAPES = ((1, 1, 0), (2, 7, 0), (2, 1, 5), (2, 3, 5))
 # what each check requires, per precision. The top-1 and perplexity numbers are the export gate's
-# (export/quantize.py THRESHOLDS, which tests/test_tools_verify.py keeps in step); fp32 must match torch.
+# (export/quantize.py THRESHOLDS, which tests/test_tools_verify.py keeps in step), except q8's top-1: its gate
+# judges 256 tokens at 99%, verify (2,048+ tokens) holds it to 99.5%; fp32 must match torch.
 THRESHOLDS = {
     "max_abs_diff": {"fp32": 1e-4},
     "min_top1": {"fp32": 0.999, "fp16": 0.99, "q8": 0.995, "int8": 0.95, "int4": 0.90},
