@@ -108,12 +108,15 @@ def gpt2_tokenizer_files(ranks_path: str | os.PathLike | None = None, model_max_
 
 
 def write_gpt2_tokenizer_files(folder: str | os.PathLike, ranks_path: str | os.PathLike | None = None) -> list[Path]:
-    """Writes TOKENIZER_FILES into `folder` (made if missing; files there are replaced); returns their paths."""
+    """Writes TOKENIZER_FILES into `folder` (made if missing; files there are replaced, each atomically: an
+    interrupted run leaves no truncated file for a converter to read); returns their paths."""
+    from runtime.files import atomic_write_bytes
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for name, data in gpt2_tokenizer_files(ranks_path).items():
-        (folder / name).write_bytes(data)
+        atomic_write_bytes(folder / name, data)
         out.append(folder / name)
     return out
 

@@ -75,6 +75,9 @@ GOALS = (("ours-fp32", "decode_tok_s", "transformers", 1.8), ("ours-fp32", "deco
          ("ours-fp32-spec-int4", "batch8_tok_s", "transformers", 2.0))
 
 
+OURS_QUANTS = ("fp32", "q8", "int8", "int4")  # fp32 and `export --quantize`'s CPU values
+
+
 def kind(name: str) -> str:
     """The engine's family: "transformers", "optimum", "ctranslate2", "llamacpp" or "ours"."""
     return name if name in ("transformers", "optimum") else name.split("-", 1)[0]
@@ -105,7 +108,15 @@ def unavailable(name: str) -> str | None:
             return f"llama.cpp has no LLAMA_FTYPE_MOSTLY_{variant.upper()} (try f32, f16, q8_0, q4_0, q4_k_m)"
         if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
             return f"llama.cpp's convert_hf_to_gguf.py is not in {LLAMA_CPP}; {SETUP} --with-llama-cpp puts it there"
-    if k not in need and k != "ours":
+    if k == "ours":
+        try:
+            runs = ours(name, "shared", "last")
+        except IndexError:
+            runs = [("", "", "")]
+        if any(q not in OURS_QUANTS or kv not in ("concat", "shared") for q, kv, _ in runs):
+            return (f"unknown engine; ours-<quant> takes {', '.join(OURS_QUANTS)} (optionally -concat, or "
+                    f"ours-fp32-spec-<quant>)")
+    elif k not in need:
         return f"unknown engine; choose from {', '.join(ENGINES)} or ours-<quant>, ctranslate2-<type>, llamacpp-<type>"
     return None
 
@@ -566,6 +577,8 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     engines = [e for e in args.engines.split(",") if e]
     skipped = {e: why for e in engines if (why := unavailable(e))}
+    if unknown := [f"{e}: {why}" for e, why in skipped.items() if why.startswith("unknown")]:
+        p.error("; ".join(unknown))  # a typo is an error, not a run that quietly leaves an engine out
     for e, why in skipped.items():
         log(f"skipping {e}: {why}")
     engines = [e for e in engines if e not in skipped]

@@ -22,9 +22,11 @@ def test_engine_families(cp):
     assert [cp.kind(e) for e in ("transformers", "optimum", "ctranslate2-int8", "llamacpp-q4_0", "ours-int8",
                                  "ours-fp32-spec-int4")] == ["transformers", "optimum", "ctranslate2", "llamacpp",
                                                              "ours", "ours"]
-    # any `export --quantize` value runs as ours-<quant>, named or not in ENGINES
-    assert cp.unavailable("ours-somequant") is None and cp.ours("ours-somequant", "shared", "last") == [
-        ("somequant", "shared", "last")]
+    # every CPU `export --quantize` value runs as ours-<quant>, named or not in ENGINES; anything else is refused
+    assert cp.unavailable("ours-q8") is None and cp.ours("ours-q8", "shared", "last") == [("q8", "shared", "last")]
+    assert cp.unavailable("ours-int4-concat") is None and cp.unavailable("ours-fp32-spec-q8") is None
+    for bad in ("ours-somequant", "ours-int8-sharde", "ours-fp32-spec", "ours"):
+        assert "unknown engine" in cp.unavailable(bad), bad
 
 
 def test_skipped_engines_say_why_in_one_line(cp, monkeypatch):
