@@ -1,6 +1,7 @@
-"""What Ray Serve's ingress adds per request: the plain `serve` app (uvicorn) and the same app on one Ray Serve
-replica (runtime/serve/ray_app.py), same model, same process run, one after the other; p50 / p95 latency per
-request, sequential and with concurrent clients. Prints numbers; not a test. Needs the `ray` extra.
+"""What Ray Serve's ingress adds per request: the plain `serve` (uvicorn, its own process, as users run it) and the
+same app on one Ray Serve replica (runtime/serve/ray_app.py, a process of Ray's behind Ray's proxy), same model,
+same thread count, one after the other in one run; p50 / p95 latency per request, sequential and with concurrent
+clients. Neither server shares a process with the clients. Prints numbers; not a test. Needs the `ray` extra.
 
     python scripts/ray_overhead.py                       # the tiny random model, exported to a temporary folder
     python scripts/ray_overhead.py out/demo --requests 200 --max-tokens 32
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import os
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -59,15 +61,10 @@ def main() -> int:
     args = p.parse_args()
 
     import ray
-    import uvicorn
     from ray import serve
 
-    from runtime.backends import load_backend
-    from runtime.serve.connections import uvicorn_config
     from runtime.serve.ray_app import bind_app
     from runtime.serve.ray_config import APP_NAME, ReplicaArgs, deployment_options
-    from runtime.serve.server import ServerSettings, create_app
-    from runtime.tokenizer import load_tokenizer
 
     model = args.model
     if model is None:
@@ -80,21 +77,21 @@ def main() -> int:
     runs = [(1, False), (1, True), (8, False)]  # (clients, stream)
     results = {}
 
-    # the plain server, in a thread of this process
-    app = create_app(load_backend("onnxruntime", model, threads=args.threads), load_tokenizer(),
-                     ServerSettings(model_name=name))
+    # the plain server: `nanogpt-deploy serve` in a process of its own
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, idle_timeout=5, max_requests=1000,
-                                           log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    for clients, stream in runs:
-        results["plain", clients, stream] = measure(f"http://127.0.0.1:{port}", name, args.requests, clients,
-                                                    args.max_tokens, stream)
-    server.should_exit = True
-    thread.join(10)
+    server = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", model, "--port", str(port),
+                               "--threads", str(args.threads), "--model-name", name], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if "serving" not in line:
+            raise RuntimeError(f"the plain server did not start: {line!r}")
+        for clients, stream in runs:
+            results["plain", clients, stream] = measure(f"http://127.0.0.1:{port}", name, args.requests, clients,
+                                                        args.max_tokens, stream)
+    finally:
+        server.terminate()
+        server.wait(30)
 
     # the same app on one Ray Serve replica, behind Ray's proxy
     port = free_port()
@@ -112,7 +109,7 @@ def main() -> int:
         ray.shutdown()
 
     print(f"\n{args.requests} requests each, prompt 3 tokens, max_tokens {args.max_tokens}, {args.threads} "
-          f"onnxruntime thread(s), one model each")
+          f"onnxruntime thread(s), one model each; {os.cpu_count()} CPUs")
     print("| load | plain p50 | plain p95 | Ray p50 | Ray p95 | Ray - plain (p50) |")
     print("|---|---:|---:|---:|---:|---:|")
     for clients, stream in runs:

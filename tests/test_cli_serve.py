@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from runtime.cli import main
-from runtime.cli.serve import check_bind, check_engine_batch, is_loopback
+from runtime.cli.serve import check_bind, is_loopback
 
 
 def test_non_loopback_bind_needs_api_key(monkeypatch, capsys):
@@ -21,6 +21,9 @@ def test_non_loopback_bind_needs_api_key(monkeypatch, capsys):
 
 
 def test_max_batch_above_a_tensorrt_engines_is_refused_at_startup():
+    pytest.importorskip("fastapi")
+    from runtime.serve.server import check_engine_batch  # load_app's check, for the plain server and Ray replicas
+
     engine = SimpleNamespace(meta=SimpleNamespace(max_batch=8), path="out/m.engine")
     check_engine_batch((engine, None), 8)
     check_engine_batch((SimpleNamespace(), None), 64)  # onnxruntime / torch: no engine limit
@@ -102,3 +105,55 @@ def test_write_config_is_a_ray_serve_config(tmp_path, capsys):
     except ImportError:
         return
     ServeDeploySchema.model_validate(config)
+
+
+def test_a_config_written_with_a_key_makes_every_replica_require_one(tmp_path, monkeypatch, capsys):
+    """--write-config never writes the key; a config written where one was set says so, and a replica on a node
+    missing $NANOGPT_DEPLOY_API_KEY then refuses to start instead of serving an exposed address to anyone."""
+    yaml = pytest.importorskip("yaml")
+    pytest.importorskip("pydantic")
+    from runtime.serve.ray_config import ReplicaArgs, api_key_of
+
+    monkeypatch.setenv("NANOGPT_DEPLOY_API_KEY", "s3cret")
+    out = tmp_path / "ray.yaml"
+    assert main(["serve", str(tmp_path), "--ray", "--host", "0.0.0.0", "--write-config", str(out)]) == 0
+    text = out.read_text()
+    assert "s3cret" not in text
+    args = ReplicaArgs(**yaml.safe_load(text)["applications"][0]["args"])
+    assert args.require_api_key and api_key_of(args) == "s3cret"
+    monkeypatch.delenv("NANOGPT_DEPLOY_API_KEY")
+    with pytest.raises(RuntimeError, match=r"launched with an API key, and \$NANOGPT_DEPLOY_API_KEY is not set"):
+        api_key_of(args)
+    assert api_key_of(ReplicaArgs(model="m")) is None  # written without a key: loopback only (check_bind)
+
+
+def test_ray_replicas_reserve_gpus_for_cuda_and_chat_stop_needs_a_template(tmp_path, capsys):
+    yaml = pytest.importorskip("yaml")
+    pydantic = pytest.importorskip("pydantic")
+    from runtime.serve.ray_config import ReplicaArgs
+
+    out = tmp_path / "ray.yaml"
+    for flags, gpus in ([], None), (["--provider", "cuda"], 1), (["--backend", "tensorrt", "--replica-gpus", "0.5"], 0.5):
+        assert main(["serve", str(tmp_path), "--ray", *flags, "--write-config", str(out)]) == 0
+        [dep] = yaml.safe_load(out.read_text())["applications"][0]["deployments"]
+        assert dep["ray_actor_options"].get("num_gpus") == gpus, (flags, dep)
+    assert main(["serve", str(tmp_path), "--ray", "--chat-stop", "</s>", "--write-config", str(out)]) == 1
+    assert "--chat-stop goes with --chat-template" in capsys.readouterr().err
+    with pytest.raises(pydantic.ValidationError, match="--chat-stop goes with --chat-template"):
+        ReplicaArgs(model="m", chat_stop=["</s>"])  # a hand-written config's args: refused before any replica starts
+
+
+def test_replicas_that_cannot_fit_the_cluster_are_named():
+    """serve.run would wait forever for replicas no node can hold: capacity_problem says so first."""
+    pytest.importorskip("pydantic")
+    from runtime.serve.ray_config import capacity_problem, deployment_options
+
+    two_cpus = {"CPU": 2.0}
+    assert capacity_problem(deployment_options(2), two_cpus) == (None, None)
+    assert capacity_problem(deployment_options(4, replica_cpus=0.5), two_cpus) == (None, None)
+    error, _ = capacity_problem(deployment_options(3), two_cpus)
+    assert error.startswith("3 replicas x --replica-cpus 1 = 3 CPUs, but the cluster has 2 CPUs"), error
+    error, _ = capacity_problem(deployment_options(1, replica_gpus=1), two_cpus)
+    assert error.startswith("1 replica x --replica-gpus 1 = 1 GPUs, but the cluster has 0 GPUs"), error
+    _, warning = capacity_problem(deployment_options(min_replicas=1, max_replicas=4), two_cpus)
+    assert warning.startswith("the cluster fits 2 of the 4 replicas autoscaling may ask for"), warning

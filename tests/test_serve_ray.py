@@ -61,7 +61,7 @@ def cluster():
 def deploy(onnx_dir, **options):
     from runtime.serve.ray_app import bind_app
 
-    args = ReplicaArgs(model=str(onnx_dir), model_name=MODEL, threads=1)
+    args = ReplicaArgs(model=str(onnx_dir), model_name=MODEL)  # threads: 1, from the replica's 0.5 CPUs
     opts = deployment_options(replica_cpus=0.5, **options)  # up to 4 replicas fit in the 2 CPUs
     t0 = time.perf_counter()
     serve.run(bind_app(args, opts), name=APP_NAME, route_prefix="/")
@@ -96,6 +96,20 @@ def replica_actors() -> list[str]:
                   if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#"))
 
 
+def served_by_each() -> list[int]:
+    """Completed requests per running replica, read from each replica's own app."""
+    return [replica_state(name, lambda app: app.state.counts["completed"]) for name in replica_actors()]
+
+
+def replica_state(name: str, read):
+    """read(app) run inside the replica actor `name` on its nanogpt app (Ray Serve's replica internals, ray 2.60:
+    Ray's public metrics need a Prometheus setup this test does not have)."""
+    def call(actor):
+        return read(actor._replica_impl._user_callable_wrapper.user_callable._nanogpt_app)
+
+    return ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(call))
+
+
 def stream(c, i: int, on_token=None) -> str:
     text = ""
     for n, chunk in enumerate(c.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
@@ -117,6 +131,7 @@ def wait_until(predicate, timeout: float, step: float = 0.25) -> bool:
 
 def test_two_replicas_answer_32_concurrent_streams_as_each_alone(two_replicas, reference):
     c = client(two_replicas)
+    before = served_by_each()
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(32) as pool:
         texts = list(pool.map(lambda i: stream(c, i), range(32)))
@@ -124,6 +139,12 @@ def test_two_replicas_answer_32_concurrent_streams_as_each_alone(two_replicas, r
     wrong = [i for i in range(32) if texts[i] != reference[i]]
     assert not wrong, f"{len(wrong)}/32 differ from the request alone, e.g. #{wrong[0]}: {texts[wrong[0]]!r}"
     assert replica_counts() == {"RUNNING": 2}
+    each = [n - m for n, m in zip(served_by_each(), before)]
+    print(f"requests served by each replica: {each}")
+    assert sum(each) == 32 and min(each) > 0, f"both replicas should serve: {each}"
+    threads = [replica_state(name, lambda app: app.state.scheduler.backend.session.get_session_options()
+                             .intra_op_num_threads) for name in replica_actors()]
+    assert threads == [1, 1], f"a replica of 0.5 CPU runs 1 onnxruntime thread, not every core: {threads}"
 
 
 def test_the_ingress_is_the_plain_servers_app(two_replicas):
@@ -203,7 +224,8 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_idle(cluster, tin
     assert up, f"no replica was added within 60 s under 8 streams at target 2: {replica_counts()}"
     t1 = time.perf_counter()
     down = wait_until(lambda: replica_counts() == {"RUNNING": 1}, timeout=60)
-    print(f"autoscaling 1..3 at target 2 ongoing: up to {max(peak)} replicas {t_up:.1f} s into the load "
+    print(f"autoscaling 1..3 at target 2 ongoing: a 2nd replica running {t_up:.1f} s into the load, {max(peak)} "
+          f"at the peak "
           f"({served} streams, all equal to alone), back to {replica_counts()} {time.perf_counter() - t1:.1f} s "
           f"after it ended")
     assert down, f"idle replicas were not removed within 60 s: {replica_counts()}"

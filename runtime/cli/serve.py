@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autoscaling: seconds below the target before replicas are removed")
     g.add_argument("--replica-cpus", type=float_in(0, 1024, "a CPU count", above=True), default=1.0,
                    help="CPUs Ray reserves per replica (fractions pack replicas onto fewer cores)")
+    g.add_argument("--replica-gpus", type=float_in(0, 64, "a GPU count"), default=None,
+                   help="GPUs Ray reserves per replica (default: 1 for --provider cuda and --backend tensorrt, "
+                        "else 0)")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (`auto`: the one `ray start` runs here; or HOST:6379) instead of "
                         "starting a local one; MODEL must exist at the same path on every node")
@@ -135,18 +138,8 @@ def check_limits(args) -> None:
                          f"--batch-window-ms")
 
 
-def check_engine_batch(backends, max_batch: int) -> None:
-    """A TensorRT engine holds at most the batch it was built for: --max-batch above it would fail whole
-    batches (or rows joining one) at run time, so it is refused at startup."""
-    for b in backends:
-        limit = getattr(getattr(b, "meta", None), "max_batch", None)
-        if b is not None and limit is not None and max_batch > limit:
-            raise ValueError(f"--max-batch {max_batch} exceeds the {limit} rows {getattr(b, 'path', 'the engine')} was "
-                             f"built for; serve with --max-batch {limit}, or rebuild the engine with "
-                             f"--max-batch {max_batch}")
-
-
-RAY_FLAGS = ("replicas", "min_replicas", "max_replicas", "ray_address", "write_config", "target_ongoing")
+RAY_FLAGS = ("replicas", "min_replicas", "max_replicas", "ray_address", "write_config", "target_ongoing",
+             "replica_gpus")
 
 
 def check_ray_flags(args) -> None:
@@ -173,39 +166,21 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from ..serve.chat import ChatTemplate
         from ..serve.connections import uvicorn_config
         from ..serve.logs import configure_logging
-        from ..serve.server import ServerSettings, create_app
+        from ..serve.ray_config import check_chat_flags
+        from ..serve.server import load_app
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; "
                            "pip install 'nanogpt-deploy[serve]'") from None
     from ..generation import draft_for
-    from ..loading import load_pair
-    from ..tokenizer import load_tokenizer
 
-    if args.chat_stop and not args.chat_template:
-        raise ValueError("--chat-stop goes with --chat-template (the default template has its own stops)")
-    # every startup error comes before the "serving" line: the template, the port, the tokenizer, the model
-    template = ChatTemplate.from_file(args.chat_template, args.chat_stop) if args.chat_template else ChatTemplate()
+    check_chat_flags(args.chat_template, args.chat_stop)
+    rargs = replica_args(args)
+    # every startup error comes before the "serving" line: the port, then the template, tokenizer and model
     sock = bind_socket(args.host, args.port)
     try:
-        tokenizer = load_tokenizer(path=args.tokenizer_file)
-        # a pair that cannot speculate is refused here, at startup, not per request
-        backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate,
-                                   provider=args.provider or "cpu", threads=args.threads,
-                                   verify_weights=not args.no_verify_weights,
-                                   decode=args.decode, tf32=args.tf32)
-        check_engine_batch((backend, draft), args.max_batch)
-        path = Path(args.model)
-        folder = path.parent.name if path.suffix in (".onnx", ".engine", ".pt") else path.name
-        name = args.model_name or folder or args.model
-        settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch,
-                                  max_queue=args.max_queue,
-                                  batch_window_ms=args.batch_window_ms, batching=args.batching,
-                                  request_timeout_s=args.request_timeout,
-                                  max_body_bytes=args.max_body_bytes)
-        app = create_app(backend, tokenizer, settings, draft, args.speculate, template)
+        app, backend, draft, name = load_app(rargs, api_key)
         configure_logging(args.log_format)
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving {name!r} on http://{host}:{args.port}/v1 "
@@ -232,7 +207,7 @@ def replica_args(args):
     from ..serve.ray_config import ReplicaArgs
 
     def absolute(path):
-        return str(Path(path).resolve()) if path and Path(path).exists() else path
+        return str(Path(path).absolute()) if path and Path(path).exists() else path  # links kept: the name is MODEL's
 
     return ReplicaArgs(model=absolute(args.model), backend=args.backend, provider=args.provider, decode=args.decode,
                        threads=args.threads, verify_weights=not args.no_verify_weights, tf32=args.tf32,
@@ -241,25 +216,31 @@ def replica_args(args):
                        max_batch=args.max_batch, max_queue=args.max_queue, batch_window_ms=args.batch_window_ms,
                        batching=args.batching, request_timeout=args.request_timeout,
                        max_body_bytes=args.max_body_bytes, chat_template=absolute(args.chat_template),
-                       chat_stop=args.chat_stop, log_format=args.log_format)
+                       chat_stop=args.chat_stop, log_format=args.log_format,
+                       require_api_key=bool(args.api_key or os.environ.get(API_KEY_ENV)))
 
 
 def run_ray(args, api_key: str | None) -> int:
     """serve --ray: the app on Ray Serve replicas (runtime/serve/ray_app.py), or with --write-config its config
     file. A local cluster lives as long as this process; Ctrl-C drains the replicas' in-flight requests first."""
     try:
-        from ..serve.ray_config import APP_NAME, config_of, deployment_options, model_name_of, write_config
+        from ..serve import ray_config as rc
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") \
             from None
-    options = deployment_options(args.replicas, args.min_replicas, args.max_replicas, max_batch=args.max_batch,
-                                 max_queue=args.max_queue, request_timeout=args.request_timeout,
-                                 target_ongoing=args.target_ongoing, upscale_delay_s=args.upscale_delay,
-                                 downscale_delay_s=args.downscale_delay, replica_cpus=args.replica_cpus)
+    rc.check_chat_flags(args.chat_template, args.chat_stop)
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if args.backend == "tensorrt" or args.provider == "cuda" else 0.0
+    options = rc.deployment_options(args.replicas, args.min_replicas, args.max_replicas, max_batch=args.max_batch,
+                                    max_queue=args.max_queue, request_timeout=args.request_timeout,
+                                    target_ongoing=args.target_ongoing, upscale_delay_s=args.upscale_delay,
+                                    downscale_delay_s=args.downscale_delay, replica_cpus=args.replica_cpus,
+                                    replica_gpus=gpus)
     rargs = replica_args(args)
     if args.write_config:
         try:
-            write_config(args.write_config, config_of(rargs, options, args.host, args.port))
+            rc.write_config(args.write_config, rc.config_of(rargs, options, args.host, args.port))
         except ImportError as e:  # pyyaml comes with ray
             raise RuntimeError(f"--write-config needs {e.name}, which is not installed; "
                                f"pip install 'nanogpt-deploy[ray]'") from None
@@ -289,10 +270,15 @@ def run_ray(args, api_key: str | None) -> int:
         ray.init(address=args.ray_address)
     deployed = False
     try:
+        error, warning = rc.capacity_problem(options, ray.cluster_resources())
+        if error and local:  # serve.run would wait forever for replicas that cannot be placed
+            raise ValueError(f"{error} (this machine's local cluster)")
+        if error or warning:  # a cluster may grow (its autoscaler, KubeRay, `ray start` on another node)
+            print(f"warning: {error or warning}", flush=True)
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
             deployed = True  # from here on, a failed or interrupted start is removed from the cluster too
-            serve.run(bind_app(rargs, options, api_key), name=APP_NAME, route_prefix="/")
+            serve.run(bind_app(rargs, options, api_key), name=rc.APP_NAME, route_prefix="/")
         except RuntimeError as e:
             raise RuntimeError(f"the Ray Serve application did not start: {str(e).splitlines()[0]}; the replicas' "
                                f"errors are in Ray's logs (/tmp/ray/session_latest/logs/serve/ on each node)") \
@@ -301,7 +287,7 @@ def run_ray(args, api_key: str | None) -> int:
                  "{min_replicas}..{max_replicas} replicas, autoscaled at {target_ongoing_requests:g} ongoing "
                  "requests each".format(**options["autoscaling_config"]))
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"serving {args.model_name or model_name_of(args.model)!r} on http://{host}:{args.port}/v1 "
+        print(f"serving {args.model_name or rc.model_name_of(args.model)!r} on http://{host}:{args.port}/v1 "
               f"[Ray Serve, {scale}, {'local cluster' if local else args.ray_address}] max batch {args.max_batch} "
               f"({args.batching}) per replica{', API key required' if api_key else ''}", flush=True)
         def stop(signum, frame):
@@ -317,7 +303,7 @@ def run_ray(args, api_key: str | None) -> int:
         return 0
     finally:
         if deployed:
-            serve.delete(APP_NAME)  # waits for the replicas' graceful shutdown
+            serve.delete(rc.APP_NAME)  # waits for the replicas' graceful shutdown
         if local:
             serve.shutdown()
         ray.shutdown()

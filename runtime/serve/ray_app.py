@@ -14,11 +14,10 @@ thread has stopped (`check_health`), and lets a replica it stops finish its in-f
 """
 from __future__ import annotations
 
-import os
-
+import ray
 from ray import serve
 
-from .ray_config import API_KEY_ENV, APP_NAME, ReplicaArgs, model_name_of
+from .ray_config import API_KEY_ENV, APP_NAME, ReplicaArgs, api_key_of
 
 
 @serve.deployment(name=APP_NAME)
@@ -27,23 +26,15 @@ class NanoGPT:
     """One replica: the model, its scheduler and the app serving them, built in the replica's own process."""
 
     def __init__(self, args: dict):
-        from ..loading import load_pair
-        from ..tokenizer import load_tokenizer
-        from .chat import ChatTemplate
         from .logs import configure_logging
-        from .server import ServerSettings, create_app
+        from .server import load_app
 
         a = ReplicaArgs(**args)
-        template = ChatTemplate.from_file(a.chat_template, a.chat_stop) if a.chat_template else ChatTemplate()
-        tokenizer = load_tokenizer(path=a.tokenizer_file)
-        backend, draft = load_pair(a.backend, a.model, a.draft, a.speculate, provider=a.provider or "cpu",
-                                   threads=a.threads, verify_weights=a.verify_weights, decode=a.decode, tf32=a.tf32)
-        settings = ServerSettings(model_name=a.model_name or model_name_of(a.model),
-                                  api_key=os.environ.get(API_KEY_ENV) or None, max_batch=a.max_batch,
-                                  max_queue=a.max_queue, batch_window_ms=a.batch_window_ms, batching=a.batching,
-                                  request_timeout_s=a.request_timeout, max_body_bytes=a.max_body_bytes)
+        # onnxruntime's threads: the CPUs Ray reserved for this replica (not every core of the node, which the
+        # replicas packed on it would fight over), unless the args name a count
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+        self._nanogpt_app = load_app(a, api_key_of(a), threads=a.threads or max(1, int(cpus))).app
         configure_logging(a.log_format)
-        self._nanogpt_app = create_app(backend, tokenizer, settings, draft, a.speculate, template)
 
     def __serve_build_asgi_app__(self):
         return self._nanogpt_app  # Ray runs its lifespan (the scheduler starts) before the first request

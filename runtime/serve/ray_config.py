@@ -1,6 +1,7 @@
-"""The Ray Serve application's settings, without Ray: what each replica loads (ReplicaArgs), the deployment's
-replica counts, autoscaling and drain (deployment_options), and a Ray Serve config file for `serve deploy`
-(config_of, write_config). `serve --ray` checks its flags here before Ray is imported; ray_app.py runs them.
+"""The Ray Serve application's settings, without Ray: what each replica loads (ReplicaArgs, which the plain
+`serve` loads by too), the deployment's replica counts, autoscaling, drain and resources (deployment_options,
+capacity_problem), and a Ray Serve config file for `serve deploy` (config_of, write_config). `serve --ray` checks
+its flags here before Ray is imported; ray_app.py runs them.
 
     options = deployment_options(min_replicas=1, max_replicas=4)           # autoscaled on ongoing requests
     write_config("ray.yaml", config_of(ReplicaArgs(model="/abs/out/tiny"), options, "127.0.0.1", 8000))
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 APP_NAME = "nanogpt"  # the Serve application's name and its deployment's
 IMPORT_PATH = "runtime.serve.ray_app:build_app"
@@ -18,9 +19,14 @@ API_KEY_ENV = "NANOGPT_DEPLOY_API_KEY"  # runtime/cli/serve.py's; read in the re
 
 
 class ReplicaArgs(BaseModel):
-    """What each replica loads and how it serves: `serve`'s flags, by the names of their dests. Ray hands a
-    builder's args over as strings from `serve run ... key=value`: pydantic converts them, and refuses an unknown
-    key by name."""
+    """What a server (the plain one, or each Ray replica) loads and how it serves: `serve`'s flags, by the names of
+    their dests. Ray hands a builder's args over as strings from `serve run ... key=value`: pydantic converts them,
+    and refuses an unknown key by name.
+
+    threads None: a Ray replica runs as many onnxruntime threads as the CPUs Ray reserved for it (ray_app.py), the
+    plain server the backend's default. require_api_key: the replica refuses to start without
+    $NANOGPT_DEPLOY_API_KEY (api_key_of), set where the app was launched or its config written with a key, so a
+    node missing the variable cannot serve an exposed address to anyone."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -44,6 +50,27 @@ class ReplicaArgs(BaseModel):
     chat_template: str | None = None
     chat_stop: list[str] = []
     log_format: str = "text"
+    require_api_key: bool = False
+
+    @model_validator(mode="after")
+    def _chat_stop_needs_a_template(self):
+        check_chat_flags(self.chat_template, self.chat_stop)
+        return self
+
+
+def check_chat_flags(chat_template: str | None, chat_stop: list[str]) -> None:
+    if chat_stop and not chat_template:
+        raise ValueError("--chat-stop goes with --chat-template (the default template has its own stops)")
+
+
+def api_key_of(args: ReplicaArgs) -> str | None:
+    """The replica's API key ($NANOGPT_DEPLOY_API_KEY); refused when `args` require one and the variable is unset."""
+    key = os.environ.get(API_KEY_ENV) or None
+    if args.require_api_key and not key:
+        raise RuntimeError(f"this app was launched with an API key, and ${API_KEY_ENV} is not set on this node: "
+                           f"set it on every node (or in the config's runtime_env env_vars), or write the config "
+                           f"without a key for a loopback-only server")
+    return key
 
 
 def model_name_of(model: str) -> str:
@@ -55,7 +82,7 @@ def model_name_of(model: str) -> str:
 def deployment_options(replicas: int | None = None, min_replicas: int | None = None, max_replicas: int | None = None,
                        *, max_batch: int = 16, max_queue: int = 64, request_timeout: float = 60.0,
                        target_ongoing: float | None = None, upscale_delay_s: float = 10.0,
-                       downscale_delay_s: float = 60.0, replica_cpus: float = 1.0) -> dict:
+                       downscale_delay_s: float = 60.0, replica_cpus: float = 1.0, replica_gpus: float = 0.0) -> dict:
     """The Ray Serve deployment options (as `Deployment.options` and a config file's `deployments:` take them).
 
     Args:
@@ -66,14 +93,16 @@ def deployment_options(replicas: int | None = None, min_replicas: int | None = N
             requests at once and holds the rest at the proxy, so the scheduler's own 429 stays for overload.
         request_timeout: the longest a request may run: a replica being stopped waits that long (plus 5 s) for
             its in-flight requests (streams included) before it is killed.
-        replica_cpus: the CPUs Ray reserves for each replica (a fraction packs several on one core).
+        replica_cpus, replica_gpus: the CPUs and GPUs Ray reserves for each replica (a fraction packs several on
+            one core or GPU); a replica runs as many onnxruntime threads as its CPUs.
     """
     if replicas is not None and (min_replicas is not None or max_replicas is not None):
         raise ValueError("--replicas is a fixed count; --min-replicas / --max-replicas autoscale: give one or the "
                          "other")
     opts = {"max_ongoing_requests": max_batch + max_queue,
             "graceful_shutdown_timeout_s": request_timeout + 5.0, "graceful_shutdown_wait_loop_s": 1.0,
-            "health_check_period_s": 5.0, "ray_actor_options": {"num_cpus": replica_cpus}}
+            "health_check_period_s": 5.0,
+            "ray_actor_options": {"num_cpus": replica_cpus, **({"num_gpus": replica_gpus} if replica_gpus else {})}}
     if min_replicas is None and max_replicas is None:
         opts["num_replicas"] = 1 if replicas is None else replicas
         return opts
@@ -86,6 +115,31 @@ def deployment_options(replicas: int | None = None, min_replicas: int | None = N
                                   "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
                                   "look_back_period_s": max(2.0, upscale_delay_s)}
     return opts
+
+
+def capacity_problem(options: dict, resources: dict) -> tuple[str | None, str | None]:
+    """(error, warning) for `options`' replicas on a cluster of `resources` (ray.cluster_resources()): an error when
+    the fixed or minimum replica count does not fit (serve.run would wait forever for it), a warning when autoscaling
+    cannot reach its maximum."""
+    actor = options.get("ray_actor_options", {})
+    auto = options.get("autoscaling_config")
+    low = auto["min_replicas"] if auto else options["num_replicas"]
+    high = auto["max_replicas"] if auto else low
+    cap = high
+    for key, resource, flag in (("num_cpus", "CPU", "--replica-cpus"), ("num_gpus", "GPU", "--replica-gpus")):
+        need, have = actor.get(key) or 0, resources.get(resource, 0)
+        if not need:
+            continue
+        fits = int(have / need + 1e-9)
+        if fits < low:
+            return (f"{low} replica{'s' if low != 1 else ''} x {flag} {need:g} = {low * need:g} {resource}s, but the "
+                    f"cluster has {have:g} {resource}s: the replicas could never all start; lower the replica count "
+                    f"or {flag}, or add nodes"), None
+        cap = min(cap, fits)
+    if cap < high:
+        return None, (f"the cluster fits {cap} of the {high} replicas autoscaling may ask for; Ray waits for more "
+                      f"nodes beyond that")
+    return None, None
 
 
 def config_of(args: ReplicaArgs, options: dict, host: str, port: int) -> dict:

@@ -21,6 +21,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -367,6 +368,47 @@ def create_app(backend, tokenizer, settings: ServerSettings, draft=None, specula
                     counts["disconnected"] += 1
 
     return app
+
+
+class Loaded(NamedTuple):
+    app: FastAPI
+    backend: object
+    draft: object
+    name: str  # the model id clients send
+
+
+def load_app(args, api_key: str | None, threads: int | None = None) -> Loaded:
+    """The app `args` (a ray_config.ReplicaArgs: `serve`'s flags) describe, with everything it serves loaded and
+    checked: the chat template, the tokenizer, the model (and draft), the engine's batch limit. The plain server
+    and every Ray replica build theirs here, so both refuse the same flags with the same errors before serving.
+    `threads` overrides args.threads (a Ray replica's reserved CPUs)."""
+    from ..loading import load_pair
+    from ..tokenizer import load_tokenizer
+    from .ray_config import model_name_of
+
+    template = ChatTemplate.from_file(args.chat_template, args.chat_stop) if args.chat_template else ChatTemplate()
+    tokenizer = load_tokenizer(path=args.tokenizer_file)
+    # a pair that cannot speculate is refused here, at startup, not per request
+    backend, draft = load_pair(args.backend, args.model, args.draft, args.speculate, provider=args.provider or "cpu",
+                               threads=threads or args.threads, verify_weights=args.verify_weights,
+                               decode=args.decode, tf32=args.tf32)
+    check_engine_batch((backend, draft), args.max_batch)
+    name = args.model_name or model_name_of(args.model)
+    settings = ServerSettings(model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                              batch_window_ms=args.batch_window_ms, batching=args.batching,
+                              request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes)
+    return Loaded(create_app(backend, tokenizer, settings, draft, args.speculate, template), backend, draft, name)
+
+
+def check_engine_batch(backends, max_batch: int) -> None:
+    """A TensorRT engine holds at most the batch it was built for: --max-batch above it would fail whole
+    batches (or rows joining one) at run time, so it is refused at startup."""
+    for b in backends:
+        limit = getattr(getattr(b, "meta", None), "max_batch", None)
+        if b is not None and limit is not None and max_batch > limit:
+            raise ValueError(f"--max-batch {max_batch} exceeds the {limit} rows {getattr(b, 'path', 'the engine')} was "
+                             f"built for; serve with --max-batch {limit}, or rebuild the engine with "
+                             f"--max-batch {max_batch}")
 
 
 def _join(a: dict | None, b: dict) -> dict:

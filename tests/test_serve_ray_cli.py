@@ -1,0 +1,133 @@
+"""`nanogpt-deploy serve --ray` as a user runs it (runtime/cli/serve.py's run_ray, in a process of its own with its
+own local Ray cluster): it serves behind the API key it was given, the replicas get that key (they never see it as
+an argument), SIGTERM lets streams still generating finish before the process exits 0, and replicas this machine
+cannot hold are refused at once instead of serve.run waiting forever. Marked `ray`; about 40 s here.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from conftest import ROOT  # noqa: E402
+from runtime.backends import load_backend  # noqa: E402
+from runtime.generation import SamplingParams, generate  # noqa: E402
+
+pytestmark = pytest.mark.ray
+PROMPTS = [[3 + i, 11 + 2 * i, 5 + 7 * i] for i in range(8)]
+MAX_TOKENS = 120  # 3 + 120 < block_size 128: long streams, so some are still generating at SIGTERM
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """`nanogpt-deploy serve ... --ray` in a subprocess, its stdout read line by line on a thread."""
+
+    def __init__(self, *flags: str, env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", *flags, "--ray"], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.out: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.out.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} line within {timeout:g} s; rc {self.proc.poll()}, stdout {self.out}, "
+                             f"stderr {self.stderr() if self.proc.poll() is not None else '(running)'}")
+
+    def stderr(self) -> str:
+        return self.proc.stderr.read()[-3000:]
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def test_serve_ray_keeps_its_key_and_drains_generating_streams_on_sigterm(tiny_onnx_dir, tokenizer):
+    params = SamplingParams(temperature=0, max_new_tokens=MAX_TOKENS)
+    backend = load_backend("onnxruntime", tiny_onnx_dir, threads=1)
+    reference = [generate(backend, tokenizer, [p], params)[0].text for p in PROMPTS]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    served = Served(str(tiny_onnx_dir), "--replicas", "2", "--replica-cpus", "0.5", "--max-batch", "2",
+                    "--port", str(port), "--model-name", "tiny", env={"NANOGPT_DEPLOY_API_KEY": "k3y"})
+    try:
+        line = served.wait_for("serving", timeout=180)
+        assert "2 replicas" in line and "API key required" in line, line
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # the replicas got the key through Ray
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        started = threading.Semaphore(0)
+
+        def one(i):
+            text = ""
+            for n, chunk in enumerate(c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
+                                                           temperature=0, stream=True)):
+                text += chunk.choices[0].text
+                if n == 0:
+                    started.release()
+            return text, time.perf_counter()
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(8)]
+            for _ in range(4):  # 4 streams are generating (the other 4 wait in the replicas' queues, max batch 2)
+                assert started.acquire(timeout=60)
+            t_term = time.perf_counter()
+            served.proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=120) for f in futures]
+        rc = served.proc.wait(120)
+        wrong = [i for i, (text, _) in enumerate(results) if text != reference[i]]
+        after = max(t for _, t in results) - t_term
+        print(f"\nSIGTERM with 8 streams in flight: {8 - len(wrong)}/8 completed equal to alone, the last "
+              f"{after * 1000:.0f} ms after the signal; exit {rc}")
+        assert not wrong, f"streams cut or changed by the drain: {wrong}"
+        assert rc == 0 and any("stopping: the replicas finish" in x for x in served.out), (rc, served.out)
+    finally:
+        served.kill()
+
+
+def test_replicas_this_machine_cannot_hold_are_refused(tiny_onnx_dir):
+    n = (os.cpu_count() or 1) + 1
+    served = Served(str(tiny_onnx_dir), "--replicas", str(n), "--port", str(free_port()))
+    try:
+        rc = served.proc.wait(120)
+        err = served.stderr()
+        assert rc == 1 and "the replicas could never all start" in err, (rc, err)
+        assert f"{n} replicas x --replica-cpus 1 = {n} CPUs" in err and "local cluster" in err, err
+        assert not any("serving" in x for x in served.out), served.out
+    finally:
+        served.kill()
