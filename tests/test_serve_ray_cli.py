@@ -1,7 +1,8 @@
 """`nanogpt-deploy serve --ray` as a user runs it (runtime/cli/serve.py's run_ray, in a process of its own with its
 own local Ray cluster): it serves behind the API key it was given, the replicas get that key (they never see it as
 an argument), SIGTERM lets streams still generating finish before the process exits 0, and replicas this machine
-cannot hold are refused at once instead of serve.run waiting forever. Marked `ray`; about 40 s here.
+cannot hold are refused at once instead of serve.run waiting forever; `--ray-address` joins a 2-node cluster
+(two raylets on this host) with a replica on each node and leaves it running. Marked `ray`; about 60 s here.
 """
 from __future__ import annotations
 
@@ -131,3 +132,45 @@ def test_replicas_this_machine_cannot_hold_are_refused(tiny_onnx_dir):
         assert not any("serving" in x for x in served.out), served.out
     finally:
         served.kill()
+
+
+def test_serve_ray_joins_a_two_node_cluster_and_leaves_it_running(tiny_onnx_dir, tokenizer):
+    """--ray-address: two Ray nodes (two raylets on this machine, 1 CPU each: Ray's own way to test a multi-node
+    cluster on one host, ray.cluster_utils), 2 replicas of 1 CPU, so one on each node; stopping removes this app
+    only, and the cluster with its Serve controller keeps running for whoever else uses it."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    served = None
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        port = free_port()
+        served = Served(str(tiny_onnx_dir), "--ray-address", cluster.address, "--replicas", "2", "--port", str(port),
+                        "--model-name", "tiny")
+        line = served.wait_for("serving", timeout=180)
+        assert f"2 replicas, {cluster.address}" in line, line
+        params = SamplingParams(temperature=0, max_new_tokens=16)
+        alone = generate(load_backend("onnxruntime", tiny_onnx_dir, threads=1), tokenizer, [PROMPTS[0]], params)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone[0].text, r.text
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            def alive(kind):
+                return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith(kind)]
+
+            nodes = {a.node_id for a in alive("ServeReplica")}
+            print(f"\n2 replicas on {len(nodes)} nodes of a 2-node cluster")
+            assert len(nodes) == 2, [(a.name, a.node_id) for a in alive("ServeReplica")]
+            served.proc.send_signal(signal.SIGTERM)
+            assert served.proc.wait(120) == 0, served.stderr()
+            assert not alive("ServeReplica") and alive("ServeController"), "the app goes, the cluster's Serve stays"
+        finally:
+            ray.shutdown()
+    finally:
+        if served is not None:
+            served.kill()
+        cluster.shutdown()
