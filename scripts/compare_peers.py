@@ -190,7 +190,9 @@ def prepare(work: Path, engines: list[str], project_python: str, opset: int, log
                        stdout=subprocess.DEVNULL)
     cfg = json.loads((hf / "config.json").read_text())
     if peers and "n_ctx" not in cfg:  # llama.cpp's GPT-2 converter reads n_ctx, as the hub's gpt2 config has it
-        (hf / "config.json").write_text(json.dumps({**cfg, "n_ctx": cfg["n_positions"]}, indent=2) + "\n")
+        tmp = hf / ".config.json.tmp"  # atomic: a crash leaves the old config, which the next run fixes
+        tmp.write_text(json.dumps({**cfg, "n_ctx": cfg["n_positions"]}, indent=2) + "\n")
+        os.replace(tmp, hf / "config.json")
     for name in peers:
         out = peer_path(work, name)
         if out.exists():
@@ -423,11 +425,7 @@ def run_worker(name: str, work: Path, threads: int, opset: int, logits: str, kv_
     prompts = {k: prompt_ids(b, p, seed) for k, (b, p, n, seed) in WORKLOADS.items()}
     for line in sys.stdin:
         workload = json.loads(line)
-        out = engine.generate(prompts[workload], WORKLOADS[workload][2])
-        if out is None:  # a workload this engine does not run
-            print(json.dumps({"unsupported": True}), flush=True)
-            continue
-        tokens, ttft, lat, wall = out
+        tokens, ttft, lat, wall = engine.generate(prompts[workload], WORKLOADS[workload][2])
         print(json.dumps({"tokens": tokens, "ttft_s": ttft, "latencies_s": lat, "wall_s": wall,
                           "peak_rss_mb": peak_rss_mb(), "speculative": getattr(engine, "stats", None)}), flush=True)
 
@@ -435,15 +433,15 @@ def run_worker(name: str, work: Path, threads: int, opset: int, logits: str, kv_
 def summarize(name: str, runs: dict, load: dict) -> dict:
     """Medians over the timed runs of each workload."""
     med = statistics.median
-    b1, long, b8 = ([r for r in runs[w] if not r.get("unsupported")] for w in ("batch1", "ttft512", "batch8"))
-    return {**load, "tokens": b1[-1]["tokens"][0], "tokens_b8": b8[-1]["tokens"] if b8 else None,
+    b1, long, b8 = (runs[w] for w in ("batch1", "ttft512", "batch8"))
+    return {**load, "tokens": b1[-1]["tokens"][0], "tokens_b8": b8[-1]["tokens"],
             "ttft32_ms": med(r["ttft_s"] for r in b1) * 1e3,
             "decode_tok_s": med(len(r["latencies_s"]) / sum(r["latencies_s"]) for r in b1),
             "latency_p50_ms": med(statistics.median(r["latencies_s"]) for r in b1) * 1e3,
             "e2e_tok_s": med(128 / r["wall_s"] for r in b1),
             # one generate call of one new token: prefill + sampling + the loop's setup, as a user sees it
             "ttft512_ms": med(r["wall_s"] for r in long) * 1e3,
-            "batch8_tok_s": med(8 * 128 / r["wall_s"] for r in b8) if b8 else None,
+            "batch8_tok_s": med(8 * 128 / r["wall_s"] for r in b8),
             "peak_rss_mb": max(r["peak_rss_mb"] for rs in (b1, long, b8) for r in rs),
             # speculative engines: guesses accepted, decode tokens per target step (of a row), batch 1 and 8
             **({k + sfx: med(r["speculative"][k] for r in rs) for sfx, rs in (("", b1), ("_b8", b8))

@@ -60,10 +60,12 @@ if [ "$WITH_LLAMA" = 1 ]; then
             -d "$CACHE/sdists"
     fi
     if [ ! -f peers/llama.cpp/convert_hf_to_gguf.py ]; then
-        mkdir -p peers/llama.cpp
+        # extracted beside, then moved into place: an interrupted extraction leaves no half converter behind
+        rm -rf peers/.llama.cpp.tmp && mkdir -p peers/.llama.cpp.tmp
         top="llama_cpp_python-$LLAMA_CPP_VERSION/vendor/llama.cpp"
-        tar xzf "$SDIST" -C peers/llama.cpp --strip-components=3 \
+        tar xzf "$SDIST" -C peers/.llama.cpp.tmp --strip-components=3 \
             "$top/convert_hf_to_gguf.py" "$top/conversion" "$top/gguf-py"
+        rm -rf peers/llama.cpp && mv peers/.llama.cpp.tmp peers/llama.cpp
     fi
     "$VENV/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, '|', \
 llama_cpp.llama_print_system_info().decode().strip(' |'))"

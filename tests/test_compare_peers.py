@@ -40,17 +40,18 @@ def test_skipped_engines_say_why_in_one_line(cp, monkeypatch):
         assert "is not installed" in why and f"scripts/setup_peers.sh {flag}" in why and "\n" not in why, why
 
 
-def test_table_with_an_engine_that_runs_no_batch(cp):
+def test_table_ratios_and_where_tokens_first_differ(cp):
     def run(tokens, lat=0.01):
         return {"tokens": tokens, "ttft_s": 0.02, "latencies_s": [lat] * 127, "wall_s": 0.02 + 127 * lat,
                 "peak_rss_mb": 100.0}
 
     tf = {"batch1": [run([[1] * 128])], "ttft512": [run([[1]])], "batch8": [run([[1] * 128] * 8, 0.02)]}
-    other = {**tf, "batch1": [run([[1] * 5 + [2] * 123], 0.005)], "batch8": [{"unsupported": True}]}
+    b8 = [[1] * 128] * 3 + [[1] * 17 + [2] * 111] + [[1] * 128] * 4
+    other = {**tf, "batch1": [run([[1] * 5 + [2] * 123], 0.005)], "batch8": [run(b8, 0.01)]}
     results = [cp.summarize("transformers", tf, {"engine": "transformers"}),
                cp.summarize("llamacpp-f16", other, {"engine": "llamacpp-f16"})]
-    assert results[1]["batch8_tok_s"] is None and results[1]["tokens_b8"] is None
     report = {"results": results, "goals": cp.check_goals(results), "threads": 2, "opset": 23,
               "machine": {"cpu": "test", "cores": 2, "load_before": [0], "load_after": [0]}}
     row = next(ln for ln in cp.format_table(report).splitlines() if ln.startswith("llamacpp-f16"))
-    assert "2.00x" in row and "at 5 / -" in row, row  # twice transformers' decode rate; no batch 8 to compare
+    # twice transformers' decode rate at batch 1 and (about) at batch 8; tokens differ at 5, and row 3 at 17
+    assert "2.00x" in row and "at 5 / row 3 at 17" in row, row
