@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32 (portable, default) or fp16 (GPU; LayerNorm/Softmax kept fp32, fp16 KV cache I/O)")
     p.add_argument("--quantize", choices=("q8", "int8", "int4"), default=None,
                    help="CPU variant: q8 (near-lossless: 8-bit blocks, lookups fp32), int8 (dynamic, MatMul "
-                        "weights) or int4 (4-bit blocks, 8-bit lm_head); onnxruntime only; DIR then holds the "
-                        "quantized graph, validated against fp32")
+                        "weights) or int4 (4-bit blocks, the lm_head's top 32 logits redone at 8 bits); onnxruntime "
+                        "only; DIR then holds the quantized graph, validated against fp32")
     p.add_argument("--logits", type=logits_mode, default="all", metavar="{all,last,last:N}",
                    help="all: logits [batch, sequence, vocab] (default; what other tools expect); last: only the last "
                         "position's logits, faster prefill/TTFT; perplexity then needs step-by-step decoding; "

@@ -187,19 +187,56 @@ def test_quantized_graph_quantizes_every_weight_matmul_including_lm_head(variant
     assert ops[op] == 4 * n_layer + 1, f"{precision}: {ops[op]} {op} nodes, expected 4 per layer + lm_head; {ops}"
     float_weight_matmuls = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert not float_weight_matmuls, f"{precision}: MatMuls left with float weights: {float_weight_matmuls}"
-    # the embedding lookups: 8-bit blocks, no float table left
+    # the embedding lookups: 8-bit blocks, no float table left (int4's split lm_head gathers from wte's a third time)
     lookups = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
-    assert len(lookups) == 2 and all(a.i == 8 for n in lookups for a in n.attribute if a.name == "bits"), ops
-    if precision == "int4":  # the lm_head at 8 bits, the layers at 4
-        bits = {next(a.i for a in n.attribute if a.name == "bits") for n in m.graph.node
-                if n.op_type == "MatMulNBits" and n.output[0] == "logits"}
-        assert bits == {8}, f"int4: lm_head MatMulNBits bits {bits}, expected 8"
-    # logits come out of the quantized lm_head (through at most a Mul/Cast rescale)
+    assert len(lookups) == 2 + (precision == "int4") and all(a.i == 8 for n in lookups for a in n.attribute
+                                                             if a.name == "bits"), ops
+    if precision == "int8":  # logits come out of the quantized lm_head (through at most a Mul/Cast rescale)
+        producers = {o: n for n in m.graph.node for o in n.output}
+        node, hops = producers["logits"], 0
+        while node.op_type != op and hops < 4:
+            node, hops = producers[node.input[0]], hops + 1
+        assert node.op_type == op, f"{precision}: logits are not produced by a {op}"
+
+
+def test_int4_splits_the_tied_lm_head(variants, trained):
+    """int4's tied lm_head: a 4-bit pass (COARSE_HEAD) whose top HEAD_TOP_K logits are redone from the 8-bit wte
+    lookup table and scattered back into the logits."""
+    from export.quantize import COARSE_HEAD, HEAD_TOP_K, SPLIT_HEAD
+
+    m = _graph(variants["int4"])
+    inits = {t.name: t for t in m.graph.initializer}
+    lookups = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    wte = next(n for n in lookups if n.input[1] == "input_ids")
     producers = {o: n for n in m.graph.node for o in n.output}
-    node, hops = producers["logits"], 0
-    while node.op_type != op and hops < 4:
-        node, hops = producers[node.input[0]], hops + 1
-    assert node.op_type == op, f"{precision}: logits are not produced by a {op}"
+    scatter = producers["logits"]
+    assert scatter.op_type == "ScatterElements", f"int4: logits come from {scatter.op_type}"
+    full, top = producers[scatter.input[0]], producers[scatter.input[1]]
+    assert full.name.startswith(SPLIT_HEAD) and full.op_type == "MatMulNBits", (full.name, full.op_type)
+    attrs = {a.name: a.i for a in full.attribute}
+    want = (COARSE_HEAD[0], min(COARSE_HEAD[1], trained[0].config.n_embd))
+    assert (attrs["bits"], attrs["block_size"]) == want, (attrs, want)
+    assert top.op_type == "TopK" and top.input[0] == full.output[0], top
+    k = int(np.frombuffer(inits[top.input[1]].raw_data, np.int64)[0])
+    assert k == HEAD_TOP_K, k
+    rows = next(n for n in lookups if n.input[1] == top.output[1])
+    assert (rows.input[0], rows.input[2]) == (wte.input[0], wte.input[2]), "the redo reads another table than wte's"
+
+
+def test_split_lm_head_leaves_an_untied_head_alone(trained_fp32):
+    """An untied lm_head (its rows are not the lookup table's) stays one MatMul: the redo would read other weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.quantize import quantize_lookups, split_lm_head, untie_lm_head
+
+    proto = untie_lm_head(onnx.load(str(trained_fp32)))
+    head = next(t for t in proto.graph.initializer if t.name == "lm_head.weight.T")
+    head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * 1.5, head.name))
+    proto, split = split_lm_head(quantize_lookups(proto), 8)
+    assert not split and not any(n.op_type == "TopK" for n in proto.graph.node)
+    proto, split = split_lm_head(quantize_lookups(untie_lm_head(onnx.load(str(trained_fp32)))), 8)
+    assert split and sum(n.op_type == "TopK" for n in proto.graph.node) == 1
 
 
 def test_q8_quantizes_the_layers_and_an_untied_lm_head_and_keeps_the_lookups_fp32(variants, trained):
@@ -227,7 +264,7 @@ def test_q8_quantizes_the_layers_and_an_untied_lm_head_and_keeps_the_lookups_fp3
 def test_quantized_files_hold_no_stray_fp32_weights(variants, trained_fp32, trained):
     """fp16 halves the file. int8/int4 hold the vocabulary twice, as an 8-bit lookup table and a quantized lm_head
     (it is untied to be quantized): more than V*C*1 bytes over fp32 would mean fp32 weights left behind. q8 keeps
-    the fp32 table for its lookups beside an 8-bit lm_head. (GPT-2 124M: fp32 498 MB, q8 302, int8 168, int4 128.)"""
+    the fp32 table for its lookups beside an 8-bit lm_head. (GPT-2 124M: fp32 498 MB, q8 302, int8 168, int4 109.)"""
     c = trained[0].config
     size = {k: sum(f.stat().st_size for f in p.parent.glob("model.onnx*")) for k, p in variants.items()}
     fp32 = sum(f.stat().st_size for f in trained_fp32.parent.glob("model.onnx*"))
