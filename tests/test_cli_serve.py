@@ -71,7 +71,10 @@ def test_ray_flags_are_checked_before_ray_is_needed(capsys):
                                                                    "--max-replicas autoscale; give one or the other"),
              (["--ray", "--min-replicas", "4", "--max-replicas", "2"], "--min-replicas 4 is more than --max-replicas "
                                                                        "2; give min <= max"),
-             (["--replicas", "2"], "--replicas goes with --ray; add --ray")]
+             (["--replicas", "2"], "--replicas goes with --ray; add --ray"),
+             (["--replica-cpus", "2"], "--replica-cpus goes with --ray; add --ray"),
+             (["--ray", "--replicas", "2", "--upscale-delay", "1"], "--upscale-delay tunes autoscaling; add "
+                                                                    "--min-replicas / --max-replicas")]
     for flags, message in cases:
         assert main(["serve", "no/such/model", *flags]) == 1
         assert message in capsys.readouterr().err
@@ -144,16 +147,37 @@ def test_ray_replicas_reserve_gpus_for_cuda_and_chat_stop_needs_a_template(tmp_p
 
 
 def test_replicas_that_cannot_fit_the_cluster_are_named():
-    """serve.run would wait forever for replicas no node can hold: capacity_problem says so first."""
+    """serve.run would wait forever for replicas no node can hold: capacity_problem says so first, counting what
+    each node holds (two 1-CPU nodes hold no replica of 2 CPUs); an error on this machine's local cluster, a
+    warning on a cluster that may grow."""
     pytest.importorskip("pydantic")
-    from runtime.serve.ray_config import capacity_problem, deployment_options
+    from runtime.serve.ray_config import capacity_problem
+    from runtime.serve.ray_config import deployment_options as opts
 
-    two_cpus = {"CPU": 2.0}
-    assert capacity_problem(deployment_options(2), two_cpus) == (None, None)
-    assert capacity_problem(deployment_options(4, replica_cpus=0.5), two_cpus) == (None, None)
-    error, _ = capacity_problem(deployment_options(3), two_cpus)
-    assert error.startswith("3 replicas x --replica-cpus 1 = 3 CPUs, but the cluster has 2 CPUs"), error
-    error, _ = capacity_problem(deployment_options(1, replica_gpus=1), two_cpus)
-    assert error.startswith("1 replica x --replica-gpus 1 = 1 GPUs, but the cluster has 0 GPUs"), error
-    _, warning = capacity_problem(deployment_options(min_replicas=1, max_replicas=4), two_cpus)
-    assert warning.startswith("the cluster fits 2 of the 4 replicas autoscaling may ask for"), warning
+    two_cpus, two_nodes = [{"CPU": 2.0}], [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert capacity_problem(opts(2), two_cpus, False) == (None, None)
+    assert capacity_problem(opts(4, replica_cpus=0.5), two_nodes, False) == (None, None)
+    error, _ = capacity_problem(opts(3), two_cpus, False)
+    assert error == ("this machine's local cluster holds 2 replicas of --replica-cpus 1 (its nodes: 2 CPUs), not the "
+                     "3 asked for: lower the replica count or the reservation per replica"), error
+    error, _ = capacity_problem(opts(1, replica_cpus=2), two_nodes, False)
+    assert error.startswith("this machine's local cluster holds 0 replicas of --replica-cpus 2 (its nodes: 1 CPUs, "
+                            "1 CPUs)"), error
+    error, _ = capacity_problem(opts(min_replicas=0, max_replicas=2, replica_gpus=1), two_cpus, False)
+    assert error.startswith("this machine's local cluster has no GPU, and each replica asks for 1 (--provider cuda"), \
+        error
+    _, warning = capacity_problem(opts(min_replicas=1, max_replicas=4), two_cpus, False)
+    assert warning == "this machine's local cluster holds 2 of the 4 replicas autoscaling may ask for", warning
+    error, warning = capacity_problem(opts(3), two_cpus, True)
+    assert error is None and warning.endswith("or add nodes; Ray waits until it can place them"), warning
+
+
+def test_ray_paths_a_replica_could_not_resolve_are_refused(tmp_path, capsys, monkeypatch):
+    """A replica runs in Ray's working folder: a relative path missing here would name nothing there."""
+    pytest.importorskip("pydantic")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    assert main(["serve", "m", "--ray", "--chat-template", "nope.jinja", "--write-config", "c.yaml"]) == 1
+    assert ("--chat-template nope.jinja does not exist here; give the absolute path it has on every node"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "c.yaml").exists()

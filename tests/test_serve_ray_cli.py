@@ -95,13 +95,14 @@ def test_serve_ray_keeps_its_key_and_drains_generating_streams_on_sigterm(tiny_o
         started = threading.Semaphore(0)
 
         def one(i):
-            text = ""
+            text, times = "", []
             for n, chunk in enumerate(c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
                                                            temperature=0, stream=True)):
                 text += chunk.choices[0].text
+                times.append(time.perf_counter())
                 if n == 0:
                     started.release()
-            return text, time.perf_counter()
+            return text, times
 
         with cf.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, i) for i in range(8)]
@@ -112,10 +113,12 @@ def test_serve_ray_keeps_its_key_and_drains_generating_streams_on_sigterm(tiny_o
             results = [f.result(timeout=120) for f in futures]
         rc = served.proc.wait(120)
         wrong = [i for i, (text, _) in enumerate(results) if text != reference[i]]
-        after = max(t for _, t in results) - t_term
-        print(f"\nSIGTERM with 8 streams in flight: {8 - len(wrong)}/8 completed equal to alone, the last "
-              f"{after * 1000:.0f} ms after the signal; exit {rc}")
+        after = max(times[-1] for _, times in results) - t_term
+        drained = sum(any(t > t_term for t in times) for _, times in results)
+        print(f"\nSIGTERM with 8 streams in flight: {8 - len(wrong)}/8 completed equal to alone, {drained} of them "
+              f"still receiving tokens after the signal, the last {after * 1000:.0f} ms after it; exit {rc}")
         assert not wrong, f"streams cut or changed by the drain: {wrong}"
+        assert drained > 0, "every stream had ended before the signal: nothing was drained"
         assert rc == 0 and any("stopping: the replicas finish" in x for x in served.out), (rc, served.out)
     finally:
         served.kill()
@@ -127,8 +130,8 @@ def test_replicas_this_machine_cannot_hold_are_refused(tiny_onnx_dir):
     try:
         rc = served.proc.wait(120)
         err = served.stderr()
-        assert rc == 1 and "the replicas could never all start" in err, (rc, err)
-        assert f"{n} replicas x --replica-cpus 1 = {n} CPUs" in err and "local cluster" in err, err
+        assert rc == 1 and (f"error: this machine's local cluster holds {n - 1} replicas of --replica-cpus 1 "
+                            f"(its nodes: {n - 1} CPUs), not the {n} asked for") in err, (rc, err)
         assert not any("serving" in x for x in served.out), served.out
     finally:
         served.kill()
@@ -165,12 +168,37 @@ def test_serve_ray_joins_a_two_node_cluster_and_leaves_it_running(tiny_onnx_dir,
             nodes = {a.node_id for a in alive("ServeReplica")}
             print(f"\n2 replicas on {len(nodes)} nodes of a 2-node cluster")
             assert len(nodes) == 2, [(a.name, a.node_id) for a in alive("ServeReplica")]
+            again = Served(str(tiny_onnx_dir), "--ray-address", cluster.address, "--port", str(port))
+            assert again.proc.wait(120) == 1
+            assert "an application named 'nanogpt' already runs on this cluster" in again.stderr()
             served.proc.send_signal(signal.SIGTERM)
             assert served.proc.wait(120) == 0, served.stderr()
             assert not alive("ServeReplica") and alive("ServeController"), "the app goes, the cluster's Serve stays"
+            other = free_port()  # Serve keeps its proxy on `port`: another --port would be a silent no-op
+            moved = Served(str(tiny_onnx_dir), "--ray-address", cluster.address, "--port", str(other))
+            assert moved.proc.wait(120) == 1
+            err = moved.stderr()
+            assert f"Serve already runs on this cluster with its proxy on 127.0.0.1:{port}, not 127.0.0.1:{other}" \
+                in err, err
         finally:
             ray.shutdown()
     finally:
         if served is not None:
             served.kill()
         cluster.shutdown()
+
+
+def test_a_replica_that_cannot_start_says_why(tiny_onnx_dir, tmp_path):
+    """The replica's own error (here its tokenizer file's), not only Ray's "deploying application failed"."""
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_text("not a tiktoken file\n")
+    served = Served(str(tiny_onnx_dir), "--tokenizer-file", str(bad), "--port", str(free_port()))
+    try:
+        rc = served.proc.wait(180)
+        err = served.stderr()
+        last = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        print(f"\n{last}")
+        assert rc == 1 and last and "the Ray Serve application did not start:" in last[-1], (rc, err)
+        assert "gpt2.tiktoken" in last[-1] or "tokenizer" in last[-1].lower(), last
+    finally:
+        served.kill()

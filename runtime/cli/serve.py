@@ -78,12 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-replicas", type=int_in(1, 1024, "a replica count"), default=None, help="see --min-replicas")
     g.add_argument("--target-ongoing", type=float_in(0, 1 << 16, "a request count", above=True), default=None,
                    help="autoscaling: ongoing requests per replica to aim for (default: --max-batch)")
-    g.add_argument("--upscale-delay", type=float_in(0, 3600, "a delay in seconds"), default=10.0,
-                   help="autoscaling: seconds above the target before replicas are added")
-    g.add_argument("--downscale-delay", type=float_in(0, 3600, "a delay in seconds"), default=60.0,
-                   help="autoscaling: seconds below the target before replicas are removed")
-    g.add_argument("--replica-cpus", type=float_in(0, 1024, "a CPU count", above=True), default=1.0,
-                   help="CPUs Ray reserves per replica (fractions pack replicas onto fewer cores)")
+    g.add_argument("--upscale-delay", type=float_in(0, 3600, "a delay in seconds"), default=None,
+                   help="autoscaling: seconds above the target before replicas are added (default: 10)")
+    g.add_argument("--downscale-delay", type=float_in(0, 3600, "a delay in seconds"), default=None,
+                   help="autoscaling: seconds below the target before replicas are removed (default: 60)")
+    g.add_argument("--replica-cpus", type=float_in(0, 1024, "a CPU count", above=True), default=None,
+                   help="CPUs Ray reserves per replica, and its onnxruntime threads (default: 1; fractions pack "
+                        "replicas onto fewer cores)")
     g.add_argument("--replica-gpus", type=float_in(0, 64, "a GPU count"), default=None,
                    help="GPUs Ray reserves per replica (default: 1 for --provider cuda and --backend tensorrt, "
                         "else 0)")
@@ -139,7 +140,8 @@ def check_limits(args) -> None:
 
 
 RAY_FLAGS = ("replicas", "min_replicas", "max_replicas", "ray_address", "write_config", "target_ongoing",
-             "replica_gpus")
+             "upscale_delay", "downscale_delay", "replica_cpus", "replica_gpus")
+AUTOSCALING_FLAGS = ("target_ongoing", "upscale_delay", "downscale_delay")
 
 
 def check_ray_flags(args) -> None:
@@ -151,6 +153,10 @@ def check_ray_flags(args) -> None:
     if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
         raise ValueError("--replicas is a fixed count, --min-replicas / --max-replicas autoscale; give one or the "
                          "other")
+    autoscaling = [f"--{n.replace('_', '-')}" for n in AUTOSCALING_FLAGS if getattr(args, n, None) is not None]
+    if autoscaling and args.min_replicas is None and args.max_replicas is None:
+        raise ValueError(f"{', '.join(autoscaling)} tune{'s' if len(autoscaling) == 1 else ''} autoscaling; add "
+                         f"--min-replicas / --max-replicas (--replicas is a fixed count)")
     if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:
         raise ValueError(f"--min-replicas {args.min_replicas} is more than --max-replicas {args.max_replicas}; "
                          f"give min <= max")
@@ -176,7 +182,7 @@ def run(args) -> int:
     from ..generation import draft_for
 
     check_chat_flags(args.chat_template, args.chat_stop)
-    rargs = replica_args(args)
+    rargs = replica_args(args, api_key)
     # every startup error comes before the "serving" line: the port, then the template, tokenizer and model
     sock = bind_socket(args.host, args.port)
     try:
@@ -201,43 +207,55 @@ def run(args) -> int:
     return 0 if server.started else 1
 
 
-def replica_args(args):
+def replica_args(args, api_key: str | None, must_exist: bool = False):
     """serve's flags as each Ray replica takes them (ReplicaArgs); paths made absolute, as a replica's working
-    folder is Ray's, not this one."""
+    folder is Ray's, not this one. must_exist: a path missing here is refused (a replica could not resolve a
+    relative one at all), but an absolute one may exist on the cluster's nodes only."""
     from ..serve.ray_config import ReplicaArgs
 
-    def absolute(path):
-        return str(Path(path).absolute()) if path and Path(path).exists() else path  # links kept: the name is MODEL's
+    def absolute(path, flag):
+        if not path or (flag == "MODEL" and args.backend == "torch" and not Path(path).exists()):
+            return path  # a hub name or random:NAME for the torch backend
+        if must_exist and not Path(path).exists() and not Path(path).is_absolute():
+            raise FileNotFoundError(f"{flag} {path} does not exist here; give the absolute path it has on every "
+                                    f"node (replicas resolve paths from Ray's working folder, not this one)")
+        return os.path.abspath(path)  # links kept: the model's name is MODEL's folder name
 
-    return ReplicaArgs(model=absolute(args.model), backend=args.backend, provider=args.provider, decode=args.decode,
+    return ReplicaArgs(model=absolute(args.model, "MODEL"), backend=args.backend, provider=args.provider, decode=args.decode,
                        threads=args.threads, verify_weights=not args.no_verify_weights, tf32=args.tf32,
-                       draft=absolute(args.draft), speculate=args.speculate,
-                       tokenizer_file=absolute(args.tokenizer_file), model_name=args.model_name,
+                       draft=absolute(args.draft, "--draft"), speculate=args.speculate,
+                       tokenizer_file=absolute(args.tokenizer_file, "--tokenizer-file"), model_name=args.model_name,
                        max_batch=args.max_batch, max_queue=args.max_queue, batch_window_ms=args.batch_window_ms,
                        batching=args.batching, request_timeout=args.request_timeout,
-                       max_body_bytes=args.max_body_bytes, chat_template=absolute(args.chat_template),
+                       max_body_bytes=args.max_body_bytes, chat_template=absolute(args.chat_template, "--chat-template"),
                        chat_stop=args.chat_stop, log_format=args.log_format,
-                       require_api_key=bool(args.api_key or os.environ.get(API_KEY_ENV)))
+                       require_api_key=bool(api_key))
 
 
 def run_ray(args, api_key: str | None) -> int:
     """serve --ray: the app on Ray Serve replicas (runtime/serve/ray_app.py), or with --write-config its config
-    file. A local cluster lives as long as this process; Ctrl-C drains the replicas' in-flight requests first."""
+    file. A local cluster lives as long as this process; Ctrl-C / SIGTERM drain the replicas' in-flight requests
+    first. On a cluster given by --ray-address, the app is removed at the end and the cluster left running."""
     try:
         from ..serve import ray_config as rc
+        from ..serve.chat import ChatTemplate
     except ImportError as e:
         raise RuntimeError(f"serve needs {e.name}, which is not installed; pip install 'nanogpt-deploy[serve]'") \
             from None
     rc.check_chat_flags(args.chat_template, args.chat_stop)
+    local = args.ray_address is None and not args.write_config
     gpus = args.replica_gpus
     if gpus is None:
         gpus = 1.0 if args.backend == "tensorrt" or args.provider == "cuda" else 0.0
-    options = rc.deployment_options(args.replicas, args.min_replicas, args.max_replicas, max_batch=args.max_batch,
-                                    max_queue=args.max_queue, request_timeout=args.request_timeout,
-                                    target_ongoing=args.target_ongoing, upscale_delay_s=args.upscale_delay,
-                                    downscale_delay_s=args.downscale_delay, replica_cpus=args.replica_cpus,
-                                    replica_gpus=gpus)
-    rargs = replica_args(args)
+    options = rc.deployment_options(
+        args.replicas, args.min_replicas, args.max_replicas, max_batch=args.max_batch, max_queue=args.max_queue,
+        request_timeout=args.request_timeout, target_ongoing=args.target_ongoing,
+        upscale_delay_s=10.0 if args.upscale_delay is None else args.upscale_delay,
+        downscale_delay_s=60.0 if args.downscale_delay is None else args.downscale_delay,
+        replica_cpus=args.replica_cpus or 1.0, replica_gpus=gpus)
+    rargs = replica_args(args, api_key, must_exist=True)
+    if local and rargs.chat_template:  # the replicas' first check, here in seconds instead of after Ray's start
+        ChatTemplate.from_file(rargs.chat_template, rargs.chat_stop)
     if args.write_config:
         try:
             rc.write_config(args.write_config, rc.config_of(rargs, options, args.host, args.port))
@@ -245,7 +263,8 @@ def run_ray(args, api_key: str | None) -> int:
             raise RuntimeError(f"--write-config needs {e.name}, which is not installed; "
                                f"pip install 'nanogpt-deploy[ray]'") from None
         print(f"wrote {args.write_config}: run it with `serve deploy {args.write_config}` on a cluster (`ray start "
-              f"--head` first) or `serve run {args.write_config}`; set {API_KEY_ENV} on every node for a key")
+              f"--head` first) or `serve run {args.write_config}`; set {API_KEY_ENV} on every node"
+              f"{' (this config requires it)' if api_key else ' for a key'}")
         return 0
     try:
         import ray
@@ -255,45 +274,52 @@ def run_ray(args, api_key: str | None) -> int:
     except ImportError as e:
         raise RuntimeError(f"--ray needs {e.name}, which is not installed; pip install 'nanogpt-deploy[ray]'") \
             from None
-    local = args.ray_address is None
     if local:
-        if not Path(args.model).exists() and args.backend != "torch":
+        if not Path(rargs.model).exists() and args.backend != "torch":
             raise FileNotFoundError(f"{args.model} does not exist; give an exported folder or its model.onnx")
         bind_socket(args.host, args.port).close()  # a busy port is an error now, not inside Ray's proxy
-        # the replicas import the same runtime package as this process (a source checkout included)
-        root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        # address="local": always a new cluster of this process; a bare ray.init() would join a cluster this node
-        # already runs (`ray start --head`, RAY_ADDRESS), whose Serve apps the shutdown below would then remove
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    else:
-        ray.init(address=args.ray_address)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # from here on SIGTERM (Kubernetes, systemd) stops as Ctrl-C does, through the cleanup below, also while Ray
+    # starts (its own handler would kill the process and leave a half-deployed app on a shared cluster)
+    signal.signal(signal.SIGTERM, stop)
     deployed = False
     try:
-        error, warning = rc.capacity_problem(options, ray.cluster_resources())
-        if error and local:  # serve.run would wait forever for replicas that cannot be placed
-            raise ValueError(f"{error} (this machine's local cluster)")
-        if error or warning:  # a cluster may grow (its autoscaler, KubeRay, `ray start` on another node)
-            print(f"warning: {error or warning}", flush=True)
+        if local:
+            # the replicas import the same runtime package as this process (a source checkout included)
+            root = str(Path(__file__).resolve().parents[2])
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            # address="local": always a new cluster of this process; a bare ray.init() would join a cluster this
+            # node already runs (`ray start --head`, RAY_ADDRESS), whose Serve apps the shutdown below would remove
+            ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        else:
+            ray.init(address=args.ray_address)
+        signal.signal(signal.SIGTERM, stop)  # again: ray.init installs a handler of its own, which aborts
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        error, warning = rc.capacity_problem(options, nodes, can_grow=not local)
+        if error:  # serve.run would wait forever for replicas that cannot be placed
+            raise ValueError(error)
+        if warning:
+            print(f"warning: {warning}", flush=True)
+        if not local:
+            check_shared_cluster(serve, rc.APP_NAME, args.host, args.port, api_key)
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
             deployed = True  # from here on, a failed or interrupted start is removed from the cluster too
             serve.run(bind_app(rargs, options, api_key), name=rc.APP_NAME, route_prefix="/")
         except RuntimeError as e:
-            raise RuntimeError(f"the Ray Serve application did not start: {str(e).splitlines()[0]}; the replicas' "
-                               f"errors are in Ray's logs (/tmp/ray/session_latest/logs/serve/ on each node)") \
-                from None
-        scale = (f"{options['num_replicas']} replicas" if "num_replicas" in options else
+            raise RuntimeError(f"the Ray Serve application did not start: {replica_error(serve, rc.APP_NAME, e)} "
+                               f"(the replicas' logs: /tmp/ray/session_latest/logs/serve/ on each node)") from None
+        scale = (f"{options['num_replicas']} replica{'s' if options['num_replicas'] != 1 else ''}"
+                 if "num_replicas" in options else
                  "{min_replicas}..{max_replicas} replicas, autoscaled at {target_ongoing_requests:g} ongoing "
                  "requests each".format(**options["autoscaling_config"]))
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"serving {args.model_name or rc.model_name_of(args.model)!r} on http://{host}:{args.port}/v1 "
+        print(f"serving {args.model_name or rc.model_name_of(rargs.model)!r} on http://{host}:{args.port}/v1 "
               f"[Ray Serve, {scale}, {'local cluster' if local else args.ray_address}] max batch {args.max_batch} "
               f"({args.batching}) per replica{', API key required' if api_key else ''}", flush=True)
-        def stop(signum, frame):
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, stop)  # as uvicorn does for the plain server: SIGTERM stops gracefully too
         try:
             while True:
                 time.sleep(3600)
@@ -301,9 +327,47 @@ def run_ray(args, api_key: str | None) -> int:
             print(f"stopping: the replicas finish their in-flight requests (up to "
                   f"{options['graceful_shutdown_timeout_s']:g} s)", flush=True)
         return 0
+    except KeyboardInterrupt:
+        print("interrupted before serving; removing what was started", flush=True)
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the drain ends the process
         if deployed:
             serve.delete(rc.APP_NAME)  # waits for the replicas' graceful shutdown
         if local:
             serve.shutdown()
         ray.shutdown()
+
+
+def check_shared_cluster(serve, app: str, host: str, port: int, api_key: str | None) -> None:
+    """On a cluster given by --ray-address: Serve already running there keeps its own proxy address (serve.start
+    ignores --host/--port then), and an app of the same name would be replaced, then removed at our exit."""
+    try:
+        apps = serve.status().applications
+    except Exception:  # no Serve on the cluster yet: serve.start below starts it on --host/--port
+        return
+    if app in apps:
+        raise ValueError(f"an application named {app!r} already runs on this cluster (`serve status`); remove it "
+                         f"first (`serve shutdown`, or serve.delete({app!r})), or serve it from there")
+    try:
+        from ray.serve.context import _get_global_client  # Ray 2.x; no public call gives the proxy's address
+
+        http = _get_global_client().get_serve_details().get("http_options", {})
+    except Exception:
+        return
+    have_host, have_port = http.get("host"), http.get("port")
+    if (have_host, have_port) != (host, port):
+        raise ValueError(f"Serve already runs on this cluster with its proxy on {have_host}:{have_port}, not "
+                         f"{host}:{port} (Serve keeps the address it started with); give --host {have_host} --port "
+                         f"{have_port}{' and an API key' if not is_loopback(str(have_host)) and not api_key else ''}, "
+                         f"or `serve shutdown` first")
+
+
+def replica_error(serve, app: str, e: Exception) -> str:
+    """Why the app did not start, from Serve's status of its deployment (the replica's exception, last line)."""
+    try:
+        message = serve.status().applications[app].deployments[app].message
+        last = [ln.strip() for ln in message.strip().splitlines() if ln.strip()][-1]
+        return last if len(last) < 600 else last[:600] + "..."
+    except Exception:
+        return str(e).splitlines()[0]

@@ -117,29 +117,34 @@ def deployment_options(replicas: int | None = None, min_replicas: int | None = N
     return opts
 
 
-def capacity_problem(options: dict, resources: dict) -> tuple[str | None, str | None]:
-    """(error, warning) for `options`' replicas on a cluster of `resources` (ray.cluster_resources()): an error when
-    the fixed or minimum replica count does not fit (serve.run would wait forever for it), a warning when autoscaling
-    cannot reach its maximum."""
+def capacity_problem(options: dict, nodes: list[dict], can_grow: bool) -> tuple[str | None, str | None]:
+    """(error, warning) for `options`' replicas on a cluster of `nodes` (each node's resources, as ray.nodes()
+    reports them: {"CPU": 2.0, "GPU": 1.0, ...}): how many replicas the nodes hold, one node's share at a time.
+
+    Fewer than the fixed or minimum count is an error where the cluster cannot grow (this machine's local
+    cluster: serve.run would wait forever), a warning where it may (an autoscaler, KubeRay, another `ray start`);
+    fewer than autoscaling's maximum is a warning."""
     actor = options.get("ray_actor_options", {})
     auto = options.get("autoscaling_config")
     low = auto["min_replicas"] if auto else options["num_replicas"]
     high = auto["max_replicas"] if auto else low
-    cap = high
-    for key, resource, flag in (("num_cpus", "CPU", "--replica-cpus"), ("num_gpus", "GPU", "--replica-gpus")):
-        need, have = actor.get(key) or 0, resources.get(resource, 0)
-        if not need:
-            continue
-        fits = int(have / need + 1e-9)
-        if fits < low:
-            return (f"{low} replica{'s' if low != 1 else ''} x {flag} {need:g} = {low * need:g} {resource}s, but the "
-                    f"cluster has {have:g} {resource}s: the replicas could never all start; lower the replica count "
-                    f"or {flag}, or add nodes"), None
-        cap = min(cap, fits)
-    if cap < high:
-        return None, (f"the cluster fits {cap} of the {high} replicas autoscaling may ask for; Ray waits for more "
-                      f"nodes beyond that")
-    return None, None
+    need = {r: actor.get(k) or 0 for r, k in (("CPU", "num_cpus"), ("GPU", "num_gpus"))}
+    fits = sum(min((int(node.get(r, 0) / n + 1e-9) for r, n in need.items() if n), default=high) for node in nodes)
+    flags = " and ".join(f"--replica-{r.lower()}s {n:g}" for r, n in need.items() if n)
+    where = "this machine's local cluster" if not can_grow else "the cluster as it is now"
+    sizes = ", ".join(f"{node.get('CPU', 0):g} CPUs" for node in nodes)
+    if need["GPU"] and not any(node.get("GPU") for node in nodes):
+        why = (f"{where} has no GPU, and each replica asks for {need['GPU']:g} (--provider cuda / --backend "
+               f"tensorrt reserve 1): serve on the CPU, or join a cluster with GPUs (--ray-address)")
+    elif fits < max(low, 1):  # none at all: nothing would ever answer
+        why = (f"{where} holds {fits} replica{'s' if fits != 1 else ''} of {flags} (its nodes: {sizes}), not the "
+               f"{max(low, 1)} asked for: lower the replica count or the reservation per replica")
+    elif fits < high:
+        return None, (f"{where} holds {fits} of the {high} replicas autoscaling may ask for"
+                      f"{'; Ray waits for more nodes beyond that' if can_grow else ''}")
+    else:
+        return None, None
+    return (None, f"{why}, or add nodes; Ray waits until it can place them") if can_grow else (why, None)
 
 
 def config_of(args: ReplicaArgs, options: dict, host: str, port: int) -> dict:
