@@ -79,13 +79,15 @@ def main() -> int:
 
     # the plain server: `nanogpt-deploy serve` in a process of its own
     port = free_port()
+    log = tempfile.TemporaryFile("w+")  # its request lines and errors, out of the table's way
     server = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", model, "--port", str(port),
                                "--threads", str(args.threads), "--model-name", name], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        line = server.stdout.readline()
+        line = server.stdout.readline()  # "serving ..." once it listens; "" when it exits
         if "serving" not in line:
-            raise RuntimeError(f"the plain server did not start: {line!r}")
+            log.seek(0)
+            raise RuntimeError(f"the plain server did not start: {line!r} {log.read()[-2000:]}")
         for clients, stream in runs:
             results["plain", clients, stream] = measure(f"http://127.0.0.1:{port}", name, args.requests, clients,
                                                         args.max_tokens, stream)
