@@ -163,6 +163,10 @@ def test_a_replica_killed_under_load_fails_only_its_requests_and_returns(two_rep
     before = replica_actors()
     assert len(before) == 2, before
     victim = ray.get_actor(before[0], namespace="serve")
+    def held(app):
+        return app.state.counts["requests"], app.state.counts["completed"]
+
+    survivor_before = replica_state(before[1], held)
     pid = ray.get(victim.__ray_call__.remote(lambda self: os.getpid()))
     streaming = threading.Semaphore(0)
     c = client(two_replicas)
@@ -191,6 +195,10 @@ def test_a_replica_killed_under_load_fails_only_its_requests_and_returns(two_rep
     assert not lost, f"{len(lost)} requests neither completed nor failed within 60 s"
     assert failed and completed, "the kill should cost some requests, and only some"
     assert all("APIConnectionError" in f or "InternalServerError" in f for f in failed), failed[:3]
+    got, done_there = (a - b for a, b in zip(replica_state(before[1], held), survivor_before))
+    print(f"the surviving replica received {got} requests and completed {done_there}")
+    assert got == done_there == len(completed), "every request the surviving replica received should complete, " \
+                                                "and every completed one came from it: no other request is affected"
     t1 = time.perf_counter()
     back = wait_until(lambda: replica_counts() == {"RUNNING": 2} and before[0] not in replica_actors()
                       and len(replica_actors()) == 2, timeout=60)
